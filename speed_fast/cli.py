@@ -1,0 +1,60 @@
+"""The `speed-fast` command line: one sub-command per module in `speed_fast.commands`.
+
+Each command module exposes `HELP` (one line), `add_arguments(parser)` and
+`run(args) -> int`; modules are imported only when their command runs, so
+`speed-fast plan` never pays for DeepSpeed or FFCV imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> module under speed_fast.commands
+COMMANDS = {
+    "plan": "plan",
+    "env": "env",
+    "encode": "encode",
+    "write-latents": "write_latents",
+    "sample": "sample",
+    "eval": "evaluate",
+}
+
+
+def _load(name: str):
+    return importlib.import_module(f"speed_fast.commands.{COMMANDS[name]}")
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="speed-fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name in COMMANDS:
+        if name == wanted:
+            mod = _load(name)
+            p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
+        else:
+            # Listed for --help without importing the module.
+            sub.add_parser(name, help=f"see `speed-fast {name} --help`")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except ValueError as exc:  # invalid user input: a clear message, no traceback
+        print(f"speed-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of the `speed-fast` CLI (see speed_fast/cli.py)."""

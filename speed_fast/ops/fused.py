@@ -1,0 +1,91 @@
+"""FusedSpeeD: the device-side tables of one run, built once, and the two fused passes.
+
+    fused = FusedSpeeD(schedule, strategy, device="cuda", backend="auto", seed=run_seed)
+    t, x_t = fused.sample_and_noise(x0, step=micro_step, offset=rank * local_batch)
+    loss, mse = fused.loss(pred_eps, t, step=micro_step, offset=rank * local_batch)
+
+The tables (alias table of P, sqrt(abar), sqrt(1 - abar), w) are validated once
+here, so the per-step calls skip the checks that would synchronise a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import rng
+from ..alias import build_alias_table
+from ..schedule import NoiseSchedule
+from ..theory import area_index
+from ..timesteps import TimestepStrategy
+from . import WeightedMSEFunction, _check_batch, _check_finite_table, _impl, resolve_backend
+
+
+class FusedSpeeD:
+    def __init__(self, schedule: NoiseSchedule, strategy: TimestepStrategy, device="cpu", backend: str = "auto",
+                 seed: int = 0):
+        if strategy.schedule is not schedule and strategy.T != schedule.T:
+            raise ValueError(f"strategy was built for T={strategy.T}, schedule has T={schedule.T}")
+        self.schedule = schedule
+        self.strategy = strategy
+        self.device = torch.device(device)
+        self.backend = resolve_backend(backend, self.device)
+        self._impl = _impl(self.backend, self.device)
+        self.seed, _, _ = rng.check_seed_step(seed, 0)
+        f32 = dict(dtype=torch.float32, device=self.device)
+        self.sqrt_ab = schedule.sqrt_alphas_cumprod.to(**f32)
+        self.sqrt_1mab = schedule.sqrt_one_minus_alphas_cumprod.to(**f32)
+        self.weights = strategy.weights.to(**f32)
+        _check_finite_table("weights", strategy.weights)
+        self.areas = area_index(schedule, strategy.area_tau()).to(self.device)  # (T,) 0/1/2
+        self._probs_key = None
+        self._refresh(0)
+
+    def _refresh(self, step: int) -> None:
+        """Rebuild the alias table when P(t) changed (only step-dependent strategies do)."""
+        key = self.strategy.probs_key(step)
+        if key == self._probs_key:
+            return
+        prob, alias = build_alias_table(self.strategy.probs(step))
+        self.prob = prob.to(self.device)
+        self.alias = alias.to(self.device)
+        self._probs_key = key
+
+    def sample_timesteps(self, n: int, step: int, offset: int = 0) -> torch.Tensor:
+        """int64 [n]: the batch's time steps (dual strategies mirror half of the draws)."""
+        _, step, offset = rng.check_seed_step(self.seed, step, offset)
+        if self.strategy.step_dependent:
+            self._refresh(step)
+        draws = self._impl.sample_timesteps(self.prob, self.alias, self.strategy.draws_needed(n), self.seed, step,
+                                            offset)
+        return self.strategy.postprocess(draws, n)
+
+    def sample_and_noise(self, x0: torch.Tensor, step: int, offset: int = 0):
+        """(t, x_t) for a batch of clean latents x0 [B, ...] on this object's device."""
+        x0 = _check_batch("x0", x0)
+        if x0.device != self.device:
+            raise ValueError(f"x0 must be on {self.device}, got {x0.device}")
+        _, step, offset = rng.check_seed_step(self.seed, step, offset)
+        if self.strategy.draws_needed(x0.shape[0]) != x0.shape[0]:
+            t = self.sample_timesteps(x0.shape[0], step, offset)
+            return t, self._impl.add_noise(x0, t, self.sqrt_ab, self.sqrt_1mab, self.seed, step, offset)
+        if self.strategy.step_dependent:
+            self._refresh(step)
+        return self._impl.sample_and_noise(x0, self.prob, self.alias, self.sqrt_ab, self.sqrt_1mab, self.seed, step,
+                                           offset)
+
+    def loss(self, pred: torch.Tensor, t: torch.Tensor, step: int, offset: int = 0):
+        """(loss, mse): the weighted MSE against the noise of sample_and_noise at the same step."""
+        pred = _check_batch("pred", pred)
+        if pred.device != self.device or t.shape != (pred.shape[0],):
+            raise ValueError(f"pred must be on {self.device} with t of shape ({pred.shape[0]},), "
+                             f"got pred on {pred.device} and t of shape {tuple(t.shape)}")
+        _, step, offset = rng.check_seed_step(self.seed, step, offset)
+        return WeightedMSEFunction.apply(pred, t, self.weights, self.seed, step, offset, self._impl)
+
+    def area_losses(self, t: torch.Tensor, per_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum, count) fp32 [3] of per-sample values in the acceleration/deceleration/convergence areas."""
+        idx = self.areas[t]
+        sums = torch.zeros(3, dtype=torch.float32, device=self.device).index_add_(0, idx, per_sample.float())
+        counts = torch.zeros(3, dtype=torch.float32, device=self.device).index_add_(
+            0, idx, torch.ones_like(per_sample, dtype=torch.float32))
+        return sums, counts
