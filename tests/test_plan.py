@@ -1,0 +1,52 @@
+"""`speed-fast plan` end to end: numbers, JSON, figure, and errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from speed_fast.cli import main
+
+
+def test_plan_text_and_figure(tmp_path, capsys):
+    out = tmp_path / "plan.png"
+    assert main(["plan", "--schedule", "linear", "--strategy", "speed", "--k", "5", "--tau", "700", "--lam", "0.6",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "t_acc-dec 218" in text and "tau       700" in text
+    assert out.stat().st_size > 10_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("schedule", ["linear", "quadratic", "cosine"])
+def test_plan_json(schedule, capsys):
+    assert main(["plan", "--schedule", schedule, "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert len(d["P"]) == len(d["w"]) == 1000
+    assert sum(d["P"]) == pytest.approx(1.0)
+    shares = d["areas"]
+    assert sum(a["step_share"] for a in shares.values()) == pytest.approx(1.0)
+    assert sum(a["mass"] for a in shares.values()) == pytest.approx(1.0)
+    assert shares["acceleration"]["steps"][1] + 1 == d["t_acc_dec"] == shares["deceleration"]["steps"][0]
+    assert shares["convergence"]["steps"][0] == d["tau"]
+    # SpeeD moves mass out of the convergence area: k=5 leaves it 1/5 of its uniform share, renormalised.
+    conv = shares["convergence"]
+    T, tau = 1000, d["tau"]
+    assert conv["mass"] == pytest.approx((T - tau) / (5 * tau + T - tau))
+
+
+def test_plan_other_strategies(capsys):
+    assert main(["plan", "--strategy", "clts", "--step", "100000", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["tau_source"].startswith("SpeeD default") and d["tau"] == 700
+    assert main(["plan", "--strategy", "speed", "--r", "10", "--dual", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["tau"] == 477 and d["dual_m"] == 642
+
+
+def test_plan_errors_are_clean():
+    r = subprocess.run([sys.executable, "-m", "speed_fast.cli", "plan", "--strategy", "p2", "--lam", "0.6"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown parameter" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "speed_fast.cli", "plan", "--k", "0.5"], capture_output=True, text=True)
+    assert r.returncode == 2 and "k must be" in r.stderr and "0.5" in r.stderr
