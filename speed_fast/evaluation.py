@@ -1,0 +1,319 @@
+"""Sample quality: the Fréchet distance, FID with local Inception weights, and training-time evaluation.
+
+Fréchet distance between N(mu1, S1) and N(mu2, S2) (Dowson & Landau 1982; FID, Heusel et al. 2017):
+
+    d^2 = |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr (S1 S2)^(1/2)
+
+S1 S2 is not symmetric, and scipy's sqrtm of it can return complex parts or fail when S1 is
+singular (fewer samples than dimensions). Here tr (S1 S2)^(1/2) is the sum of square roots of
+the eigenvalues of S1 S2, which are those of the symmetric PSD matrix S1^(1/2) S2 S1^(1/2)
+(AB and BA share eigenvalues); both square roots come from `eigh` in float64 with negative
+rounding noise clipped to 0. This is exact for singular covariances and needs no eps offset.
+
+Features:
+* `RawFeatures`: the flattened data itself (pixels or latents), for small sets such as the
+  digits default (64 dims). Above `max_dim` dims the data are projected on a fixed random
+  Gaussian matrix (seeded, [D, max_dim], scaled 1/sqrt(max_dim)) so the covariance stays
+  well-estimated from a few hundred samples; the metric is then "Fréchet distance of raw data
+  under a fixed random projection", comparable only between runs using the same projection.
+  The key is "fd_raw".
+* `InceptionFeatures`: FID's 2048-d pool features from the TorchScript Inception-v3 that
+  StyleGAN2-ADA and clean-fid use, `inception-2015-12-05.pt` (a translation of TensorFlow's
+  2015-12-05 graph; it takes uint8 [N, 3, H, W] and resizes internally). It is never
+  downloaded at run time: put the file at `$SPEED_FAST_INCEPTION`, or at
+  `~/.cache/speed_fast/inception-2015-12-05.pt`, or pass its path. It is called as
+  `net(images_uint8, return_features=True) -> [N, 2048]`; any TorchScript module with that
+  signature works (the tests use a small random one). torchvision is not needed. The key is "fid".
+
+`TrainingEvaluator` samples a fixed-seed set during training and reports its distance to the
+reference set; `plot_quality` draws quality vs step from a run's metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .sampling import sample, to_uint8
+from .schedule import NoiseSchedule
+
+INCEPTION_FILENAME = "inception-2015-12-05.pt"
+INCEPTION_ENV = "SPEED_FAST_INCEPTION"
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+QUALITY_KEYS = ("fid", "fd_raw")
+
+
+def _as_vector(name: str, mu) -> np.ndarray:
+    mu = np.asarray(mu, dtype=np.float64)
+    if mu.ndim != 1:
+        raise ValueError(f"{name} must be a vector, got shape {mu.shape}")
+    if not np.isfinite(mu).all():
+        raise ValueError(f"{name} has non-finite entries")
+    return mu
+
+
+def _as_covariance(name: str, sigma, d: int) -> np.ndarray:
+    sigma = np.atleast_2d(np.asarray(sigma, dtype=np.float64))
+    if sigma.shape != (d, d):
+        raise ValueError(f"{name} must be [{d}, {d}], got shape {sigma.shape}")
+    if not np.isfinite(sigma).all():
+        raise ValueError(f"{name} has non-finite entries")
+    asym = np.abs(sigma - sigma.T).max()
+    if asym > 1e-6 * max(1.0, np.abs(sigma).max()):
+        raise ValueError(f"{name} must be symmetric, got max |S - S^T| = {asym:.3g}")
+    return 0.5 * (sigma + sigma.T)
+
+
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric PSD matrix (negative rounding eigenvalues -> 0)."""
+    w, v = np.linalg.eigh(sigma)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr (S1 S2)^(1/2) for symmetric PSD S1, S2, via the eigenvalues of S1^(1/2) S2 S1^(1/2)."""
+    root1 = _psd_sqrt(sigma1)
+    middle = root1 @ sigma2 @ root1
+    w = np.linalg.eigvalsh(0.5 * (middle + middle.T))
+    return float(np.sqrt(np.clip(w, 0.0, None)).sum())
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Squared Fréchet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2), float64.
+
+    Covariances must be symmetric PSD (singular is fine); the result is >= 0 up to rounding."""
+    mu1, mu2 = _as_vector("mu1", mu1), _as_vector("mu2", mu2)
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"mu1 and mu2 must have the same length, got {mu1.shape[0]} and {mu2.shape[0]}")
+    d = mu1.shape[0]
+    sigma1, sigma2 = _as_covariance("sigma1", sigma1, d), _as_covariance("sigma2", sigma2, d)
+    diff = mu1 - mu2
+    value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2)
+    # Rounding can leave a tiny negative value for identical Gaussians; a distance is >= 0.
+    return float(max(value, 0.0))
+
+
+def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, covariance) in float64 of features [N, D] (N >= 2; unbiased covariance, as FID)."""
+    f = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else np.asarray(
+        features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"features must be [N >= 2, D], got shape {f.shape}")
+    if not np.isfinite(f).all():
+        raise ValueError("features have non-finite entries (did sampling diverge?)")
+    return f.mean(axis=0), np.atleast_2d(np.cov(f, rowvar=False))
+
+
+# ---------------------------------------------------------------------------
+# Feature extractors: images [N, C, H, W] float in [-1, 1] (or latents) -> float64 [N, D]
+# ---------------------------------------------------------------------------
+
+
+class RawFeatures:
+    """Flattened data, randomly projected to `max_dim` dims when larger (see the module docstring)."""
+
+    key = "fd_raw"
+
+    def __init__(self, max_dim: int = 512, seed: int = 0):
+        max_dim = operator.index(max_dim)
+        if max_dim < 1:
+            raise ValueError(f"max_dim must be >= 1, got {max_dim}")
+        self.max_dim, self.seed = max_dim, operator.index(seed)
+        self._proj: torch.Tensor | None = None
+
+    def projection(self, dim: int) -> torch.Tensor | None:
+        """The fixed [dim, max_dim] projection (None when dim <= max_dim)."""
+        if dim <= self.max_dim:
+            return None
+        if self._proj is None or self._proj.shape[0] != dim:
+            g = torch.Generator().manual_seed(self.seed)
+            self._proj = torch.randn(dim, self.max_dim, generator=g, dtype=torch.float64) / math.sqrt(self.max_dim)
+        return self._proj
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        flat = images.detach().cpu().double().reshape(images.shape[0], -1)  # (N, D)
+        proj = self.projection(flat.shape[1])
+        return flat if proj is None else flat @ proj
+
+
+def default_inception_path() -> Path:
+    """Where InceptionFeatures looks when no path is given: $SPEED_FAST_INCEPTION, else the user cache."""
+    env = os.environ.get(INCEPTION_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "speed_fast" / INCEPTION_FILENAME
+
+
+def load_inception(path=None, device="cpu"):
+    """The TorchScript feature network from a local file; a clear error when it is missing."""
+    path = Path(path) if path is not None else default_inception_path()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Inception weights not found at {path}. FID never downloads at run time: fetch "
+            f"{INCEPTION_URL} once (e.g. `curl -L -o {path} <that URL>`), then pass its path "
+            f"(--inception PATH), set ${INCEPTION_ENV}, or place it at "
+            f"{Path.home() / '.cache' / 'speed_fast' / INCEPTION_FILENAME}.")
+    with warnings.catch_warnings():
+        # torch.jit is deprecated in recent torch but remains the format this file ships in.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            net = torch.jit.load(str(path), map_location=torch.device(device))
+        except RuntimeError as exc:
+            raise ValueError(f"{path} is not a TorchScript module ({exc.__class__.__name__}: "
+                             f"{str(exc).splitlines()[0]}); expected {INCEPTION_FILENAME}") from None
+    return net.eval()
+
+
+class InceptionFeatures:
+    """FID features: uint8 RGB images through the local TorchScript Inception (see the module docstring)."""
+
+    key = "fid"
+
+    def __init__(self, path=None, device="cpu", batch_size: int = 64):
+        self.device = torch.device(device)
+        self.net = load_inception(path, self.device)
+        self.batch_size = operator.index(batch_size)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"Inception features need images [N, 1 or 3, H, W] in [-1, 1], got {tuple(images.shape)}")
+        out = []
+        for start in range(0, images.shape[0], self.batch_size):
+            batch = images[start:start + self.batch_size]
+            batch = batch if batch.dtype == torch.uint8 else to_uint8(batch)
+            if batch.shape[1] == 1:
+                batch = batch.repeat(1, 3, 1, 1)
+            out.append(self.net(batch.to(self.device), return_features=True).double().cpu())
+        return torch.cat(out)
+
+
+def make_features(kind: str = "raw", *, inception_path=None, device="cpu", max_dim: int = 512, seed: int = 0):
+    """"raw" -> RawFeatures(max_dim, seed); "inception" -> InceptionFeatures(inception_path, device)."""
+    if kind == "raw":
+        return RawFeatures(max_dim=max_dim, seed=seed)
+    if kind == "inception":
+        return InceptionFeatures(inception_path, device=device)
+    raise ValueError(f"features must be 'raw' or 'inception', got {kind!r}")
+
+
+def feature_stats(data, features, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of features(data) for data [N, C, H, W] (tensor or array), computed in batches."""
+    data = torch.as_tensor(np.asarray(data)) if not isinstance(data, torch.Tensor) else data
+    feats = torch.cat([features(data[s:s + batch_size]) for s in range(0, data.shape[0], batch_size)])
+    return gaussian_stats(feats)
+
+
+def frechet_between(generated, reference, features=None) -> float:
+    """Fréchet distance between two sets of images/latents [N, C, H, W] under `features` (default raw)."""
+    features = RawFeatures() if features is None else features
+    return frechet_distance(*feature_stats(generated, features), *feature_stats(reference, features))
+
+
+# ---------------------------------------------------------------------------
+# Training-time evaluation
+# ---------------------------------------------------------------------------
+
+
+class TrainingEvaluator:
+    """Quality of a model during training: a fixed-seed sample set against a reference set.
+
+    Build once on rank 0, then call `evaluate(model, step)` every N steps with the bare module
+    (not the DeepSpeed engine; the EMA copy when there is one). Every call draws the same
+    initial noise and labels (same seed), so changes in the distance come from the model only.
+
+        ev = TrainingEvaluator(reference=x_ref, schedule=schedule, n_samples=256, steps="ddim25")
+        record = ev.evaluate(model, step)   # {"step": 1000, "fd_raw": 3.1, "eval_samples": 256, "eval_s": 0.8}
+        metrics.write(json.dumps({**train_record, **record}))
+
+    reference: [N, C, H, W] real data in the model's space (pixels in [-1, 1] or latents), or a
+    ready (mu, sigma) pair. features: a callable (RawFeatures by default; InceptionFeatures for
+    FID, then `decode` must turn latents into images in [-1, 1]). `steps`, `method`, `eta`,
+    `cfg_scale`, `seed`, `batch_size`, `num_classes`, `shape`, `learn_sigma`, `clip_denoised`
+    are passed to `speed_fast.sampling.sample`. The result key is features.key ("fd_raw" or "fid").
+    """
+
+    def __init__(self, reference, schedule: NoiseSchedule, n_samples: int = 256, steps="ddim25",
+                 method: str = "ddim", eta: float = 0.0, cfg_scale: float = 1.0, seed: int = 0,
+                 batch_size: int = 256, num_classes: int | None = None, shape=None, learn_sigma: bool = True,
+                 clip_denoised: bool = False, features=None, decode=None, device=None):
+        n_samples = operator.index(n_samples)
+        if n_samples < 2:
+            raise ValueError(f"n_samples must be >= 2 for a covariance, got {n_samples}")
+        self.schedule, self.n_samples = schedule, n_samples
+        self.features = RawFeatures() if features is None else features
+        self.key = getattr(self.features, "key", "fd")
+        self.decode, self.device = decode, device
+        if isinstance(reference, tuple) and len(reference) == 2:
+            self.ref_mu, self.ref_sigma = (np.asarray(r, dtype=np.float64) for r in reference)
+        else:
+            reference = torch.as_tensor(np.asarray(reference)) if not isinstance(reference, torch.Tensor) else reference
+            if reference.ndim != 4:
+                raise ValueError(f"reference must be [N, C, H, W] or (mu, sigma), got shape {tuple(reference.shape)}")
+            if shape is None:
+                shape = tuple(reference.shape[1:])
+            self.ref_mu, self.ref_sigma = feature_stats(reference.float(), self.features)
+        self.sample_kwargs = dict(steps=steps, method=method, eta=eta, cfg_scale=cfg_scale, seed=seed,
+                                  batch_size=batch_size, num_classes=num_classes, shape=shape,
+                                  learn_sigma=learn_sigma, clip_denoised=clip_denoised)
+
+    def samples(self, model) -> torch.Tensor:
+        """The fixed-seed sample set of `model` (decoded when a decoder was given)."""
+        x = sample(model, self.schedule, self.n_samples, device=self.device, **self.sample_kwargs)
+        return self.decode(x) if self.decode is not None else x
+
+    def evaluate(self, model, step: int) -> dict:
+        """{"step", key: distance, "eval_samples", "eval_s"} for `model` at training step `step`."""
+        start = time.perf_counter()
+        x = self.samples(model)
+        mu, sigma = feature_stats(x, self.features)
+        value = frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma)
+        return {"step": int(step), self.key: value, "eval_samples": self.n_samples,
+                "eval_s": time.perf_counter() - start}
+
+
+def read_quality(metrics_jsonl, key: str | None = None) -> tuple[str, list[int], list[float]]:
+    """(key, steps, values) of the quality records in a metrics.jsonl (key: "fid", else "fd_raw")."""
+    records = []
+    with open(metrics_jsonl) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                records.append(json.loads(line))
+    if key is None:
+        key = next((k for k in QUALITY_KEYS if any(k in r for r in records)), None)
+        if key is None:
+            raise ValueError(f"{metrics_jsonl} has no quality records (keys {QUALITY_KEYS})")
+    rows = sorted((int(r["step"]), float(r[key])) for r in records if key in r and "step" in r)
+    if not rows:
+        raise ValueError(f"{metrics_jsonl} has no records with {key!r}")
+    return key, [s for s, _ in rows], [v for _, v in rows]
+
+
+def plot_quality(metrics_jsonl, out_png, key: str | None = None, label: str | None = None) -> str:
+    """Plot quality (Fréchet distance, lower is better) vs training step from a metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, steps, values = read_quality(metrics_jsonl, key)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, values, marker="o", label=label or Path(metrics_jsonl).parent.name)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"{key} (lower is better)")
+    if min(values) > 0:
+        ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return str(out_png)
