@@ -1,0 +1,366 @@
+"""The latent file: an FFCV .beton of VAE latents plus a JSON sidecar, written atomically and validated on open.
+
+Layout of `<path>` (FFCV format version 2, written with FFCV's own page allocator):
+  field "latent": NDArrayField int16 (C, H, W) holding bf16/fp16 bit patterns (FFCV's numba
+                  pipeline has no 16-bit floats), or float32 (C, H, W) for store_dtype="float32"
+  field "label":  IntField (int64 class index)
+With flipped copies, image i occupies two records: 2i (the image) and 2i + 1 (its horizontal
+mirror, encoded separately by the VAE); the loader reads one of the two per epoch.
+
+`<path>.json` (the sidecar) records what FFCV's header cannot: the float dtype behind the bits,
+the logical sample count, class names, flip layout, the exact file size and a CRC32, so a
+truncated, replaced or foreign file is refused with a message instead of decoding garbage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+import zlib
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+FORMAT = "speed_fast.latents"
+FORMAT_VERSION = 1
+LATENT_FIELD = "latent"
+LABEL_FIELD = "label"
+
+# store_dtype -> (torch dtype of the values, numpy dtype of the FFCV field)
+STORE_DTYPES = {
+    "bfloat16": (torch.bfloat16, np.dtype("<i2")),
+    "float16": (torch.float16, np.dtype("<i2")),
+    "float32": (torch.float32, np.dtype("<f4")),
+}
+
+_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_FFCV_MIN_PAGE = 1 << 21
+
+
+class LatentFileError(ValueError):
+    """A latent file (or its sidecar) is missing, truncated, corrupted or not what the caller expects."""
+
+
+def sidecar_path(path: str | os.PathLike) -> str:
+    return os.fspath(path) + ".json"
+
+
+def _to_torch(block: Any, what: str) -> torch.Tensor:
+    """A latent block as a torch tensor without copying where possible."""
+    if isinstance(block, torch.Tensor):
+        t = block.detach()
+        return t.cpu() if t.device.type != "cpu" else t
+    arr = np.asarray(block)
+    if arr.dtype.kind != "f":
+        raise ValueError(f"{what} must hold floating-point latents (float16/32/64 or torch bfloat16), "
+                         f"got dtype {arr.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _to_bits(block: Any, store: str, first_index: int) -> np.ndarray:
+    """Convert a latent block to the stored representation (int16 bit patterns or float32), rejecting non-finite values."""
+    t = _to_torch(block, "latents")
+    if t.dtype not in _INPUT_DTYPES:
+        raise ValueError(f"latents must be float32/float16/bfloat16/float64, got {t.dtype}")
+    finite = torch.isfinite(t).flatten(1).all(dim=1)  # (n,)
+    if not bool(finite.all()):
+        bad = int(torch.nonzero(~finite)[0, 0]) + first_index
+        raise ValueError(f"latents[{bad}] holds a NaN or infinity; latents must be finite")
+    value_dtype, field_dtype = STORE_DTYPES[store]
+    if value_dtype == torch.float32:
+        out = t.to(torch.float32).contiguous().numpy()
+    else:
+        # torch's casts round to nearest even, the same rounding the VAE output gets on GPU.
+        out = t.to(value_dtype).contiguous().view(torch.int16).numpy()
+    return out.astype(field_dtype, copy=False)
+
+
+def _check_labels(labels: Any, n: int, class_names: Sequence[str] | None) -> tuple[np.ndarray, int]:
+    lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if lab.ndim == 2 and lab.shape[1] == 1:  # fast-DiT keeps labels as (N, 1)
+        lab = lab[:, 0]
+    if lab.ndim != 1 or lab.shape[0] != n:
+        raise ValueError(f"labels must have shape [N] = [{n}] (one per latent), got shape {list(lab.shape)}")
+    if lab.dtype.kind not in "iu":
+        if lab.dtype.kind == "f" and np.all(np.isfinite(lab)) and np.all(lab == np.round(lab)):
+            lab = lab.astype(np.int64)
+        else:
+            raise ValueError(f"labels must be integers, got dtype {lab.dtype}")
+    lab = lab.astype(np.int64, copy=False)
+    if n and lab.min() < 0:
+        bad = int(np.argmin(lab))
+        raise ValueError(f"labels[{bad}] = {int(lab[bad])}; class indices must be >= 0")
+    if class_names is not None:
+        num_classes = len(class_names)
+        if n and lab.max() >= num_classes:
+            bad = int(np.argmax(lab))
+            raise ValueError(f"labels[{bad}] = {int(lab[bad])} but only {num_classes} class_names were given "
+                             f"(expected 0 <= label < {num_classes})")
+    else:
+        num_classes = int(lab.max()) + 1 if n else 0
+    return lab, num_classes
+
+
+def _file_crc32(path: str, block: int = 1 << 24) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while True:
+            buf = f.read(block)
+            if not buf:
+                return crc
+            crc = zlib.crc32(buf, crc)
+
+
+def _page_size(record_bytes: int) -> int:
+    page = _FFCV_MIN_PAGE  # FFCV pads the first page: small pages keep small files small
+    while page < record_bytes:
+        page *= 2
+    return page
+
+
+def write_latents(
+    path: str | os.PathLike,
+    latents: Any,
+    labels: Any,
+    *,
+    class_names: Sequence[str] | None = None,
+    store_dtype: str = "bfloat16",
+    flip_copies: bool = False,
+    chunk: int = 4096,
+    extra: dict | None = None,
+    progress: bool = False,
+) -> dict:
+    """Write latents and labels to an FFCV .beton at `path` (+ sidecar `<path>.json`); return the sidecar dict.
+
+    latents: [N, C, H, W] (or [N, 2, C, H, W] with flip_copies=True: [:, 0] the image, [:, 1] its mirror),
+      a numpy array (float16/32/64, memory-mapped is fine), a torch tensor (float32/float16/bfloat16)
+      or any object with `.shape`, `len()` and slicing that returns one of those (read `chunk` at a time).
+    labels: int [N], class indices >= 0 (< len(class_names) when class_names is given).
+    store_dtype: "bfloat16" (default; int16 bit patterns), "float16" (bit patterns) or "float32".
+    extra: JSON-serialisable provenance stored under "source" in the sidecar (e.g. the VAE used).
+    Both files appear atomically (temporary file + rename); on any error nothing is left behind.
+    """
+    from ffcv.fields import IntField, NDArrayField
+    from ffcv.memory_allocator import MemoryAllocator
+    from ffcv.writer import DatasetWriter, handle_sample
+
+    path = os.fspath(path)
+    if store_dtype not in STORE_DTYPES:
+        raise ValueError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
+    shape = tuple(int(s) for s in getattr(latents, "shape", ()))
+    want_ndim = 5 if flip_copies else 4
+    layout = "[N, 2, C, H, W]" if flip_copies else "[N, C, H, W]"
+    if len(shape) != want_ndim or (flip_copies and shape[1] != 2):
+        raise ValueError(f"latents must have shape {layout} (flip_copies={flip_copies}), got shape {list(shape)}")
+    n = shape[0]
+    if n == 0:
+        raise ValueError(f"latents is empty (shape {list(shape)}); a latent file needs at least one sample")
+    chw = shape[-3:]
+    if min(chw) < 1:
+        raise ValueError(f"latent shape (C, H, W) must be positive, got {list(chw)}")
+    if class_names is not None:
+        class_names = [str(c) for c in class_names]
+    lab, num_classes = _check_labels(labels, n, class_names)
+    copies = 2 if flip_copies else 1
+    field_dtype = STORE_DTYPES[store_dtype][1]
+    record_bytes = int(np.prod(chw)) * field_dtype.itemsize
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp_json = tmp + ".json"
+    fields = {LATENT_FIELD: NDArrayField(field_dtype, chw), LABEL_FIELD: IntField()}
+    writer = DatasetWriter(tmp, fields, page_size=_page_size(record_bytes), num_workers=1)
+    writer.num_samples = n * copies
+    shm = None
+    try:
+        # FFCV's own header/descriptor/page/allocation-table code, driven from this process: its
+        # multi-process driver spins forever when a worker dies, and the data is already in memory.
+        writer.prepare()
+        shm = writer.metadata_sm
+        metadata = np.frombuffer(shm.buf, dtype=writer.metadata_type)
+        names = writer.metadata_type.names
+        allocator = MemoryAllocator(tmp, writer.data_region_start, writer.page_size)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n, unit="latent", desc=f"writing {os.path.basename(path)}")
+        allocator.__enter__()
+        try:
+            for start in range(0, n, chunk):
+                stop = min(start + chunk, n)
+                block = _to_bits(latents[start:stop], store_dtype, start)  # (n, [2,] C, H, W)
+                if tuple(block.shape) != (stop - start,) + shape[1:]:
+                    raise ValueError(f"latents[{start}:{stop}] has shape {list(block.shape)}, "
+                                     f"expected {[stop - start] + list(shape[1:])}")
+                for i in range(stop - start):
+                    for c in range(copies):
+                        sample = block[i, c] if flip_copies else block[i]
+                        rec = (start + i) * copies + c
+                        handle_sample((sample, lab[start + i]), rec, names, metadata, allocator, fields)
+                if bar is not None:
+                    bar.update(stop - start)
+        finally:
+            allocator.__exit__(None, None, None)
+            if bar is not None:
+                bar.close()
+        writer.finalize(allocator.allocations)
+        # Drop the numpy view before closing the shared memory it points into.
+        del metadata
+        shm.close()
+        shm.unlink()
+        shm = None
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "shape": list(chw),
+            "store_dtype": store_dtype,
+            "num_samples": n,
+            "num_records": n * copies,
+            "flip_copies": bool(flip_copies),
+            "num_classes": num_classes,
+            "class_names": class_names,
+            "file_bytes": os.path.getsize(tmp),
+            "crc32": _file_crc32(tmp),
+            "source": extra or {},
+        }
+        with open(tmp_json, "w") as f:
+            json.dump(meta, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+        os.replace(tmp_json, sidecar_path(path))
+        return meta
+    finally:
+        if shm is not None:
+            try:
+                shm.close()
+                shm.unlink()
+            except (BufferError, FileNotFoundError):
+                pass
+        for p in (tmp, tmp_json):
+            if os.path.exists(p):
+                os.remove(p)
+
+
+def _bad(path: str, what: str) -> LatentFileError:
+    return LatentFileError(f"{path}: {what}")
+
+
+def read_latent_meta(path: str | os.PathLike, *, verify: bool = False) -> dict:
+    """Validate the latent file at `path` against its sidecar and return the sidecar dict.
+
+    Checks (cheap, always): the sidecar's format and keys, the exact file size, FFCV's header
+    (version, field count, record count), the two field descriptors (names, types, dtype, shape),
+    the allocation table (one region per record, the right size, inside the data region) and the
+    labels. verify=True also recomputes the CRC32 of the whole file (one full read).
+    Raises LatentFileError (a ValueError) naming the file, the bad value and what was expected.
+    """
+    from ffcv.fields import IntField, NDArrayField
+    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType, TYPE_ID_HANDLER
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise _bad(path, "no such latent file (expected an FFCV .beton written by speed_fast write_latents)")
+    side = sidecar_path(path)
+    if not os.path.isfile(side):
+        raise _bad(path, f"its sidecar {side} is missing; latent files are written by "
+                         "`speed-fast encode` / `speed-fast write-latents` / speed_fast.data.write_latents")
+    try:
+        with open(side) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise _bad(path, f"sidecar {side} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise _bad(path, f"sidecar {side} has format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                         f"expected {FORMAT!r}")
+    if meta.get("version") != FORMAT_VERSION:
+        raise _bad(path, f"sidecar version {meta.get('version')!r}, this speed_fast reads version {FORMAT_VERSION}")
+    required = ("shape", "store_dtype", "num_samples", "num_records", "flip_copies", "num_classes",
+                "class_names", "file_bytes", "crc32")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise _bad(path, f"sidecar {side} lacks keys {missing}")
+    store = meta["store_dtype"]
+    if store not in STORE_DTYPES:
+        raise _bad(path, f"sidecar store_dtype {store!r}, expected one of {sorted(STORE_DTYPES)}")
+    shape = tuple(meta["shape"]) if isinstance(meta["shape"], list) else ()
+    if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise _bad(path, f"sidecar shape {meta['shape']!r}, expected [C, H, W] of positive integers")
+    n, n_rec = meta["num_samples"], meta["num_records"]
+    copies = 2 if meta["flip_copies"] else 1
+    if not isinstance(n, int) or n < 0 or n_rec != n * copies:
+        raise _bad(path, f"sidecar num_samples={n!r}, num_records={n_rec!r} (flip_copies={meta['flip_copies']}), "
+                         f"expected num_records = {copies} * num_samples")
+    if n == 0:
+        raise _bad(path, "the dataset is empty (num_samples = 0)")
+
+    size = os.path.getsize(path)
+    if size != meta["file_bytes"]:
+        raise _bad(path, f"file is {size} bytes but was written as {meta['file_bytes']} bytes "
+                         "(truncated, appended to or replaced; re-create it)")
+    if size < HeaderType.itemsize:
+        raise _bad(path, f"file is {size} bytes, too short for an FFCV header ({HeaderType.itemsize} bytes)")
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    if int(header["version"]) != CURRENT_VERSION:
+        raise _bad(path, f"FFCV format version {int(header['version'])}, expected {CURRENT_VERSION} (corrupted header?)")
+    if int(header["num_fields"]) != 2:
+        raise _bad(path, f"has {int(header['num_fields'])} fields, expected 2 ({LATENT_FIELD!r}, {LABEL_FIELD!r})")
+    if int(header["num_samples"]) != n_rec:
+        raise _bad(path, f"header says {int(header['num_samples'])} records, sidecar says {n_rec}")
+    desc_end = HeaderType.itemsize + 2 * FieldDescType.itemsize
+    if size < desc_end:
+        raise _bad(path, f"file is {size} bytes, too short for its field descriptors ({desc_end} bytes)")
+    descs = np.fromfile(path, dtype=FieldDescType, count=2, offset=HeaderType.itemsize)
+    names = [bytes(d["name"]).rstrip(b"\0").decode("ascii", "replace") for d in descs]
+    if names != [LATENT_FIELD, LABEL_FIELD]:
+        raise _bad(path, f"fields are {names}, expected [{LATENT_FIELD!r}, {LABEL_FIELD!r}]")
+    types = [TYPE_ID_HANDLER.get(int(d["type_id"])) for d in descs]
+    if types[0] is not NDArrayField or types[1] is not IntField:
+        raise _bad(path, f"field types are {[getattr(t, '__name__', t) for t in types]}, "
+                         "expected [NDArrayField, IntField]")
+    try:
+        field = NDArrayField.from_binary(descs[0]["arguments"])
+    except Exception as exc:  # a corrupted descriptor can fail anywhere in FFCV's parser
+        raise _bad(path, f"the {LATENT_FIELD!r} field descriptor is unreadable ({type(exc).__name__}: {exc})") from None
+    want_dtype = STORE_DTYPES[store][1]
+    if field.dtype != want_dtype:
+        raise _bad(path, f"field {LATENT_FIELD!r} has dtype {field.dtype}, expected {want_dtype} "
+                         f"(store_dtype {store!r})")
+    if tuple(int(s) for s in field.shape) != shape:
+        raise _bad(path, f"field {LATENT_FIELD!r} has shape {list(field.shape)}, sidecar says {list(shape)}")
+
+    meta_type = np.dtype([("", "<u8"), ("", "<i8")], align=True)
+    meta_end = desc_end + n_rec * meta_type.itemsize
+    table_ptr = int(header["alloc_table_ptr"])
+    table_bytes = n_rec * ALLOC_TABLE_TYPE.itemsize
+    if table_ptr < meta_end or table_ptr + table_bytes != size:
+        raise _bad(path, f"allocation table at byte {table_ptr} with {n_rec} entries does not end the "
+                         f"{size}-byte file (corrupted header)")
+    records = np.fromfile(path, dtype=meta_type, count=n_rec, offset=desc_end)
+    table = np.fromfile(path, dtype=ALLOC_TABLE_TYPE, count=n_rec, offset=table_ptr)
+    record_bytes = int(np.prod(shape)) * want_dtype.itemsize
+    ids = table["sample_id"].astype(np.int64)
+    if not np.array_equal(np.sort(ids), np.arange(n_rec)):
+        raise _bad(path, "allocation table does not hold exactly one region per record (corrupted)")
+    if np.any(table["size"] != record_bytes):
+        raise _bad(path, f"allocation table has regions of {np.unique(table['size'])[:4].tolist()} bytes, "
+                         f"expected {record_bytes} per record (wrong shape/dtype or corrupted)")
+    ptrs = records["f0"]
+    if not np.array_equal(np.sort(ptrs), np.sort(table["ptr"])) or np.any(ptrs < meta_end) \
+            or np.any(ptrs + record_bytes > table_ptr):
+        raise _bad(path, "record pointers do not match the allocation table or leave the data region (corrupted)")
+    labels = records["f1"]
+    k = meta["num_classes"]
+    if labels.min() < 0 or labels.max() >= k:
+        bad = int(np.argmin(labels) if labels.min() < 0 else np.argmax(labels))
+        raise _bad(path, f"record {bad} has label {int(labels[bad])}, expected 0 <= label < num_classes = {k}")
+    if verify:
+        crc = _file_crc32(path)
+        if crc != meta["crc32"]:
+            raise _bad(path, f"CRC32 is {crc:#010x}, written as {meta['crc32']:#010x} (the data is corrupted)")
+    return meta

@@ -1,0 +1,380 @@
+"""LatentLoader: the trainer's batches from a latent .beton, through FFCV's compiled pipeline, exactly resumable.
+
+What FFCV's Loader does here: the os_cache memory map, the numba pipeline (our two decoders,
+compiled with prange over `num_workers` threads), the batch buffers and the producer thread.
+What this file does instead of FFCV's traversal orders: the sample order. FFCV's RANDOM order
+in distributed mode pads the dataset (torch's DistributedSampler) so some samples are seen
+twice per epoch, and no FFCV order can start mid-epoch. Here the order is
+
+    perm  = permutation of range(N) drawn from SeedSequence([seed, epoch])
+    flip  = N bits drawn from the same stream after perm (one per sample index)
+    rank r, i-th sample of the epoch = perm[i * world_size + r]
+
+so every rank reads a disjoint shard, each sample at most once per epoch (exactly once with
+drop_last=False), the order is a pure function of (seed, epoch, world_size), and resuming at
+batch b just starts the same sequence at b * batch_size. No process group is needed: rank and
+world_size are passed in.
+
+The random flip is per (seed, epoch, sample index). When the file holds VAE-encoded mirrored
+copies (flip_copies) the loader reads record 2i + flip[i]; otherwise the decoder mirrors the
+latent along W while copying it. Either way the choice rides in bit 48 of the sample index that
+FFCV hands to the decoders, so it is made inside the compiled parallel loop at no extra pass.
+
+FFCV can hang when its producer thread dies (the consumer blocks on a queue forever). Here the
+consumer polls the queue, turns a dead producer into LoaderWorkerError with the original
+exception chained, and a stall longer than timeout_s into TimeoutError.
+
+Batches are views of FFCV's rotating buffers: a batch stays valid until the next one is
+requested (copy it, e.g. `.to(device)` or `.float()`, to keep it longer).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import time
+
+import numpy as np
+import torch
+
+from .latents import LABEL_FIELD, LATENT_FIELD, STORE_DTYPES, read_latent_meta
+
+_ID_BITS = 48  # sample ids below 2**48; bit 48 asks the decoder to mirror the latent along W
+_ID_MASK = (1 << _ID_BITS) - 1
+
+
+class LoaderWorkerError(RuntimeError):
+    """The FFCV producer thread raised; the original exception is chained as __cause__."""
+
+
+def _int_arg(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _decoders():
+    """Our FFCV decoders (classes built on first use so importing this module does not import FFCV)."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.ndarray import NDArrayDecoder
+    from ffcv.pipeline.compiler import Compiler
+
+    class LatentDecoder(NDArrayDecoder):
+        """Copies each record into the batch buffer, mirrored along W when bit 48 of its index is set."""
+
+        def generate_code(self):
+            mem_read = self.memory_read
+            c_, h_, w_ = (int(s) for s in self.field.shape)
+            elem = np.int16 if self.field.dtype == np.dtype("<i2") else np.float32
+            nbytes = c_ * h_ * w_ * np.dtype(elem).itemsize
+            rows = c_ * h_
+            mask = np.uint64(_ID_MASK)
+            shift = np.uint64(_ID_BITS)
+            one = np.uint64(1)
+            my_range = Compiler.get_iterator()
+
+            def decode(indices, destination, metadata, storage_state):
+                n = indices.shape[0]
+                short = 0  # a reduction: raising inside prange would serialise the loop
+                for ix in my_range(n):
+                    raw = indices[ix]
+                    data = mem_read(metadata[raw & mask], storage_state)
+                    if data.shape[0] != nbytes:
+                        short += 1
+                        continue
+                    src = data.view(elem)
+                    dst = destination[ix].reshape(rows * w_)
+                    if (raw >> shift) & one:
+                        for r in range(rows):
+                            base = r * w_
+                            for w in range(w_):
+                                dst[base + w] = src[base + w_ - 1 - w]
+                    else:
+                        dst[:] = src
+                if short > 0:
+                    raise ValueError("a latent record is shorter than the field size: "
+                                     "the .beton was truncated or changed after it was opened")
+                return destination[:n]
+
+            decode.is_parallel = True
+            return decode
+
+    class LabelDecoder(IntDecoder):
+        """The int64 label of each record, ignoring the flip bit of its index."""
+
+        def generate_code(self):
+            mask = np.uint64(_ID_MASK)
+
+            def decode(indices, destination, metadata, storage_state):
+                for ix in range(indices.shape[0]):
+                    destination[ix, 0] = metadata[indices[ix] & mask]
+                return destination[:indices.shape[0]]
+
+            return decode
+
+    return LatentDecoder, LabelDecoder
+
+
+def _guarded_iterator_class():
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    class GuardedEpochIterator(EpochIterator):
+        """FFCV's producer thread, remembering the exception that killed it instead of dying silently."""
+
+        error: BaseException | None = None
+
+        def run(self):
+            try:
+                super().run()
+            except BaseException as exc:  # reported to the consumer, re-raised there
+                self.error = exc
+
+    return GuardedEpochIterator
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int, flip: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The epoch's global permutation (int64 [N]) and flip bits (uint8 [N] by sample index, or None)."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
+    perm = rng.permutation(num_samples)
+    flips = rng.integers(0, 2, size=num_samples, dtype=np.uint8) if flip else None
+    return perm, flips
+
+
+class LatentLoader:
+    """Batches (x, y) of a latent file for one rank: x [B, C, H, W] (bf16 by default), y int64 [B].
+
+    path: a .beton written by speed_fast (validated with read_latent_meta on open).
+    seed, rank, world_size: the order is a function of (seed, epoch, world_size); rank picks the shard.
+    flip: random horizontal flip per (seed, epoch, sample) (the stored mirrored copy when the file has one).
+    drop_last: True gives every rank the same number of full batches (samples beyond
+      N - N % (world_size * batch_size) wait for another epoch's permutation); False reads every
+      sample exactly once, with a short last batch, and ranks may differ by one batch.
+    out_dtype: None keeps the stored dtype (a zero-copy bf16/fp16 view of the stored bits);
+      a torch float dtype converts (a copy).
+    device: "cpu" or a CUDA device (FFCV copies asynchronously on its own streams).
+    timeout_s: longest wait for one batch (the first includes numba compiling the pipeline).
+    Note: FFCV sets torch's and numba's thread counts to num_workers when it runs an epoch.
+    """
+
+    def __init__(self, path, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 2, flip: bool = False, drop_last: bool = True, device="cpu",
+                 os_cache: bool = True, timeout_s: float = 300.0, out_dtype: torch.dtype | None = None,
+                 batches_ahead: int = 3):
+        import numba
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.pipeline import PipelineSpec
+        from ffcv.transforms import ToDevice, ToTensor
+
+        self.path = os.fspath(path)
+        self.batch_size = _int_arg("batch_size", batch_size, 1)
+        self.seed = _int_arg("seed", seed, 0)
+        self.world_size = _int_arg("world_size", world_size, 1)
+        self.rank = _int_arg("rank", rank, 0)
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank must be in [0, world_size) = [0, {self.world_size}), got {rank!r}")
+        self.num_workers = _int_arg("num_workers", num_workers, 1)
+        if self.num_workers > numba.config.NUMBA_NUM_THREADS:
+            raise ValueError(f"num_workers must be <= {numba.config.NUMBA_NUM_THREADS} (numba's thread pool, "
+                             f"NUMBA_NUM_THREADS), got {num_workers!r}")
+        batches_ahead = _int_arg("batches_ahead", batches_ahead, 1)
+        if not (isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool)
+                and math.isfinite(timeout_s) and timeout_s > 0):
+            raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        self.timeout_s = float(timeout_s)
+        self.flip = bool(flip)
+        self.drop_last = bool(drop_last)
+        self.device = torch.device(device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or a CUDA device, got {device!r}")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
+
+        self.meta = read_latent_meta(self.path)
+        self.num_samples = int(self.meta["num_samples"])
+        self.shape = tuple(self.meta["shape"])
+        self.num_classes = int(self.meta["num_classes"])
+        self._copies = 2 if self.meta["flip_copies"] else 1
+        self._stored = STORE_DTYPES[self.meta["store_dtype"]][0]
+        if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
+            raise ValueError(f"out_dtype must be None or a torch floating dtype, got {out_dtype!r}")
+        self.out_dtype = out_dtype
+
+        n, W, B = self.num_samples, self.world_size, self.batch_size
+        if self.drop_last:
+            self._per_rank = (n // (W * B)) * B
+            self._len = self._per_rank // B
+        else:
+            self._per_rank = len(range(self.rank, n, W))
+            self._len = -(-self._per_rank // B)
+        if self._len == 0:
+            raise ValueError(
+                f"{self.path}: {n} samples give rank {self.rank} of {W} no batch of batch_size={B} "
+                f"(drop_last={self.drop_last}); need at least {W * B} samples or a smaller batch_size")
+
+        LatentDecoder, LabelDecoder = _decoders()
+        tail = [ToTensor()] + ([ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else [])
+        pipelines = {
+            LATENT_FIELD: PipelineSpec(LATENT_FIELD, decoder=LatentDecoder(), transforms=list(tail)),
+            LABEL_FIELD: PipelineSpec(LABEL_FIELD, decoder=LabelDecoder(), transforms=list(tail)),
+        }
+        # The order given here is never used: each epoch's order is ours (see the module docstring).
+        self._ffcv = Loader(self.path, batch_size=B, num_workers=self.num_workers, os_cache=bool(os_cache),
+                            order=OrderOption.SEQUENTIAL, distributed=False, seed=self.seed,
+                            pipelines=pipelines, drop_last=False, batches_ahead=batches_ahead)
+        if not os_cache:
+            self._ffcv.memory_manager = _PlainIdsManager(self._ffcv.memory_manager)
+        self._iter_cls = _guarded_iterator_class()
+        self._epoch = 0
+        self._batch = 0
+        self._active = None
+
+    # ---- position -------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        return self._len
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def batch(self) -> int:
+        """Index (within the epoch) of the next batch to be handed out."""
+        return self._batch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Position the loader at batch `start_batch` of epoch `epoch` (earlier batches are skipped, not read)."""
+        epoch = _int_arg("epoch", epoch, 0)
+        start_batch = _int_arg("start_batch", start_batch, 0)
+        if start_batch > self._len:
+            raise ValueError(f"start_batch must be in [0, {self._len}] (batches per epoch), got {start_batch}")
+        self._epoch, self._batch = (epoch + 1, 0) if start_batch == self._len else (epoch, start_batch)
+
+    def state_dict(self) -> dict:
+        """Position of the next batch, plus what the order depends on (checked by load_state_dict)."""
+        return {"epoch": self._epoch, "batch": self._batch, "seed": self.seed, "world_size": self.world_size,
+                "batch_size": self.batch_size, "num_samples": self.num_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "world_size", "batch_size", "num_samples"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"loader state has {key}={state[key]!r} but this loader has {key}="
+                                 f"{getattr(self, key)!r}; the sample order would differ, so it cannot resume")
+        if "epoch" not in state or "batch" not in state:
+            raise ValueError(f"loader state needs 'epoch' and 'batch', got keys {sorted(state)}")
+        self.set_epoch(state["epoch"], state["batch"])
+
+    # ---- order ----------------------------------------------------------------------------
+
+    def sample_indices(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's sample indices (int64 [len * B] or fewer) and flip bits (uint8, same length) for an epoch."""
+        perm, flips = epoch_order(self.num_samples, self.seed, epoch, self.flip)
+        W = self.world_size
+        if self.drop_last:
+            perm = perm[: self._per_rank * W]
+        mine = perm[self.rank::W]  # (per_rank,)
+        bits = flips[mine] if flips is not None else np.zeros(len(mine), dtype=np.uint8)
+        return mine, bits
+
+    def _ffcv_ids(self, epoch: int, start_batch: int) -> np.ndarray:
+        """FFCV record ids for this rank from `start_batch` on, with the mirror request in bit 48."""
+        mine, bits = self.sample_indices(epoch)
+        sl = slice(start_batch * self.batch_size, None)
+        mine, bits = mine[sl].astype(np.uint64), bits[sl].astype(np.uint64)
+        if self._copies == 2:
+            return mine * np.uint64(2) + bits  # record 2i + 1 holds the VAE-encoded mirror of image i
+        return mine | (bits << np.uint64(_ID_BITS))
+
+    # ---- iteration ------------------------------------------------------------------------
+
+    def __iter__(self):
+        if self._active is not None:
+            self._shutdown(self._active)
+        epoch, start = self._epoch, self._batch
+        ids = self._ffcv_ids(epoch, start)
+        from ffcv.pipeline.compiler import Compiler
+
+        Compiler.set_num_threads(self.num_workers)
+        if self._ffcv.code is None:
+            self._ffcv.generate_code()
+        it = self._iter_cls(self._ffcv, ids)
+        self._active = it
+        return self._batches(it, epoch, start)
+
+    def _batches(self, it, epoch: int, start: int):
+        try:
+            for b in range(start, self._len):
+                x, y = self._next(it, epoch, b)
+                x = x.view(self._stored) if self._stored != torch.float32 else x
+                if self.out_dtype is not None and self.out_dtype != x.dtype:
+                    x = x.to(self.out_dtype)
+                y = y.view(-1)
+                # Position of the next batch, updated before handing this one out, so a checkpoint
+                # taken while training on batch b resumes at b + 1.
+                self._epoch, self._batch = (epoch + 1, 0) if b + 1 == self._len else (epoch, b + 1)
+                yield x, y
+        finally:
+            self._shutdown(it)
+
+    def _next(self, it, epoch: int, b: int):
+        waited_from = time.monotonic()
+        while True:
+            try:
+                item = it.output_queue.get(timeout=0.05)
+            except queue.Empty:
+                if it.error is not None or not it.is_alive():
+                    try:  # the producer may have queued a batch just before it stopped
+                        item = it.output_queue.get_nowait()
+                    except queue.Empty:
+                        cause = it.error
+                        raise LoaderWorkerError(
+                            f"{self.path}: the FFCV loader thread stopped while producing batch {b} of epoch "
+                            f"{epoch} (rank {self.rank}/{self.world_size}): "
+                            f"{type(cause).__name__ if cause else 'exited'}: {cause}") from cause
+                elif time.monotonic() - waited_from > self.timeout_s:
+                    raise TimeoutError(
+                        f"{self.path}: no batch from the FFCV loader for {self.timeout_s:.0f} s (batch {b} of "
+                        f"epoch {epoch}, rank {self.rank}/{self.world_size}); raise timeout_s if the machine "
+                        "is just slow (the first batch includes numba compilation)")
+                else:
+                    continue
+            if item is None:
+                raise LoaderWorkerError(f"{self.path}: the FFCV loader ended epoch {epoch} after batch {b - 1}, "
+                                        f"expected {self._len} batches")
+            slot, result = item
+            from ffcv.loader import epoch_iterator
+
+            if epoch_iterator.IS_CUDA:  # as FFCV's __next__: wait for the copy stream of this slot
+                it.current_stream.wait_stream(it.cuda_streams[slot])
+            return result
+
+    def _shutdown(self, it) -> None:
+        """Stop a producer thread and wait for it, so two never run numba's thread pool at once."""
+        it.terminate_event.set()
+        deadline = time.monotonic() + self.timeout_s
+        while it.is_alive() and time.monotonic() < deadline:
+            try:
+                while True:  # free queue slots so a producer blocked on put() can see the event
+                    it.output_queue.get_nowait()
+            except queue.Empty:
+                pass
+            it.join(0.05)
+        it.close()
+        if self._active is it:
+            self._active = None
+
+
+class _PlainIdsManager:
+    """Wraps FFCV's process-cache manager so it plans page loads from record ids without our flip bit."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def schedule_epoch(self, batches):
+        mask = np.uint64(_ID_MASK)
+        return self._inner.schedule_epoch([np.asarray(b, dtype=np.uint64) & mask for b in batches])
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
