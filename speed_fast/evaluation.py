@@ -7,8 +7,8 @@ Fréchet distance between N(mu1, S1) and N(mu2, S2) (Dowson & Landau 1982; FID, 
 S1 S2 is not symmetric, and scipy's sqrtm of it can return complex parts or fail when S1 is
 singular (fewer samples than dimensions). Here tr (S1 S2)^(1/2) is the sum of square roots of
 the eigenvalues of S1 S2, which are those of the symmetric PSD matrix S1^(1/2) S2 S1^(1/2)
-(AB and BA share eigenvalues); both square roots come from `eigh` in float64 with negative
-rounding noise clipped to 0. This is exact for singular covariances and needs no eps offset.
+(AB and BA share eigenvalues); both square roots come from `eigh` in float64 with eigenvalues
+at rounding level (< d eps max) set to 0. This is exact for singular covariances and needs no eps offset.
 
 Features:
 * `RawFeatures`: the flattened data itself (pixels or latents), for small sets such as the
@@ -72,10 +72,17 @@ def _as_covariance(name: str, sigma, d: int) -> np.ndarray:
     return 0.5 * (sigma + sigma.T)
 
 
+def _clip_eigenvalues(w: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a PSD matrix with rounding noise set to 0: below d * eps * max |w| they are
+    indistinguishable from 0, and their square roots (~1e-8) would otherwise add up."""
+    tol = w.size * np.finfo(np.float64).eps * max(float(np.abs(w).max(initial=0.0)), 0.0)
+    return np.where(w > tol, w, 0.0)
+
+
 def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
-    """Symmetric square root of a symmetric PSD matrix (negative rounding eigenvalues -> 0)."""
+    """Symmetric square root of a symmetric PSD matrix."""
     w, v = np.linalg.eigh(sigma)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    return (v * np.sqrt(_clip_eigenvalues(w))) @ v.T
 
 
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
@@ -83,7 +90,7 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     root1 = _psd_sqrt(sigma1)
     middle = root1 @ sigma2 @ root1
     w = np.linalg.eigvalsh(0.5 * (middle + middle.T))
-    return float(np.sqrt(np.clip(w, 0.0, None)).sum())
+    return float(np.sqrt(_clip_eigenvalues(w)).sum())
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -144,6 +151,10 @@ class RawFeatures:
         return flat if proj is None else flat @ proj
 
 
+class InceptionWeightsMissing(FileNotFoundError, ValueError):
+    """The local Inception file is absent (a ValueError too, so the CLI prints it as a clean error)."""
+
+
 def default_inception_path() -> Path:
     """Where InceptionFeatures looks when no path is given: $SPEED_FAST_INCEPTION, else the user cache."""
     env = os.environ.get(INCEPTION_ENV)
@@ -154,7 +165,7 @@ def load_inception(path=None, device="cpu"):
     """The TorchScript feature network from a local file; a clear error when it is missing."""
     path = Path(path) if path is not None else default_inception_path()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InceptionWeightsMissing(
             f"Inception weights not found at {path}. FID never downloads at run time: fetch "
             f"{INCEPTION_URL} once (e.g. `curl -L -o {path} <that URL>`), then pass its path "
             f"(--inception PATH), set ${INCEPTION_ENV}, or place it at "
@@ -216,6 +227,51 @@ def frechet_between(generated, reference, features=None) -> float:
     return frechet_distance(*feature_stats(generated, features), *feature_stats(reference, features))
 
 
+ARRAY_KEYS = ("images", "latents", "samples", "x", "arr_0")
+
+
+def load_array(path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(data float32 [N, C, H, W], labels int64 [N] or None) from a .npy or .npz file.
+
+    uint8 arrays are images in [0, 255] and are mapped to [-1, 1]; float arrays are taken as they
+    are (images in [-1, 1] or latents). [N, H, W] gets a channel axis; [N, H, W, 1 or 3] (NHWC)
+    is transposed. An .npz is read from the first of the keys images, latents, samples, x, arr_0
+    it holds; labels from "labels" or "y" when present."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"no such array file: {path}")
+    labels = None
+    if path.endswith(".npz"):
+        with np.load(path) as z:
+            key = next((k for k in ARRAY_KEYS if k in z.files), None)
+            if key is None:
+                raise ValueError(f"{path} holds {z.files}; expected one of {ARRAY_KEYS}")
+            arr = z[key]
+            lab_key = next((k for k in ("labels", "y") if k in z.files), None)
+            labels = torch.as_tensor(z[lab_key].astype(np.int64)) if lab_key else None
+    elif path.endswith(".npy"):
+        arr = np.load(path)
+    else:
+        raise ValueError(f"expected a .npy or .npz file, got {path}")
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    if arr.ndim != 4:
+        raise ValueError(f"{path}: expected [N, C, H, W] (or [N, H, W], [N, H, W, C]), got shape {arr.shape}")
+    if arr.shape[-1] in (1, 3) and arr.shape[1] not in (1, 3, 4):
+        arr = arr.transpose(0, 3, 1, 2)
+    if arr.dtype == np.uint8:
+        data = torch.from_numpy(np.ascontiguousarray(arr)).float() / 127.5 - 1.0
+    elif arr.dtype.kind == "f":
+        data = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    else:
+        raise ValueError(f"{path}: expected uint8 images or float data, got dtype {arr.dtype}")
+    if not torch.isfinite(data).all():
+        raise ValueError(f"{path} has non-finite values")
+    if labels is not None and labels.shape != (data.shape[0],):
+        raise ValueError(f"{path}: {labels.shape[0]} labels for {data.shape[0]} samples")
+    return data, labels
+
+
 # ---------------------------------------------------------------------------
 # Training-time evaluation
 # ---------------------------------------------------------------------------
@@ -241,7 +297,7 @@ class TrainingEvaluator:
 
     def __init__(self, reference, schedule: NoiseSchedule, n_samples: int = 256, steps="ddim25",
                  method: str = "ddim", eta: float = 0.0, cfg_scale: float = 1.0, seed: int = 0,
-                 batch_size: int = 256, num_classes: int | None = None, shape=None, learn_sigma: bool = True,
+                 batch_size: int = 256, num_classes: int | None = None, shape=None, learn_sigma: bool | None = None,
                  clip_denoised: bool = False, features=None, decode=None, device=None):
         n_samples = operator.index(n_samples)
         if n_samples < 2:

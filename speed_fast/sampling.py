@@ -154,15 +154,22 @@ def _check_seed(seed) -> int:
     return operator.index(seed)
 
 
+def _model_attr(model, name: str):
+    """model.<name>, else model.config.<name> (DiT keeps input_size and learn_sigma in its config)."""
+    value = getattr(model, name, None)
+    return getattr(getattr(model, "config", None), name, None) if value is None else value
+
+
 def _infer_shape(model, shape):
     if shape is not None:
         shape = tuple(int(s) for s in shape)
         if len(shape) != 3 or min(shape) < 1:
             raise ValueError(f"shape must be (C, H, W) with positive sizes, got {shape!r}")
         return shape
-    C, size = getattr(model, "in_channels", None), getattr(model, "input_size", None)
+    C, size = _model_attr(model, "in_channels"), _model_attr(model, "input_size")
     if C is None or size is None:
-        raise ValueError("shape=None needs model.in_channels and model.input_size; pass shape=(C, H, W)")
+        raise ValueError("shape=None needs model.in_channels and model.input_size (or model.config.input_size); "
+                         "pass shape=(C, H, W)")
     return (int(C), int(size), int(size))
 
 
@@ -184,14 +191,15 @@ def _labels(y, n: int, num_classes, gens) -> torch.Tensor:
 @torch.no_grad()
 def sample(model, schedule: NoiseSchedule, n: int, y=None, *, steps=250, method: str = "ddpm",
            cfg_scale: float = 1.0, eta: float = 0.0, seed: int = 0, device=None, batch_size: int = 64,
-           num_classes: int | None = None, shape=None, learn_sigma: bool = True, clip_denoised: bool = False,
-           return_labels: bool = False, progress: bool = False):
+           num_classes: int | None = None, shape=None, learn_sigma: bool | None = None,
+           clip_denoised: bool = False, return_labels: bool = False, progress: bool = False):
     """Draw n samples x0 (float32 [n, C, H, W], on the CPU) from `model` trained on `schedule`.
 
     steps: respacing spec (int, "250", "ddim50", "10,20"); method "ddpm" (ancestral, learned sigma)
     or "ddim" (eta = 0 deterministic); y: None (uniform random labels drawn per sample), an int
     (the same label for all; `num_classes` is unconditional) or n labels. num_classes and shape
-    default to model.num_classes and (model.in_channels, model.input_size, model.input_size).
+    default to model.num_classes and (model.in_channels, model.input_size, model.input_size);
+    learn_sigma to model.learn_sigma (or model.config.learn_sigma), else True.
     The model is put in eval mode for the call and restored afterwards. With return_labels=True,
     returns (x0, labels)."""
     if method not in METHODS:
@@ -211,6 +219,9 @@ def sample(model, schedule: NoiseSchedule, n: int, y=None, *, steps=250, method:
     device = torch.device(device)
     num_classes = getattr(model, "num_classes", None) if num_classes is None else int(num_classes)
     shape = _infer_shape(model, shape)
+    if learn_sigma is None:
+        learn_sigma = _model_attr(model, "learn_sigma")
+        learn_sigma = True if learn_sigma is None else bool(learn_sigma)
     diffusion = respaced_diffusion(schedule, steps, device=device, learn_sigma=learn_sigma)
     gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in range(n)]
     labels = _labels(y, n, num_classes, gens)

@@ -217,8 +217,8 @@ def test_gaussian_data_moments_match_the_closed_form_chain(schedule, method, v, 
     closed-form moments within sampling error, and approach (m, s) with 1000 steps."""
     m, s = 0.4, 0.3
     model = GaussianModel(schedule, m, s, v)
-    x0 = sample(model, schedule, 256, 0, steps=steps, method=method, seed=2, shape=(1, 4, 4),
-                num_classes=1, batch_size=256)
+    x0 = sample(model, schedule, 64, 0, steps=steps, method=method, seed=2, shape=(1, 8, 8),
+                num_classes=1, batch_size=64)
     n = x0.numel()  # 4096 independent values
     mean, std = _affine_chain_moments(schedule, steps, method, v, m, s)
     assert abs(x0.mean().item() - mean) < 4 * std / math.sqrt(n)

@@ -1,0 +1,140 @@
+"""`speed-fast sample`: draw images from a trained run and save them as a PNG grid.
+
+    speed-fast sample --ckpt RUN_DIR --ema --n 64 --steps 250 --cfg 1.5 --out grid.png
+    speed-fast sample --ckpt RUN_DIR --method ddim --steps ddim50 --vae PATH/TO/sd-vae --out grid.png
+
+The run's checkpoint is loaded with the trainer's inference loader (model, schedule, data
+description). Runs on VAE latents are decoded with a local diffusers AutoencoderKL directory
+(--vae; nothing is downloaded), dividing the latents by the VAE's `scaling_factor` first (DiT's
+convention: latents were stored multiplied by it); the digits default (1x8x8 in [-1, 1]) is
+shown directly. --save PATH.npz also writes the raw samples (and labels) for `speed-fast eval`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+HELP = "sample a trained run (DDPM/DDIM, classifier-free guidance) and save an image grid"
+
+
+def add_sampling_arguments(p) -> None:
+    """The flags `sample` and `eval` share to draw samples from a run."""
+    p.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
+    p.add_argument("--steps", default="250", help="sampling steps: N, 'ddimN' or 'a,b,...' (respacing)")
+    p.add_argument("--method", default="ddpm", choices=["ddpm", "ddim"])
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--labels", default=None,
+                   help="comma-separated class labels, cycled over the samples (default: random per sample)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL directory, for runs on latents")
+    p.add_argument("--clip-denoised", action="store_true", help="clip predicted x0 to [-1, 1] (pixel-space runs)")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--ckpt", required=True, help="run directory (or a checkpoint inside it)")
+    p.add_argument("--n", type=int, default=64, help="number of samples")
+    add_sampling_arguments(p)
+    p.add_argument("--out", default="grid.png", help="PNG grid to write")
+    p.add_argument("--nrow", type=int, default=None, help="images per grid row (default sqrt(n))")
+    p.add_argument("--save", default=None, help="also write the decoded samples and labels to this .npz")
+
+
+def resolve_device(device):
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} requested but CUDA is not available")
+    return device
+
+
+def load_run(run_dir: str, ema: bool, device):
+    """(model in eval mode, NoiseSchedule, info dict) of a run, through the trainer's loader."""
+    from ..training.checkpoint import load_for_inference
+
+    if not os.path.exists(run_dir):
+        raise ValueError(f"--ckpt {run_dir}: no such run directory")
+    return load_for_inference(run_dir, ema=ema, device=device)
+
+
+def load_vae(path: str, device):
+    """A diffusers AutoencoderKL from a local directory (config.json + weights); never downloads."""
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"--vae {path}: expected a local diffusers AutoencoderKL directory with config.json "
+                         "(e.g. saved by AutoencoderKL.save_pretrained)")
+    from diffusers.models import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(path, local_files_only=True).to(device).eval()
+
+
+def decode_latents(vae, latents, batch_size: int = 32):
+    """Images in [-1, 1] (float32, CPU) from latents stored as scaling_factor * VAE latents."""
+    import torch
+
+    device = next(vae.parameters()).device
+    scale = float(getattr(vae.config, "scaling_factor", 0.18215))
+    out = []
+    with torch.no_grad():
+        for s in range(0, latents.shape[0], batch_size):
+            z = latents[s:s + batch_size].to(device=device, dtype=vae.dtype) / scale
+            out.append(vae.decode(z).sample.float().clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def _parse_labels(spec, n):
+    import torch
+
+    if spec is None:
+        return None
+    try:
+        values = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--labels must be comma-separated integers, got {spec!r}") from None
+    if not values:
+        raise ValueError(f"--labels must name at least one class, got {spec!r}")
+    return torch.tensor([values[i % len(values)] for i in range(n)], dtype=torch.int64)
+
+
+def generate(args, n: int, return_labels: bool = False):
+    """Samples of the run at args.ckpt (or args.gen), decoded to images when --vae is given."""
+    from ..sampling import sample
+
+    run_dir = getattr(args, "ckpt", None) or args.gen
+    device = resolve_device(args.device)
+    model, schedule, info = load_run(run_dir, args.ema, device)
+    latent = info.get("latent", False) if isinstance(info, dict) else False
+    if latent and args.vae is None:
+        raise ValueError(f"{run_dir} was trained on VAE latents {info.get('shape')}; pass --vae DIR to decode them")
+    x, y = sample(model, schedule, n, _parse_labels(args.labels, n), steps=args.steps, method=args.method,
+                  eta=args.eta, cfg_scale=args.cfg, seed=args.seed, device=device, batch_size=args.batch_size,
+                  clip_denoised=args.clip_denoised, return_labels=True, progress=True)
+    if args.vae is not None:
+        x = decode_latents(load_vae(args.vae, device), x)
+    return (x, y) if return_labels else x
+
+
+def run(args) -> int:
+    import numpy as np
+
+    from ..sampling import save_grid
+
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    x, y = generate(args, args.n, return_labels=True)
+    if x.shape[1] not in (1, 3):
+        raise ValueError(f"samples have {x.shape[1]} channels; pass --vae DIR to decode latents to images")
+    nrow = args.nrow or max(1, math.isqrt(args.n - 1) + 1 if args.n > 1 else 1)
+    save_grid(x.clamp(-1, 1), args.out, nrow=nrow)
+    print(f"wrote {args.out}: {args.n} samples {tuple(x.shape[1:])}, {args.method} {args.steps} steps, "
+          f"cfg {args.cfg}, seed {args.seed}{', EMA' if args.ema else ''}")
+    if args.save:
+        os.makedirs(os.path.dirname(os.path.abspath(args.save)), exist_ok=True)
+        np.savez(args.save, samples=x.numpy(), labels=y.numpy())
+        print(f"wrote {args.save}")
+    return 0
