@@ -124,6 +124,16 @@ def _guarded_iterator_class():
 
         error: BaseException | None = None
 
+        def __init__(self, loader, order):
+            self.total = -(-len(order) // loader.batch_size)  # batches this epoch
+            self.computed = 0  # batches written into buffers so far
+            super().__init__(loader, order)  # starts the thread
+
+        def run_pipeline(self, *args):
+            result = super().run_pipeline(*args)
+            self.computed += 1
+            return result
+
         def run(self):
             try:
                 super().run()
@@ -139,6 +149,21 @@ def epoch_order(num_samples: int, seed: int, epoch: int, flip: bool) -> tuple[np
     perm = rng.permutation(num_samples)
     flips = rng.integers(0, 2, size=num_samples, dtype=np.uint8) if flip else None
     return perm, flips
+
+
+def shard_indices(num_samples: int, batch_size: int, *, seed: int, epoch: int, rank: int, world_size: int,
+                  drop_last: bool, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Rank `rank`'s sample indices (int64) and flip bits (uint8) for one epoch, in batch order.
+
+    The i-th sample of the rank is perm[i * world_size + rank]; with drop_last the permutation is
+    first cut to whole global batches (a multiple of world_size * batch_size).
+    """
+    perm, flips = epoch_order(num_samples, seed, epoch, flip)
+    if drop_last:
+        perm = perm[: (num_samples // (world_size * batch_size)) * world_size * batch_size]
+    mine = perm[rank::world_size]
+    bits = flips[mine] if flips is not None else np.zeros(len(mine), dtype=np.uint8)
+    return mine, bits
 
 
 class LatentLoader:
@@ -201,12 +226,8 @@ class LatentLoader:
         self.out_dtype = out_dtype
 
         n, W, B = self.num_samples, self.world_size, self.batch_size
-        if self.drop_last:
-            self._per_rank = (n // (W * B)) * B
-            self._len = self._per_rank // B
-        else:
-            self._per_rank = len(range(self.rank, n, W))
-            self._len = -(-self._per_rank // B)
+        per_rank = (n // (W * B)) * B if self.drop_last else len(range(self.rank, n, W))
+        self._len = -(-per_rank // B)
         if self._len == 0:
             raise ValueError(
                 f"{self.path}: {n} samples give rank {self.rank} of {W} no batch of batch_size={B} "
@@ -269,14 +290,9 @@ class LatentLoader:
     # ---- order ----------------------------------------------------------------------------
 
     def sample_indices(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """This rank's sample indices (int64 [len * B] or fewer) and flip bits (uint8, same length) for an epoch."""
-        perm, flips = epoch_order(self.num_samples, self.seed, epoch, self.flip)
-        W = self.world_size
-        if self.drop_last:
-            perm = perm[: self._per_rank * W]
-        mine = perm[self.rank::W]  # (per_rank,)
-        bits = flips[mine] if flips is not None else np.zeros(len(mine), dtype=np.uint8)
-        return mine, bits
+        """This rank's sample indices (int64) and flip bits (uint8) for an epoch, in the order batches hold them."""
+        return shard_indices(self.num_samples, self.batch_size, seed=self.seed, epoch=epoch, rank=self.rank,
+                             world_size=self.world_size, drop_last=self.drop_last, flip=self.flip)
 
     def _ffcv_ids(self, epoch: int, start_batch: int) -> np.ndarray:
         """FFCV record ids for this rank from `start_batch` on, with the mirror request in bit 48."""
@@ -355,11 +371,14 @@ class LatentLoader:
         it.terminate_event.set()
         deadline = time.monotonic() + self.timeout_s
         while it.is_alive() and time.monotonic() < deadline:
-            try:
-                while True:  # free queue slots so a producer blocked on put() can see the event
-                    it.output_queue.get_nowait()
-            except queue.Empty:
-                pass
+            if it.computed >= it.total:
+                # Done computing, maybe blocked in its final put(None): free the queue. Never earlier:
+                # a drained queue lets it compute further batches into the buffer the caller may still hold.
+                try:
+                    while True:
+                        it.output_queue.get_nowait()
+                except queue.Empty:
+                    pass
             it.join(0.05)
         it.close()
         if self._active is it:

@@ -1,0 +1,332 @@
+"""Image folder -> VAE latents -> latent .beton, resumable: `speed-fast encode` lives here.
+
+Images: IMAGE_DIR/<class>/**/<file>, classes sorted by folder name (label = position), files
+sorted by relative path, ADM center crop to `resolution` (DiT's `center_crop_arr`: halve with
+BOX while the short side is >= 2x, BICUBIC resize of the short side, center crop), scaled to
+[-1, 1]. Latents: diffusers AutoencoderKL from a local directory, posterior mean (or one sample
+with noise keyed by (seed, image index), so a rerun draws the same noise), then
+(z - shift_factor) * scaling_factor, stored as bf16.
+
+Resume: images are encoded in shards of `shard_size` consecutive images; each finished shard is
+written atomically to `<out>.parts/shard-<start>-<stop>.npz` next to a manifest of the settings
+and the file list. A rerun with the same settings continues after the last finished shard (a
+shard cut short by a kill is never on disk), so no image is encoded twice or left out. The
+.beton is written from the shards at the end and the parts folder is removed.
+
+Unreadable images (not decodable, truncated, unsupported) are skipped and reported as they
+occur; their count and names go into the sidecar's "source" entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import uuid
+
+import numpy as np
+import torch
+
+from .latents import write_latents
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+_SHARD_RE = re.compile(r"^shard-(\d{9})-(\d{9})\.npz$")
+# Settings that must match for a rerun to continue an earlier one.
+_MANIFEST_KEYS = ("image_dir", "files_sha256", "num_images", "class_names", "vae", "vae_config_sha256",
+                  "resolution", "flip", "sample_posterior", "seed")
+
+
+def scan_image_folder(image_dir: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """(relative image paths, int64 labels, class names) of a class-per-folder image tree."""
+    if not os.path.isdir(image_dir):
+        raise ValueError(f"IMAGE_DIR {image_dir!r} is not a directory")
+    classes = sorted(d for d in os.listdir(image_dir)
+                     if not d.startswith(".") and os.path.isdir(os.path.join(image_dir, d)))
+    if not classes:
+        raise ValueError(f"IMAGE_DIR {image_dir!r} has no class sub-folders; expected IMAGE_DIR/<class>/<image>")
+    paths, labels = [], []
+    for label, cls in enumerate(classes):
+        found = []
+        for root, dirs, files in os.walk(os.path.join(image_dir, cls), followlinks=True):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            found += [os.path.relpath(os.path.join(root, f), image_dir) for f in files
+                      if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        found.sort()
+        paths += found
+        labels += [label] * len(found)
+    if not paths:
+        raise ValueError(f"IMAGE_DIR {image_dir!r} has class folders {classes[:5]} but no image files "
+                         f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+    return paths, np.asarray(labels, dtype=np.int64), classes
+
+
+def center_crop_arr(pil_image, image_size: int):
+    """ADM's center crop (as in DiT): box-downsample by 2 while possible, bicubic resize, crop the center."""
+    from PIL import Image
+
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(s * scale) for s in pil_image.size), resample=Image.BICUBIC)
+    arr = np.asarray(pil_image)
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return Image.fromarray(arr[top: top + image_size, left: left + image_size])
+
+
+def load_image(path: str, resolution: int) -> torch.Tensor:
+    """An image file as float32 [3, R, R] in [-1, 1] after the ADM center crop."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        img = center_crop_arr(im.convert("RGB"), resolution)
+    arr = np.asarray(img, dtype=np.float32)  # (R, R, 3)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0  # (3, R, R)
+
+
+class _Images(torch.utils.data.Dataset):
+    """Images by global index; an unreadable one yields (zeros, error message) instead of raising."""
+
+    def __init__(self, root: str, paths: list[str], indices: range, resolution: int):
+        self.root, self.paths, self.indices, self.resolution = root, paths, indices, resolution
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        g = self.indices[i]
+        try:
+            return g, load_image(os.path.join(self.root, self.paths[g]), self.resolution), ""
+        except Exception as exc:  # any decoder failure means "unreadable": reported and skipped
+            msg = f"{type(exc).__name__}: {exc}" or type(exc).__name__
+            return g, torch.zeros(3, self.resolution, self.resolution), msg
+
+
+def load_vae(vae_path: str, device: torch.device):
+    """diffusers AutoencoderKL from a local directory (never downloads)."""
+    from diffusers import AutoencoderKL
+
+    config = os.path.join(vae_path, "config.json")
+    if not os.path.isdir(vae_path) or not os.path.isfile(config):
+        raise ValueError(f"--vae {vae_path!r} must be a local directory holding an AutoencoderKL saved with "
+                         "save_pretrained (config.json + weights); nothing is downloaded at run time "
+                         "(e.g. `huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir DIR` beforehand)")
+    try:
+        vae = AutoencoderKL.from_pretrained(vae_path, local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ValueError(f"--vae {vae_path!r}: could not load an AutoencoderKL from it ({exc})") from None
+    return vae.to(device).eval()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _noise(shape, seed: int, index: int, copy: int) -> torch.Tensor:
+    """Posterior noise for one image, keyed by (seed, image index, copy) so reruns and resumes agree."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + index) * 2 + copy)
+    return torch.randn(shape, generator=g)
+
+
+def _finished_shards(parts: str, num_images: int) -> list[tuple[int, int, str]]:
+    """Finished shards, in order; they must tile [0, k) without gap or overlap."""
+    shards = []
+    for name in os.listdir(parts):
+        m = _SHARD_RE.match(name)
+        if m:
+            shards.append((int(m.group(1)), int(m.group(2)), os.path.join(parts, name)))
+        elif name.startswith(".shard-"):  # left by a run killed while writing: never counted
+            os.remove(os.path.join(parts, name))
+    shards.sort()
+    expect = 0
+    for start, stop, path in shards:
+        if start != expect or stop <= start or stop > num_images:
+            raise ValueError(f"{parts}: shard {os.path.basename(path)} does not continue the finished images "
+                             f"[0, {expect}); the parts folder was edited by hand. Delete {parts} to start over")
+        expect = stop
+    return shards
+
+
+class _ShardLatents:
+    """The finished shards read back as one [N, (2,) C, H, W] bf16 array, a shard at a time (for write_latents)."""
+
+    def __init__(self, shards: list[str]):
+        self.files, self.counts = [], []
+        for path in shards:
+            with np.load(path) as z:
+                n = len(z["index"])
+                if n:
+                    self.files.append(path)
+                    self.counts.append(n)
+                    shape = z["latents"].shape[1:]
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        total = int(self.offsets[-1])
+        self.shape = (total,) + tuple(shape) if total else (0,)
+        self._cache = (None, None)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _shard(self, k: int) -> np.ndarray:
+        if self._cache[0] != k:
+            with np.load(self.files[k]) as z:
+                self._cache = (k, z["latents"])
+        return self._cache[1]
+
+    def __getitem__(self, sl: slice) -> torch.Tensor:
+        start, stop, _ = sl.indices(len(self))
+        out = []
+        k = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        while start < stop:
+            lo = start - self.offsets[k]
+            take = min(stop - start, self.counts[k] - lo)
+            out.append(self._shard(k)[lo: lo + take])
+            start += take
+            k += 1
+        return torch.from_numpy(np.concatenate(out)).view(torch.bfloat16)
+
+
+def encode_folder(image_dir: str, vae_path: str, out: str, *, resolution: int = 256, flip: bool = False,
+                  batch_size: int = 32, sample_posterior: bool = False, seed: int = 0, device: str = "auto",
+                  workers: int = 4, shard_size: int = 1024, max_images: int | None = None,
+                  keep_parts: bool = False, progress: bool = True, log=None) -> dict:
+    """Encode IMAGE_DIR into the latent file `out`; returns a status dict (done, images, skipped, meta).
+
+    max_images stops after that many more images (a resumable partial run). See the module docstring.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    for name, value, lo in (("resolution", resolution, 8), ("batch_size", batch_size, 1),
+                            ("shard_size", shard_size, 1), ("workers", workers, 0), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+    if max_images is not None and (not isinstance(max_images, int) or max_images < 1):
+        raise ValueError(f"max_images must be an integer >= 1, got {max_images!r}")
+    image_dir = os.path.abspath(image_dir)
+    vae_path = os.path.abspath(vae_path)
+    paths, labels, class_names = scan_image_folder(image_dir)
+    n_images = len(paths)
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    vae = load_vae(vae_path, dev)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if resolution % factor:
+        raise ValueError(f"resolution must be a multiple of the VAE's downsampling factor {factor}, got {resolution}")
+    scale = float(vae.config.scaling_factor)
+    shift = vae.config.get("shift_factor", None)
+    shift = 0.0 if shift is None else float(shift)
+
+    with open(os.path.join(vae_path, "config.json"), "rb") as f:
+        vae_sha = _sha256(f.read())
+    listing = "\n".join(f"{p}\t{int(y)}" for p, y in zip(paths, labels)).encode()
+    manifest = {"image_dir": image_dir, "files_sha256": _sha256(listing), "num_images": n_images,
+                "class_names": class_names, "vae": vae_path, "vae_config_sha256": vae_sha,
+                "resolution": resolution, "flip": bool(flip), "sample_posterior": bool(sample_posterior),
+                "seed": seed, "scaling_factor": scale, "shift_factor": shift}
+    parts = os.path.abspath(out) + ".parts"
+    os.makedirs(parts, exist_ok=True)
+    man_path = os.path.join(parts, "manifest.json")
+    if os.path.exists(man_path):
+        with open(man_path) as f:
+            old = json.load(f)
+        for key in _MANIFEST_KEYS:
+            if old.get(key) != manifest[key]:
+                shown = (lambda v: v if not isinstance(v, list) or len(v) < 6 else f"[{len(v)} entries]")
+                raise ValueError(f"{parts} holds an unfinished encode with {key}={shown(old.get(key))!r}, now "
+                                 f"{shown(manifest[key])!r} (images or settings changed); rerun with the same "
+                                 f"settings to continue, or delete {parts} to start over")
+    else:
+        with open(man_path + ".tmp", "w") as f:
+            json.dump(manifest, f, indent=1)
+        os.replace(man_path + ".tmp", man_path)
+
+    shards = _finished_shards(parts, n_images)
+    done = shards[-1][1] if shards else 0
+    if done:
+        log(f"encode: resuming after {done} of {n_images} images already encoded in {parts}")
+    stop_at = n_images if max_images is None else min(n_images, done + max_images)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_images, initial=done, unit="img", desc="encode", file=sys.stderr)
+    new_failures = 0
+    try:
+        while done < stop_at:
+            stop = min(done + shard_size, stop_at)
+            new_failures += _encode_shard(vae, image_dir, paths, labels, range(done, stop), parts, resolution,
+                                          flip, batch_size, sample_posterior, seed, scale, shift, dev,
+                                          workers, bar, log)
+            done = stop
+    finally:
+        if bar is not None:
+            bar.close()
+    shards = _finished_shards(parts, n_images)
+    failed = []
+    for _, _, path in shards:
+        with np.load(path) as z:
+            failed += [(int(i), str(m)) for i, m in zip(z["failed"], z["failed_msg"])]
+    status = {"done": done == n_images, "images": n_images, "encoded": done, "skipped": len(failed),
+              "skipped_this_run": new_failures, "parts": parts, "meta": None}
+    if done < n_images:
+        log(f"encode: stopped after {done} of {n_images} images; rerun the same command to continue")
+        return status
+    source = _ShardLatents([p for _, _, p in shards])
+    if len(source) == 0:
+        raise ValueError(f"none of the {n_images} images in {image_dir!r} could be read "
+                         f"(first error: {paths[failed[0][0]]}: {failed[0][1]})")
+    ok = np.ones(n_images, dtype=bool)
+    ok[[i for i, _ in failed]] = False
+    extra = dict(manifest, encoder="speed_fast.data.encode",
+                 images_skipped=len(failed), skipped=[{"path": paths[i], "error": m} for i, m in failed])
+    meta = write_latents(out, source, labels[ok], class_names=class_names, store_dtype="bfloat16",
+                         flip_copies=bool(flip), extra=extra, progress=progress)
+    if failed:
+        log(f"encode: skipped {len(failed)} unreadable image(s) of {n_images} (listed in {out}.json, "
+            f"source.skipped)")
+    if not keep_parts:
+        for _, _, path in shards:
+            os.remove(path)
+        os.remove(man_path)
+        os.rmdir(parts)
+    status["meta"] = meta
+    return status
+
+
+@torch.inference_mode()
+def _encode_shard(vae, image_dir, paths, labels, indices: range, parts, resolution, flip, batch_size,
+                  sample_posterior, seed, scale, shift, dev, workers, bar, log) -> int:
+    """Encode images[indices] and write one shard atomically; returns how many images were unreadable."""
+    data = torch.utils.data.DataLoader(_Images(image_dir, paths, indices, resolution), batch_size=batch_size,
+                                       shuffle=False, num_workers=workers)
+    kept_idx, kept_lat, failed, failed_msg = [], [], [], []
+    for idx, x, err in data:  # idx (b,), x (b, 3, R, R)
+        bad = [i for i, e in enumerate(err) if e]
+        for i in bad:
+            log(f"encode: skipping unreadable image {paths[int(idx[i])]}: {err[i]}")
+            failed.append(int(idx[i]))
+            failed_msg.append(err[i])
+        good = torch.tensor([i for i, e in enumerate(err) if not e], dtype=torch.long)
+        if len(good):
+            x = x[good].to(dev)
+            views = [x, x.flip(-1)] if flip else [x]
+            lat = []
+            for copy, v in enumerate(views):
+                dist = vae.encode(v).latent_dist
+                z = dist.mean  # (b, C, h, w)
+                if sample_posterior:
+                    eps = torch.stack([_noise(z.shape[1:], seed, int(idx[i]), copy) for i in good])
+                    z = z + dist.std * eps.to(z.device, z.dtype)
+                lat.append(((z - shift) * scale).to(torch.bfloat16).cpu())
+            z = torch.stack(lat, dim=1) if flip else lat[0]  # (b, [2,] C, h, w)
+            kept_lat.append(z.view(torch.int16).numpy())
+            kept_idx += [int(idx[i]) for i in good]
+        if bar is not None:
+            bar.update(len(idx))
+    lat = np.concatenate(kept_lat) if kept_lat else np.zeros((0,), dtype=np.int16)
+    name = f"shard-{indices.start:09d}-{indices.stop:09d}.npz"
+    tmp = os.path.join(parts, f".{name}.{uuid.uuid4().hex[:8]}.npz")
+    np.savez(tmp, index=np.asarray(kept_idx, dtype=np.int64), labels=labels[kept_idx], latents=lat,
+             failed=np.asarray(failed, dtype=np.int64), failed_msg=np.asarray(failed_msg, dtype=str))
+    os.replace(tmp, os.path.join(parts, name))
+    return len(failed)
