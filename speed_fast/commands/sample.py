@@ -5,8 +5,8 @@
 
 The run's checkpoint is loaded with the trainer's inference loader (model, schedule, data
 description). Runs on VAE latents are decoded with a local diffusers AutoencoderKL directory
-(--vae; nothing is downloaded), dividing the latents by the VAE's `scaling_factor` first (DiT's
-convention: latents were stored multiplied by it); the digits default (1x8x8 in [-1, 1]) is
+(--vae; nothing is downloaded) after undoing `speed-fast encode`'s (z - shift_factor) *
+scaling_factor with the VAE's own config; the digits default (1x8x8 in [-1, 1]) is
 shown directly. --save PATH.npz also writes the raw samples (and labels) for `speed-fast eval`.
 """
 
@@ -55,12 +55,18 @@ def resolve_device(device):
 
 
 def load_run(run_dir: str, ema: bool, device):
-    """(model in eval mode, NoiseSchedule, info dict) of a run, through the trainer's loader."""
-    from ..training.checkpoint import load_for_inference
+    """(model in eval mode, NoiseSchedule, data meta) of a run, through the trainer's
+    `speed_fast.training.checkpoint.load_for_inference` (newest complete checkpoint)."""
+    from ..training.checkpoint import STATE_FILE, load_for_inference
 
-    if not os.path.exists(run_dir):
+    if not os.path.isdir(run_dir):
         raise ValueError(f"--ckpt {run_dir}: no such run directory")
-    return load_for_inference(run_dir, ema=ema, device=device)
+    checkpoint = None
+    if os.path.isfile(os.path.join(run_dir, STATE_FILE)):  # a checkpoint directory inside a run
+        checkpoint = os.path.abspath(run_dir)
+        run_dir = os.path.dirname(os.path.dirname(checkpoint))
+    model, _config, schedule, meta = load_for_inference(run_dir, ema=ema, device=device, checkpoint=checkpoint)
+    return model, schedule, meta
 
 
 def load_vae(path: str, device):
@@ -74,15 +80,18 @@ def load_vae(path: str, device):
 
 
 def decode_latents(vae, latents, batch_size: int = 32):
-    """Images in [-1, 1] (float32, CPU) from latents stored as scaling_factor * VAE latents."""
+    """Images in [-1, 1] (float32, CPU) from latents stored as (z - shift_factor) * scaling_factor,
+    the convention of `speed-fast encode` (speed_fast.data.encode) and of DiT (shift 0)."""
     import torch
 
     device = next(vae.parameters()).device
-    scale = float(getattr(vae.config, "scaling_factor", 0.18215))
+    scale = float(vae.config.scaling_factor)
+    shift = vae.config.get("shift_factor", None)
+    shift = 0.0 if shift is None else float(shift)
     out = []
     with torch.no_grad():
         for s in range(0, latents.shape[0], batch_size):
-            z = latents[s:s + batch_size].to(device=device, dtype=vae.dtype) / scale
+            z = latents[s:s + batch_size].to(device=device, dtype=vae.dtype) / scale + shift
             out.append(vae.decode(z).sample.float().clamp(-1, 1).cpu())
     return torch.cat(out)
 
@@ -107,10 +116,11 @@ def generate(args, n: int, return_labels: bool = False):
 
     run_dir = getattr(args, "ckpt", None) or args.gen
     device = resolve_device(args.device)
-    model, schedule, info = load_run(run_dir, args.ema, device)
-    latent = info.get("latent", False) if isinstance(info, dict) else False
-    if latent and args.vae is None:
-        raise ValueError(f"{run_dir} was trained on VAE latents {info.get('shape')}; pass --vae DIR to decode them")
+    model, schedule, meta = load_run(run_dir, args.ema, device)
+    channels = int(model.in_channels)
+    if channels not in (1, 3) and args.vae is None:
+        raise ValueError(f"{run_dir} was trained on {channels}-channel latents {meta.get('shape')}; "
+                         "pass --vae DIR (a local diffusers AutoencoderKL) to decode them")
     x, y = sample(model, schedule, n, _parse_labels(args.labels, n), steps=args.steps, method=args.method,
                   eta=args.eta, cfg_scale=args.cfg, seed=args.seed, device=device, batch_size=args.batch_size,
                   clip_denoised=args.clip_denoised, return_labels=True, progress=True)
