@@ -1,0 +1,149 @@
+// speed_fast::cpp_sample_and_noise and cpp_add_noise: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+// in one pass over x0, eps drawn on the fly (Philox + Box-Muller, SIMD) and never stored.
+// Also cpp_normal, the bare noise (for tests and benchmarks of the generator), and the
+// cache of the last batch's noise for weighted_mse (see EpsKey in ops_common.h).
+#include <atomic>
+#include <mutex>
+#include <utility>
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include "ops_common.h"
+
+namespace speed_fast {
+namespace {
+
+std::mutex g_eps_mutex;
+EpsKey g_eps_key{};
+at::Tensor g_eps;  // float32 [B * D] or undefined
+std::atomic<bool> g_keep_eps{true};
+
+}  // namespace
+
+void keep_eps(const EpsKey& key, at::Tensor eps) {
+  const std::lock_guard<std::mutex> lock(g_eps_mutex);
+  g_eps_key = key;
+  g_eps = std::move(eps);
+}
+
+at::Tensor take_eps(const EpsKey& key) {
+  const std::lock_guard<std::mutex> lock(g_eps_mutex);
+  if (!g_eps.defined() || !(g_eps_key == key)) return at::Tensor();
+  return std::exchange(g_eps, at::Tensor());
+}
+
+bool keep_eps_enabled() { return g_keep_eps.load(); }
+
+namespace {
+
+void check_t_range(const int64_t* t, int64_t B, int64_t T) {
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK_VALUE(t[b] >= 0 && t[b] < T, "t must lie in [0, ", T, "), got t[", b, "] = ", t[b]);
+  }
+}
+
+// xt = sqrt_ab[t] x0 + sqrt_1mab[t] eps for a validated batch (float32 eps kept for the loss).
+void noise_batch(const at::Tensor& x0, at::Tensor& xt, DType dtype, const int64_t* t, const float* sqrt_ab,
+                 const float* sqrt_1mab, RngKey key, int64_t offset) {
+  const int64_t B = x0.size(0), D = B ? x0.numel() / B : 0;
+  const Segments seg(B, D, offset);
+  const KernelTable& k = cpu_kernels();
+  at::Tensor eps;
+  if (dtype == DType::f32 && keep_eps_enabled()) eps = at::empty({B * D}, x0.options());  // (B * D,)
+  float* eps_out = eps.defined() ? eps.data_ptr<float>() : nullptr;
+  const char* src = static_cast<const char*>(x0.data_ptr());
+  char* dst = static_cast<char*>(xt.data_ptr());
+  const size_t es = element_size(dtype);
+#pragma omp parallel for schedule(dynamic, seg.grain()) if (seg.parallel())
+  for (int64_t item = 0; item < seg.items(); ++item) {
+    const int64_t b = item / seg.pieces, p = item % seg.pieces;
+    const int64_t i0 = b * D + seg.begin(p);
+    k.add_noise(dtype, src + i0 * es, dst + i0 * es, eps_out ? eps_out + i0 : nullptr, seg.length(p),
+                uint64_t(offset + b) * uint64_t(D) + seg.begin(p), sqrt_ab[t[b]], sqrt_1mab[t[b]], key);
+  }
+  if (eps.defined()) keep_eps(EpsKey{key.seed, key.step, offset, B, D}, std::move(eps));
+}
+
+std::tuple<at::Tensor, at::Tensor> cpp_sample_and_noise(const at::Tensor& x0, const at::Tensor& prob,
+                                                        const at::Tensor& alias, const at::Tensor& sqrt_ab,
+                                                        const at::Tensor& sqrt_1mab, int64_t seed, int64_t step,
+                                                        int64_t offset) {
+  const DType dtype = check_batch("x0", x0);
+  check_alias_table(prob, alias);
+  check_table("sqrt_ab", sqrt_ab, at::kFloat, prob.size(0));
+  check_table("sqrt_1mab", sqrt_1mab, at::kFloat, prob.size(0));
+  const RngKey key = rng_key(seed, step, offset);
+  const int64_t B = x0.size(0);
+  TORCH_CHECK_VALUE(offset <= INT64_MAX - B, "offset + B must be < 2^63, got offset=", offset, ", B=", B);
+  at::Tensor t = at::empty({B}, x0.options().dtype(at::kLong));  // (B,)
+  draw_timesteps(prob, alias, B, key, offset, t.data_ptr<int64_t>());
+  at::Tensor xt = at::empty_like(x0);  // (B, ...)
+  noise_batch(x0, xt, dtype, t.data_ptr<int64_t>(), sqrt_ab.data_ptr<float>(), sqrt_1mab.data_ptr<float>(), key,
+              offset);
+  return {t, xt};
+}
+
+at::Tensor cpp_add_noise(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& sqrt_ab,
+                         const at::Tensor& sqrt_1mab, int64_t seed, int64_t step, int64_t offset) {
+  const DType dtype = check_batch("x0", x0);
+  check_table("sqrt_ab", sqrt_ab, at::kFloat, -1);
+  check_table("sqrt_1mab", sqrt_1mab, at::kFloat, sqrt_ab.size(0));
+  check_table("t", t, at::kLong, x0.size(0));
+  check_t_range(t.data_ptr<int64_t>(), x0.size(0), sqrt_ab.size(0));
+  const RngKey key = rng_key(seed, step, offset);
+  at::Tensor xt = at::empty_like(x0);  // (B, ...)
+  noise_batch(x0, xt, dtype, t.data_ptr<int64_t>(), sqrt_ab.data_ptr<float>(), sqrt_1mab.data_ptr<float>(), key,
+              offset);
+  return xt;
+}
+
+at::Tensor cpp_normal(int64_t numel, int64_t seed, int64_t step, int64_t first_element) {
+  TORCH_CHECK_VALUE(numel >= 0, "numel must be >= 0, got ", numel);
+  TORCH_CHECK_VALUE(first_element >= 0 && first_element <= INT64_MAX - numel,
+                    "first_element must be in [0, 2^63 - numel), got ", first_element);
+  const RngKey key = rng_key(seed, step, 0);
+  at::Tensor eps = at::empty({numel}, at::TensorOptions().dtype(at::kFloat));  // (numel,)
+  float* out = eps.data_ptr<float>();
+  const KernelTable& k = cpu_kernels();
+  constexpr int64_t kBlock = Segments::kPiece;
+  const int64_t blocks = (numel + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(dynamic) if (blocks >= 4 && omp_get_max_threads() > 1)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t i0 = blk * kBlock;
+    k.normals(uint64_t(first_element + i0), std::min(kBlock, numel - i0), key, out + i0);
+  }
+  return eps;
+}
+
+// -1 reports whether sample_and_noise keeps its noise for the loss; 0 / 1 switches it off / on
+// (to measure both ways; the values are identical).
+int64_t cpp_keep_eps(int64_t enable) {
+  TORCH_CHECK_VALUE(enable >= -1 && enable <= 1, "enable must be -1, 0 or 1, got ", enable);
+  if (enable >= 0) {
+    g_keep_eps.store(enable == 1);
+    if (enable == 0) keep_eps(EpsKey{}, at::Tensor());
+  }
+  return g_keep_eps.load() ? 1 : 0;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(speed_fast, m) {
+  m.def(
+      "cpp_sample_and_noise(Tensor x0, Tensor prob, Tensor alias, Tensor sqrt_ab, Tensor sqrt_1mab, int seed, "
+      "int step, int offset) -> (Tensor, Tensor)");
+  m.def("cpp_add_noise(Tensor x0, Tensor t, Tensor sqrt_ab, Tensor sqrt_1mab, int seed, int step, int offset) -> Tensor");
+  m.def("cpp_normal(int numel, int seed, int step, int first_element) -> Tensor");
+  m.def("cpp_keep_eps(int enable) -> int", &cpp_keep_eps);
+}
+
+TORCH_LIBRARY_IMPL(speed_fast, CPU, m) {
+  m.impl("cpp_sample_and_noise", &cpp_sample_and_noise);
+  m.impl("cpp_add_noise", &cpp_add_noise);
+}
+
+TORCH_LIBRARY_IMPL(speed_fast, CompositeExplicitAutograd, m) { m.impl("cpp_normal", &cpp_normal); }
+
+}  // namespace speed_fast

@@ -1,0 +1,212 @@
+"""The cpp backend: C++/OpenMP CPU kernels of the fused ops (sources in `csrc/`).
+
+The sources ship inside the package (`speed_fast.csrc`, editable or wheel install)
+and are compiled with torch's extension API on first use, into a cache directory
+keyed by the sources, flags, torch and Python versions:
+
+    $SPEED_FAST_BUILD_DIR, else $TORCH_EXTENSIONS_DIR/speed_fast_cpu_<key>,
+    else ~/.cache/speed_fast/speed_fast_cpu_<key>
+
+Later processes only load the cached library (a no-op ninja check). The library
+registers torch custom ops `torch.ops.speed_fast.cpp_*` (C++ kernels, Python fake
+implementations below), so torch.compile traces through them and DeepSpeed sees
+ordinary tensor ops. A failed build is never hidden: `available()` returns False
+with the compiler's first error, `speed-fast env` prints it, and requesting
+backend="cpp" raises `BackendUnavailable`.
+
+Kernels exist for AVX-512, AVX2 and plain x86-64/other CPUs, chosen at run time
+(`cpu_isa()`); all three produce bit-identical noise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.resources
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+NAME = "cpp"
+EXTENSION = "speed_fast_cpu"
+SOURCES = (
+    "dispatch.cpp",
+    "isa_scalar.cpp",
+    "isa_avx2.cpp",
+    "isa_avx512.cpp",
+    "sample_timesteps.cpp",
+    "sample_and_noise.cpp",
+    "weighted_mse.cpp",
+)
+HEADERS = ("kernels.h", "fused_impl.h", "ops_common.h")
+# No -march: the SIMD code paths carry their own target attributes and are chosen at run
+# time. -ffp-contract=off keeps a * x + b * y as the reference rounds it (explicit fmas stay).
+CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno")
+LDFLAGS = ("-fopenmp",)
+
+_state: dict[str, object] = {}
+
+
+def _source_dir() -> Path:
+    return Path(str(importlib.resources.files("speed_fast.csrc")))
+
+
+def build_dir() -> Path:
+    """Where the compiled library is cached (see the module docstring)."""
+    if os.environ.get("SPEED_FAST_BUILD_DIR"):
+        return Path(os.environ["SPEED_FAST_BUILD_DIR"])
+    src = _source_dir()
+    h = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        h.update(name.encode())
+        h.update((src / name).read_bytes())
+    h.update(repr((CFLAGS, LDFLAGS, torch.__version__, sys.version_info[:2], platform.machine())).encode())
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "speed_fast")
+    return Path(root) / f"{EXTENSION}_{h.hexdigest()[:16]}"
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path):
+    """An flock (released by the kernel if the holder dies), so concurrent first uses build once."""
+    with open(directory / "speed_fast_build.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            # Under our lock nobody else is building: a lock file of torch's own baton is a
+            # leftover of a killed build, and torch would wait on it forever.
+            (directory / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _compile_error_summary(exc: BaseException, limit: int = 6) -> str:
+    lines = str(exc).splitlines()
+    errors = [ln.strip() for ln in lines if "error" in ln.lower() and "Error building extension" not in ln]
+    picked = errors[:limit] or [ln.strip() for ln in lines if ln.strip()][:limit]
+    return f"{type(exc).__name__}: " + " | ".join(picked)
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations, so torch.compile / FakeTensor can trace the C++ ops."""
+
+    @torch.library.register_fake("speed_fast::cpp_sample_timesteps")
+    def _(prob, alias, n, seed, step, offset):
+        return prob.new_empty((n,), dtype=torch.int64)
+
+    @torch.library.register_fake("speed_fast::cpp_sample_and_noise")
+    def _(x0, prob, alias, sqrt_ab, sqrt_1mab, seed, step, offset):
+        return x0.new_empty((x0.shape[0],), dtype=torch.int64), torch.empty_like(x0)
+
+    @torch.library.register_fake("speed_fast::cpp_add_noise")
+    def _(x0, t, sqrt_ab, sqrt_1mab, seed, step, offset):
+        return torch.empty_like(x0)
+
+    @torch.library.register_fake("speed_fast::cpp_weighted_mse_fwd")
+    def _(pred, t, weights, seed, step, offset):
+        f32 = dict(dtype=torch.float32, device=pred.device)
+        return pred.new_empty((), **f32), torch.empty_like(pred), pred.new_empty((pred.shape[0],), **f32)
+
+    @torch.library.register_fake("speed_fast::cpp_normal")
+    def _(numel, seed, step, first_element):
+        return torch.empty((numel,), dtype=torch.float32)
+
+
+def load() -> None:
+    """Build (or find the cached build of) the C++ library and register its ops; raises on failure."""
+    if "loaded" in _state:
+        return
+    if "error" in _state:
+        raise _state["error"]
+    try:
+        from torch.utils import cpp_extension
+
+        if shutil.which("ninja") is None:  # the `ninja` wheel's binary, when .venv/bin is not on PATH
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        directory = build_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        src = _source_dir()
+        with _build_lock(directory):
+            cpp_extension.load(
+                name=EXTENSION,
+                sources=[str(src / s) for s in SOURCES],
+                extra_cflags=list(CFLAGS),
+                extra_ldflags=list(LDFLAGS),
+                extra_include_paths=[str(src)],
+                build_directory=str(directory),
+                is_python_module=False,
+                verbose=os.environ.get("SPEED_FAST_VERBOSE_BUILD", "0") == "1",
+            )
+        _register_fakes()
+    except Exception as exc:
+        _state["error"] = exc
+        raise
+    _state["loaded"] = True
+    _state["dir"] = str(directory)
+
+
+def available() -> tuple[bool, str]:
+    try:
+        load()
+    except Exception as exc:  # reported, never hidden: see speed_fast.ops.backend_status
+        return False, f"C++ extension failed to build or load: {_compile_error_summary(exc)}"
+    return True, f"C++/OpenMP kernels ({cpu_isa()}, {torch.get_num_threads()} threads), built in {_state['dir']}"
+
+
+def cpu_isa(request: str = "") -> str:
+    """The SIMD kernel table in use ("avx512" | "avx2" | "scalar"); a non-empty request
+    ("auto" or one of those) selects it first (ValueError if this CPU cannot run it)."""
+    load()
+    return torch.ops.speed_fast.cpp_cpu_isa(request)
+
+
+@contextlib.contextmanager
+def use_isa(name: str):
+    """Run the block with one kernel table (to test or time each instruction set)."""
+    previous = cpu_isa()
+    cpu_isa(name)
+    try:
+        yield
+    finally:
+        cpu_isa(previous)
+
+
+def _seed_bits(seed: int) -> int:
+    """The uint64 seed's bit pattern as an int64 (torch op schemas have no unsigned ints)."""
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def normal(numel: int, seed: int, step: int, first_element: int = 0) -> torch.Tensor:
+    """float32 [numel]: the same noise as `speed_fast.rng.normal_ref`, from the SIMD generator."""
+    load()
+    return torch.ops.speed_fast.cpp_normal(numel, _seed_bits(seed), step, first_element)
+
+
+# Backend interface (see speed_fast/ops/_torch.py).
+
+
+def sample_timesteps(prob, alias, n, seed, step, offset=0):
+    load()
+    return torch.ops.speed_fast.cpp_sample_timesteps(prob, alias, n, _seed_bits(seed), step, offset)
+
+
+def add_noise(x0, t, sqrt_ab, sqrt_1mab, seed, step, offset=0):
+    load()
+    return torch.ops.speed_fast.cpp_add_noise(x0, t, sqrt_ab, sqrt_1mab, _seed_bits(seed), step, offset)
+
+
+def sample_and_noise(x0, prob, alias, sqrt_ab, sqrt_1mab, seed, step, offset=0):
+    load()
+    return torch.ops.speed_fast.cpp_sample_and_noise(x0, prob, alias, sqrt_ab, sqrt_1mab, _seed_bits(seed), step,
+                                                     offset)
+
+
+def weighted_mse_fwd(pred, t, weights, seed, step, offset=0):
+    load()
+    return torch.ops.speed_fast.cpp_weighted_mse_fwd(pred, t, weights, _seed_bits(seed), step, offset)
