@@ -144,3 +144,26 @@ class GaussianDiffusion:
         nll = -mean_flat(discretized_gaussian_log_likelihood(x0.float(), out["mean"], 0.5 * out["log_variance"]))
         nll = nll / math.log(2.0)
         return torch.where(t == 0, nll, kl)
+
+    def training_losses(self, model, x0, y, fused, step: int, offset: int = 0,
+                        drop: torch.Tensor | None = None) -> dict:
+        """The DiT/IDDPM hybrid objective on one micro-batch, built on the fused SpeeD step.
+
+        x0 [B, C, H, W] clean latents, y int64 [B] labels, drop bool [B] or None (label dropout
+        decided by the caller, for reproducible runs). `fused` (speed_fast.ops.FusedSpeeD) draws
+        t from the strategy's P(t) and eps from the counter RNG at (step, offset), and computes
+        the weighted MSE; the learned-sigma VB term is added unweighted, with eps detached so
+        that only the variance output learns from it (as IDDPM). Returns
+            loss  fp32 [] differentiable: mean_b w(t_b) mse_b + mean_b vb_b
+            mse   fp32 [B] unweighted per-sample MSE of eps (detached)
+            vb    fp32 [B] per-sample VB term in bits/dim (zeros without learned sigma; detached)
+            t     int64 [B]
+        """
+        t, x_t = fused.sample_and_noise(x0, step=step, offset=offset)  # (B,), (B, C, H, W)
+        out = model(x_t, t, y, drop) if drop is not None else model(x_t, t, y)  # (B, 2C or C, H, W)
+        eps, v = self.split_output(out, x_t)
+        mse_loss, mse = fused.loss(eps, t, step=step, offset=offset)
+        if v is None:
+            return {"loss": mse_loss, "mse": mse, "vb": torch.zeros_like(mse), "t": t}
+        vb = self.vb_terms_bpd(torch.cat([eps.detach(), v], dim=1), x0, x_t, t)  # (B,)
+        return {"loss": mse_loss + vb.mean(), "mse": mse, "vb": vb.detach(), "t": t}
