@@ -1,0 +1,148 @@
+"""Exponential moving average of the weights, kept where ZeRO keeps the fp32 master weights.
+
+Each rank averages only the fp32 values its optimizer partition owns, so the EMA costs no
+communication per step and is consistent under every ZeRO stage:
+
+* ZeRO-3: the rank's partition of each parameter (`safe_get_local_fp32_param`): a flat slice
+  [r * P, (r + 1) * P) of the padded parameter, P = ceil(numel / world).
+* ZeRO-1/2 (and DeepSpeed's bf16 optimizer): the fp32 fragment of the parameter that lives in
+  this rank's flat partition (`param._hp_mapping`: offset and length in the flattened parameter).
+* ZeRO-0 in fp32: the parameter itself, identical on every rank.
+
+`full_state_dict()` (a collective: every rank calls it) reassembles full fp32 tensors, and
+`load_full_state_dict()` cuts a full state back into this rank's pieces, so a checkpoint's EMA
+is a plain state dict, independent of the stage and world size that wrote it. The same pieces
+give the full fp32 master weights (`full_master_state_dict`), which is how checkpoints store
+the model for inference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class _Piece:
+    """Where one parameter's locally owned fp32 values are: `kind` full | fragment | shard."""
+
+    __slots__ = ("name", "param", "kind", "start", "numel")
+
+    def __init__(self, name, param, kind, start, numel):
+        self.name, self.param, self.kind, self.start, self.numel = name, param, kind, start, numel
+
+
+def _pieces(module: torch.nn.Module) -> list[_Piece]:
+    out = []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if hasattr(p, "ds_id"):  # ZeRO-3 partitioned parameter
+            out.append(_Piece(name, p, "shard", 0, p.ds_tensor.ds_numel))
+        elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2 or bf16 optimizer: fragment of the flat partition
+            m = p._hp_mapping
+            start, numel = (m.lp_fragment_address.start, m.lp_fragment_address.numel) if m is not None else (0, 0)
+            out.append(_Piece(name, p, "fragment", start, numel))
+        else:
+            out.append(_Piece(name, p, "full", 0, p.numel()))
+    return out
+
+
+def _full_shape(p: torch.nn.Parameter) -> torch.Size:
+    return p.ds_shape if hasattr(p, "ds_id") else p.shape
+
+
+def _full_numel(p: torch.nn.Parameter) -> int:
+    return p.ds_numel if hasattr(p, "ds_id") else p.numel()
+
+
+class ShardedEMA:
+    """EMA of the fp32 master weights of `module` (the engine's module, after deepspeed.initialize)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float, group=None):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay!r}")
+        self.module = module
+        self.decay = float(decay)
+        self.group = group
+        self.refresh()
+        self.shadow = [s.detach().clone().float() for s in self._sources()]  # EMA starts at the weights
+
+    def refresh(self) -> None:
+        """Re-read where the master weights live (after deepspeed's load_checkpoint)."""
+        self.pieces = _pieces(self.module)
+
+    def _source(self, piece: _Piece) -> torch.Tensor:
+        p = piece.param
+        if piece.kind == "shard":
+            return p._z3_optimizer.get_local_fp32_param(p).view(-1)
+        if piece.kind == "fragment":
+            if p._hp_mapping is None:
+                return torch.empty(0, dtype=torch.float32, device=p.device)
+            return p._hp_mapping.hp_fragment.view(-1)
+        return p.detach().view(-1)
+
+    def _sources(self) -> list[torch.Tensor]:
+        return [self._source(piece) for piece in self.pieces]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """shadow = decay * shadow + (1 - decay) * weights (DiT's update), on the local pieces."""
+        src = [s.float() for s in self._sources()]
+        torch._foreach_mul_(self.shadow, self.decay)
+        torch._foreach_add_(self.shadow, src, alpha=1.0 - self.decay)
+
+    # ---- full tensors ------------------------------------------------------------------------
+
+    def _assemble(self, piece: _Piece, local: torch.Tensor) -> torch.Tensor:
+        """The full fp32 tensor of one parameter from every rank's local piece (collective)."""
+        p = piece.param
+        if piece.kind == "full":
+            return local.view(p.shape).clone()
+        if piece.kind == "fragment":
+            buf = torch.zeros(p.numel(), dtype=torch.float32, device=local.device)
+            buf.narrow(0, piece.start, piece.numel).copy_(local)
+            if dist.is_initialized() and dist.get_world_size(self.group) > 1:
+                dist.all_reduce(buf, group=self.group)  # fragments are disjoint: the sum assembles them
+            return buf.view(p.shape)
+        world = dist.get_world_size(self.group) if dist.is_initialized() else 1
+        parts = [torch.empty_like(local) for _ in range(world)]
+        if world > 1:
+            dist.all_gather(parts, local.contiguous(), group=self.group)
+        else:
+            parts = [local]
+        return torch.cat(parts)[: _full_numel(p)].view(_full_shape(p))
+
+    def _local_piece(self, piece: _Piece, full: torch.Tensor) -> torch.Tensor:
+        """This rank's piece of a full tensor (the inverse of _assemble)."""
+        p = piece.param
+        if tuple(full.shape) != tuple(_full_shape(p)):
+            raise ValueError(f"EMA tensor {piece.name} has shape {tuple(full.shape)}, the model's is "
+                             f"{tuple(_full_shape(p))}")
+        flat = full.reshape(-1).float()
+        if piece.kind == "full":
+            return flat.clone()
+        if piece.kind == "fragment":
+            return flat.narrow(0, piece.start, piece.numel).clone()
+        rank = dist.get_rank(self.group) if dist.is_initialized() else 0
+        size = piece.numel
+        padded = torch.zeros(size * (rank + 1), dtype=torch.float32)
+        n = min(flat.numel(), padded.numel())
+        padded[:n] = flat[:n]
+        return padded[rank * size:(rank + 1) * size].clone()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """{name: full fp32 CPU tensor} of the EMA (collective; every rank gets it)."""
+        return {piece.name: self._assemble(piece, s).cpu() for piece, s in zip(self.pieces, self.shadow)}
+
+    def full_master_state_dict(self) -> dict[str, torch.Tensor]:
+        """{name: full fp32 CPU tensor} of the current master weights (collective)."""
+        return {piece.name: self._assemble(piece, s.float()).cpu() for piece, s in zip(self.pieces, self._sources())}
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        names = [piece.name for piece in self.pieces]
+        missing, unexpected = sorted(set(names) - set(state)), sorted(set(state) - set(names))
+        if missing or unexpected:
+            raise ValueError(f"EMA state does not match the model: missing {missing}, unexpected {unexpected}")
+        for i, piece in enumerate(self.pieces):
+            self.shadow[i] = self._local_piece(piece, state[piece.name]).to(self.shadow[i].device)

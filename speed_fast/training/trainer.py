@@ -1,0 +1,407 @@
+"""The training loop: DeepSpeed engine, fused SpeeD step, EMA, checkpoints, logging.
+
+One optimizer step = `grad_accum` micro-batches per rank. Per micro-batch (global micro-step m,
+rank r, micro batch B):
+
+    t, x_t   = fused.sample_and_noise(x0, step=m, offset=r * B)     # alias draw + Philox noise
+    out      = engine(x_t, t, y, drop)                             # drop: label dropout from (seed, m)
+    loss     = mean_b w(t_b) mse_b + mean_b vb_b                   # fused weighted MSE + VB
+    engine.backward(loss)
+
+then one all-reduce of a small statistics vector (loss sums, per-area sums and counts, a
+non-finite flag, a stop flag) gives every rank the same view of the step: if any rank saw a
+non-finite loss the optimizer update is cancelled everywhere (counted in `skipped_steps`),
+and a SIGTERM/SIGINT seen by any rank makes all ranks save a checkpoint and exit together.
+
+Everything random is a function of (seed, step), or is saved: the noise and time steps come
+from the counter RNG at the micro-step, label dropout from a generator seeded with
+(seed, micro-step), the data order from (seed, epoch) and the loader's position. A resumed run
+therefore computes the same losses as the uninterrupted one (exactly, on CPU in fp32).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..diffusion import GaussianDiffusion
+from ..models.dit import DiT
+from ..ops import FusedSpeeD
+from . import checkpoint as ckpt
+from .config import Plan
+from .ema import ShardedEMA
+from .metrics import AREAS, MetricsLogger, plot_loss
+
+# Layout of the per-step statistics vector (summed over micro-batches and ranks).
+_LOSS, _MSE, _VB, _N, _WSUM, _NONFINITE, _STOP = range(7)
+_AREA_SUM, _AREA_N = 7, 10
+_STATS = 13
+_LABEL_DROP_STREAM = 0x6C616264  # "labd": keeps label-dropout draws apart from other seeded streams
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss."""
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """torch AdamW whose next step() can be cancelled: the trainer sets `skip_next` on every rank
+    when any rank saw a non-finite loss, so no rank applies NaN gradients (ZeRO wraps this
+    optimizer and calls its step() on the fp32 partitions)."""
+
+    skip_next = False
+
+    def step(self, closure=None):
+        if self.skip_next:
+            return None
+        return super().step(closure)
+
+
+class Trainer:
+    def __init__(self, plan: Plan, resume_from: str | None = None):
+        import deepspeed
+
+        self.plan = plan
+        cfg = self.cfg = plan.cfg
+        self.rank = int(os.environ["RANK"])
+        self.world = int(os.environ["WORLD_SIZE"])
+        self.local_rank = int(os.environ["LOCAL_RANK"])
+        if plan.use_cuda:
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        if not dist.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if plan.use_cuda else "gloo", verbose=False)
+        self.is_main = self.rank == 0
+        self.run_dir = cfg.run_dir
+        self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
+        self.dtype = torch.bfloat16 if plan.precision == "bf16" else torch.float32
+        self.torch_threads = torch.get_num_threads()
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = DiT(plan.dit)
+        self.optimizer = SkippableAdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                        weight_decay=cfg.weight_decay, **({"fused": True} if plan.use_cuda else {}))
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=plan.ds_config)
+        if cfg.compile:
+            self.engine.compile()
+        self.ema = ShardedEMA(self.engine.module, cfg.ema_decay)
+        self.fused = FusedSpeeD(plan.schedule, plan.strategy, device=self.device, backend=cfg.backend, seed=cfg.seed)
+        self.diffusion = GaussianDiffusion(plan.schedule, device=self.device, learn_sigma=plan.dit.learn_sigma)
+        self.offset = self.rank * plan.micro_batch
+
+        self.step = 0
+        self.micro_step = 0
+        self.skipped_steps = 0
+        self.nonfinite_streak = 0
+        self.last_ckpt: str | None = None
+        self.loader = None
+        self.resumed_from = None
+        if resume_from is not None:
+            self._resume(resume_from)
+        self._stop_signal = 0
+
+    # ---- pieces -------------------------------------------------------------------------------
+
+    def make_loader(self):
+        from ..data import LatentLoader
+
+        plan = self.plan
+        self.loader = LatentLoader(plan.data_path, plan.micro_batch, seed=self.cfg.seed, rank=self.rank,
+                                   world_size=self.world, num_workers=self.cfg.num_workers, flip=self.cfg.flip,
+                                   drop_last=True, device=self.device)
+        if self._loader_state is not None:
+            self.loader.load_state_dict(self._loader_state)
+        return self.loader
+
+    _loader_state = None
+
+    def batches(self):
+        """Endless (x, y) micro-batches for this rank, epoch after epoch, from the loader's position."""
+        while True:
+            it = iter(self.loader)
+            torch.set_num_threads(self.torch_threads)  # FFCV sets torch's thread count per epoch
+            yield from it
+
+    def label_drop(self, micro_step: int) -> torch.Tensor:
+        """bool [B]: which of this rank's labels become the null class, a function of (seed, micro-step)."""
+        p = self.plan.dit.class_dropout_prob
+        B = self.plan.micro_batch
+        seq = np.random.SeedSequence([self.cfg.seed, micro_step, _LABEL_DROP_STREAM])
+        u = np.random.Generator(np.random.PCG64(seq)).random(self.world * B)[self.rank * B:(self.rank + 1) * B]
+        return torch.from_numpy(u < p).to(self.device)
+
+    def lr_at(self, step: int) -> float:
+        w = self.cfg.warmup_steps
+        return self.cfg.lr * min(1.0, (step + 1) / w) if w else self.cfg.lr
+
+    # ---- one optimizer step -------------------------------------------------------------------
+
+    def train_step(self, batches) -> dict:
+        """One optimizer step over `grad_accum` micro-batches drawn from the iterator `batches`.
+        Returns the step's statistics, reduced over micro-batches and ranks (same on every rank)."""
+        self.engine.train()
+        stats = torch.zeros(_STATS, dtype=torch.float64, device=self.device)
+        for _ in range(self.plan.grad_accum):
+            x, y = next(batches)
+            x = x.to(self.device, dtype=self.dtype, non_blocking=True)  # (B, C, H, W)
+            y = y.to(self.device, non_blocking=True)  # (B,)
+            m = self.micro_step
+            terms = self.diffusion.training_losses(self.engine, x, y, self.fused, step=m, offset=self.offset,
+                                                   drop=self.label_drop(m))
+            self.engine.backward(terms["loss"])
+            self.micro_step += 1
+            with torch.no_grad():
+                loss = terms["loss"].detach().double()
+                B = y.shape[0]
+                sums, counts = self.fused.area_losses(terms["t"], terms["mse"])
+                stats[_LOSS] += loss * B
+                stats[_MSE] += terms["mse"].double().sum()
+                stats[_VB] += terms["vb"].double().sum()
+                stats[_N] += B
+                stats[_WSUM] += self.fused.weights[terms["t"]].double().sum()
+                stats[_NONFINITE] += (~torch.isfinite(loss)).double()
+                stats[_AREA_SUM:_AREA_SUM + 3] += sums.double()
+                stats[_AREA_N:_AREA_N + 3] += counts.double()
+        stats[_STOP] = float(self._stop_signal != 0)
+        if self.world > 1:
+            dist.all_reduce(stats)
+        s = stats.tolist()
+        skip = s[_NONFINITE] > 0
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        self.optimizer.skip_next = skip
+        self.engine.step()
+        self.optimizer.skip_next = False
+        if skip:
+            self.skipped_steps += 1
+            self.nonfinite_streak += 1
+        else:
+            self.ema.update()
+            self.nonfinite_streak = 0
+        self.step += 1
+        n = s[_N]
+        out = {
+            "step": self.step,
+            "loss": s[_LOSS] / n,
+            "mse": s[_MSE] / n,
+            "vb": s[_VB] / n,
+            "lr": self.lr_at(self.step - 1),
+            "grad_norm": _as_float(self.engine.get_global_grad_norm()) if not skip else None,
+            "mean_weight": s[_WSUM] / n,
+            "nonfinite": bool(skip),
+            "skipped_steps": self.skipped_steps,
+            "stop": s[_STOP] > 0,
+        }
+        for i, area in enumerate(AREAS):
+            cnt = s[_AREA_N + i]
+            out[f"loss_{area}"] = s[_AREA_SUM + i] / cnt if cnt else None
+            out[f"frac_{area}"] = cnt / n
+        return out
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {
+            "step": self.step,
+            "micro_step": self.micro_step,
+            "skipped_steps": self.skipped_steps,
+            "nonfinite_streak": self.nonfinite_streak,
+            "loader": self.loader.state_dict() if self.loader is not None else self._loader_state,
+            "world_size": self.world,
+            "samples_seen": self.step * self.cfg.global_batch,
+            "strategy": self.plan.strategy.describe(),
+        }
+
+    def save(self) -> str:
+        model_sd = self.ema.full_master_state_dict()
+        ema_sd = self.ema.full_state_dict()
+        path = ckpt.save(self.engine, self.ckpt_root, self.step, self.state(), model_sd, ema_sd, self.rank,
+                         barrier=dist.barrier, keep=self.cfg.keep_ckpts)
+        self.last_ckpt = path
+        return path
+
+    def _resume(self, path: str) -> None:
+        state = ckpt.load(self.engine, path, self.rank)
+        if state["world_size"] != self.world:
+            raise RuntimeError(f"{path} was written by {state['world_size']} ranks, this job has {self.world}; "
+                               "exact resume needs the same world size")
+        self.ema.refresh()
+        self.ema.load_full_state_dict(ckpt.load_ema(path))
+        self.step = state["step"]
+        self.micro_step = state["micro_step"]
+        self.skipped_steps = state["skipped_steps"]
+        self.nonfinite_streak = state["nonfinite_streak"]
+        self._loader_state = state["loader"]
+        self.last_ckpt = path
+        self.resumed_from = path
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def _on_signal(self, signum, frame):
+        if self._stop_signal:  # a second signal: give up on the clean stop
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+
+    def _ema_model(self) -> DiT | None:
+        """A plain fp32 DiT with the EMA weights on rank 0 (collective: every rank calls it)."""
+        sd = self.ema.full_state_dict()
+        if not self.is_main:
+            return None
+        model = DiT(self.plan.dit)
+        model.load_state_dict(sd)
+        return model.to(self.device).eval()
+
+    def _evaluator(self):
+        from ..data import LatentLoader
+        from ..evaluation import TrainingEvaluator
+
+        meta = self.plan.data_meta
+        n = min(meta["num_samples"], max(4 * self.cfg.eval_samples, 2048))
+        ref_loader = LatentLoader(self.plan.data_path, n, seed=self.cfg.seed + 1, num_workers=1, drop_last=True,
+                                  out_dtype=torch.float32)
+        reference = next(iter(ref_loader))[0].clone()
+        torch.set_num_threads(self.torch_threads)
+        return TrainingEvaluator(reference, self.plan.schedule, n_samples=self.cfg.eval_samples,
+                                 steps=self.cfg.eval_sampler, seed=self.cfg.seed, device=self.device,
+                                 learn_sigma=self.plan.dit.learn_sigma)
+
+    def fit(self) -> int:
+        """Train to max_steps (or until preempted); returns the process exit code."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        if self.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            ckpt.remove_stale(self.ckpt_root)
+            self._write_config()
+        dist.barrier()
+        logger = MetricsLogger(self.run_dir, resume_step=self.step) if self.is_main else None
+        evaluator = self._evaluator() if (cfg.eval_every and self.is_main) else None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        self.make_loader()
+        batches = self.batches()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.is_main and cfg.progress),
+                   unit="step", dynamic_ncols=True, file=sys.stderr)
+        start, last = time.perf_counter(), time.perf_counter()
+        stopped = False
+        try:
+            while self.step < cfg.max_steps:
+                rec = self.train_step(batches)
+                now = time.perf_counter()
+                rec["samples_per_s"] = cfg.global_batch / (now - last)
+                rec["step_s"] = now - last
+                last = now
+                rec["epoch"] = self.loader.epoch
+                rec["elapsed_s"] = now - start
+                if self.nonfinite_streak >= cfg.max_nonfinite:
+                    if logger is not None:
+                        logger.log(rec)
+                    raise NonFiniteLossError(
+                        f"stopping at step {self.step}: {self.nonfinite_streak} consecutive steps with a non-finite "
+                        f"loss (--max-nonfinite {cfg.max_nonfinite}); no update was applied for them. Last good "
+                        f"checkpoint: {self.last_ckpt or 'none (no checkpoint was written yet)'}")
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    model = self._ema_model()  # collective; the evaluator runs on rank 0
+                    if evaluator is not None:
+                        rec.update({k: v for k, v in evaluator.evaluate(model, self.step).items() if k != "step"})
+                if logger is not None and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
+                    logger.log(rec)
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['samples_per_s']:.0f}",
+                                skipped=self.skipped_steps, refresh=False)
+                stopped = rec["stop"]
+                if stopped or self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
+                    self.save()
+                    if self.is_main:
+                        self._write_config()
+                if stopped:
+                    break
+        finally:
+            bar.close()
+            if logger is not None:
+                logger.close()
+        if stopped:
+            if self.is_main:
+                print(f"[speed_fast] stopped by signal at step {self.step}; checkpoint {self.last_ckpt}. "
+                      f"Run the same command again to resume.", file=sys.stderr, flush=True)
+            return 0
+        if self.last_ckpt is None or ckpt.read_state(self.last_ckpt)["step"] != self.step:
+            self.save()
+        self.finish()
+        return 0
+
+    # ---- artefacts ----------------------------------------------------------------------------
+
+    def _write_config(self) -> None:
+        plan = self.plan
+        doc = {
+            "train": self.cfg.to_dict(),
+            "dit_config": plan.dit.to_dict(),
+            "strategy": plan.strategy.describe(),
+            "schedule": plan.schedule.describe(),
+            "data_path": plan.data_path,
+            "data_meta": plan.data_meta,
+            "world_size": self.world,
+            "micro_batch": plan.micro_batch,
+            "grad_accum": plan.grad_accum,
+            "precision": plan.precision,
+            "fused_backend": self.fused.backend,
+            "deepspeed": plan.ds_config,
+            "num_params": self._num_params(),
+            "versions": _versions(),
+        }
+        tmp = os.path.join(self.run_dir, f".config.json.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+        os.replace(tmp, os.path.join(self.run_dir, "config.json"))
+
+    def _num_params(self) -> int:
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
+
+    def finish(self) -> None:
+        """End of run on rank 0: the EMA sample grid and the loss plot (the EMA gather is collective)."""
+        from .. import sampling
+
+        model = self._ema_model()
+        if not self.is_main:
+            return
+        C = self.plan.dit.in_channels
+        K = self.plan.dit.num_classes
+        per_class = 10 if K <= 10 else 1
+        labels = torch.arange(min(K, 64)).repeat_interleave(per_class)  # (n,)
+        x = sampling.sample(model, self.plan.schedule, labels.numel(), y=labels, steps=self.cfg.sample_steps,
+                            method="ddpm", cfg_scale=self.cfg.sample_cfg, seed=self.cfg.seed, device=self.device,
+                            batch_size=min(labels.numel(), 128), learn_sigma=self.plan.dit.learn_sigma)
+        if C in (1, 3):
+            path = sampling.save_grid(x, os.path.join(self.run_dir, "samples.png"), nrow=per_class if K <= 10 else 8)
+        else:  # latents: decoding needs the VAE (speed-fast sample --ckpt RUN_DIR)
+            path = os.path.join(self.run_dir, "samples.npz")
+            np.savez(path, latents=x.numpy(), labels=labels.numpy())
+        plot = plot_loss(os.path.join(self.run_dir, "metrics.jsonl"), os.path.join(self.run_dir, "loss.png"),
+                         title=f"{self.cfg.preset}: {self.plan.strategy.describe()['name']}")
+        print(f"[speed_fast] done: {self.step} steps; samples {path}; loss plot {plot}; "
+              f"checkpoint {self.last_ckpt}", file=sys.stderr, flush=True)
+
+
+def _as_float(v):
+    if v is None:
+        return None
+    v = float(v.item() if isinstance(v, torch.Tensor) else v)
+    return v if math.isfinite(v) else None
+
+
+def _versions() -> dict:
+    import deepspeed
+
+    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "python": sys.version.split()[0]}

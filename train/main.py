@@ -1,0 +1,17 @@
+"""`deepspeed train/main.py [flags]`: train a DiT with SpeeD under DeepSpeed ZeRO.
+
+With no arguments it trains the `digits` preset (scikit-learn's 8x8 digits, a small
+class-conditional DiT, SpeeD sampling and weighting) to completion on whatever the machine
+has, CPU included, and writes config.json, metrics.jsonl, TensorBoard events, checkpoints,
+samples.png and loss.png to runs/digits-speed-seed0. Presets and DeepSpeed JSON configs are
+in train/configs; `--help` lists the flags. Also runs without the launcher (`python
+train/main.py`, one process) and under torchrun.
+"""
+
+import os
+import sys
+
+from speed_fast.training.main import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:], configs_dir=os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")))
