@@ -114,7 +114,7 @@ def load_vae(vae_path: str, device: torch.device):
                          "save_pretrained (config.json + weights); nothing is downloaded at run time "
                          "(e.g. `huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir DIR` beforehand)")
     try:
-        vae = AutoencoderKL.from_pretrained(vae_path, local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(vae_path, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ValueError(f"--vae {vae_path!r}: could not load an AutoencoderKL from it ({exc})") from None
     return vae.to(device).eval()

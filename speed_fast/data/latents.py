@@ -14,6 +14,7 @@ truncated, replaced or foreign file is refused with a message instead of decodin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -39,6 +40,18 @@ _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _FFCV_MIN_PAGE = 1 << 21
 
 
+@contextlib.contextmanager
+def keep_torch_threads():
+    """Undo FFCV's habit of calling torch.set_num_threads (to 1 on import, to num_workers in its Loader):
+    the trainer's intra-op thread count is not the loader's business."""
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
 class LatentFileError(ValueError):
     """A latent file (or its sidecar) is missing, truncated, corrupted or not what the caller expects."""
 
@@ -56,6 +69,8 @@ def _to_torch(block: Any, what: str) -> torch.Tensor:
     if arr.dtype.kind != "f":
         raise ValueError(f"{what} must hold floating-point latents (float16/32/64 or torch bfloat16), "
                          f"got dtype {arr.dtype}")
+    if not arr.flags.writeable:  # e.g. a read-only memory map; torch wants writable memory
+        arr = arr.copy()
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
@@ -142,9 +157,10 @@ def write_latents(
     extra: JSON-serialisable provenance stored under "source" in the sidecar (e.g. the VAE used).
     Both files appear atomically (temporary file + rename); on any error nothing is left behind.
     """
-    from ffcv.fields import IntField, NDArrayField
-    from ffcv.memory_allocator import MemoryAllocator
-    from ffcv.writer import DatasetWriter, handle_sample
+    with keep_torch_threads():
+        from ffcv.fields import IntField, NDArrayField
+        from ffcv.memory_allocator import MemoryAllocator
+        from ffcv.writer import DatasetWriter, handle_sample
 
     path = os.fspath(path)
     if store_dtype not in STORE_DTYPES:
@@ -237,10 +253,11 @@ def write_latents(
         return meta
     finally:
         if shm is not None:
+            metadata = None  # release our view so the shared memory can close
+            shm.unlink()
             try:
                 shm.close()
-                shm.unlink()
-            except (BufferError, FileNotFoundError):
+            except BufferError:  # a traceback still references the view; the segment is unlinked already
                 pass
         for p in (tmp, tmp_json):
             if os.path.exists(p):
@@ -260,8 +277,9 @@ def read_latent_meta(path: str | os.PathLike, *, verify: bool = False) -> dict:
     labels. verify=True also recomputes the CRC32 of the whole file (one full read).
     Raises LatentFileError (a ValueError) naming the file, the bad value and what was expected.
     """
-    from ffcv.fields import IntField, NDArrayField
-    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType, TYPE_ID_HANDLER
+    with keep_torch_threads():
+        from ffcv.fields import IntField, NDArrayField
+        from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType, TYPE_ID_HANDLER
 
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -331,8 +349,9 @@ def read_latent_meta(path: str | os.PathLike, *, verify: bool = False) -> dict:
     if field.dtype != want_dtype:
         raise _bad(path, f"field {LATENT_FIELD!r} has dtype {field.dtype}, expected {want_dtype} "
                          f"(store_dtype {store!r})")
-    if tuple(int(s) for s in field.shape) != shape:
-        raise _bad(path, f"field {LATENT_FIELD!r} has shape {list(field.shape)}, sidecar says {list(shape)}")
+    field_shape = [int(s) for s in field.shape]
+    if tuple(field_shape) != shape:
+        raise _bad(path, f"field {LATENT_FIELD!r} has shape {field_shape}, sidecar says {list(shape)}")
 
     meta_type = np.dtype([("", "<u8"), ("", "<i8")], align=True)
     meta_end = desc_end + n_rec * meta_type.itemsize

@@ -38,7 +38,7 @@ import time
 import numpy as np
 import torch
 
-from .latents import LABEL_FIELD, LATENT_FIELD, STORE_DTYPES, read_latent_meta
+from .latents import LABEL_FIELD, LATENT_FIELD, STORE_DTYPES, keep_torch_threads, read_latent_meta
 
 _ID_BITS = 48  # sample ids below 2**48; bit 48 asks the decoder to mirror the latent along W
 _ID_MASK = (1 << _ID_BITS) - 1
@@ -179,7 +179,7 @@ class LatentLoader:
       a torch float dtype converts (a copy).
     device: "cpu" or a CUDA device (FFCV copies asynchronously on its own streams).
     timeout_s: longest wait for one batch (the first includes numba compiling the pipeline).
-    Note: FFCV sets torch's and numba's thread counts to num_workers when it runs an epoch.
+    FFCV's calls to torch.set_num_threads are undone: the caller's torch thread count is kept.
     """
 
     def __init__(self, path, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
@@ -187,9 +187,11 @@ class LatentLoader:
                  os_cache: bool = True, timeout_s: float = 300.0, out_dtype: torch.dtype | None = None,
                  batches_ahead: int = 3):
         import numba
-        from ffcv.loader import Loader, OrderOption
-        from ffcv.pipeline import PipelineSpec
-        from ffcv.transforms import ToDevice, ToTensor
+
+        with keep_torch_threads():
+            from ffcv.loader import Loader, OrderOption
+            from ffcv.pipeline import PipelineSpec
+            from ffcv.transforms import ToDevice, ToTensor
 
         self.path = os.fspath(path)
         self.batch_size = _int_arg("batch_size", batch_size, 1)
@@ -240,9 +242,10 @@ class LatentLoader:
             LABEL_FIELD: PipelineSpec(LABEL_FIELD, decoder=LabelDecoder(), transforms=list(tail)),
         }
         # The order given here is never used: each epoch's order is ours (see the module docstring).
-        self._ffcv = Loader(self.path, batch_size=B, num_workers=self.num_workers, os_cache=bool(os_cache),
-                            order=OrderOption.SEQUENTIAL, distributed=False, seed=self.seed,
-                            pipelines=pipelines, drop_last=False, batches_ahead=batches_ahead)
+        with keep_torch_threads():
+            self._ffcv = Loader(self.path, batch_size=B, num_workers=self.num_workers, os_cache=bool(os_cache),
+                                order=OrderOption.SEQUENTIAL, distributed=False, seed=self.seed,
+                                pipelines=pipelines, drop_last=False, batches_ahead=batches_ahead)
         if not os_cache:
             self._ffcv.memory_manager = _PlainIdsManager(self._ffcv.memory_manager)
         self._iter_cls = _guarded_iterator_class()
@@ -310,11 +313,7 @@ class LatentLoader:
             self._shutdown(self._active)
         epoch, start = self._epoch, self._batch
         ids = self._ffcv_ids(epoch, start)
-        from ffcv.pipeline.compiler import Compiler
-
-        Compiler.set_num_threads(self.num_workers)
-        if self._ffcv.code is None:
-            self._ffcv.generate_code()
+        # FFCV's producer thread sets numba's (thread-local) pool size to num_workers itself.
         it = self._iter_cls(self._ffcv, ids)
         self._active = it
         return self._batches(it, epoch, start)
