@@ -43,6 +43,8 @@ _M32 = 0xFFFFFFFF
 
 def check_seed_step(seed, step, offset=0) -> tuple[int, int, int]:
     """Validate the RNG coordinates; returns them as Python ints."""
+    if torch.compiler.is_compiling():  # traced (step may be symbolic): the compiled ops check ranges at run time
+        return seed, step, offset
     out = []
     for name, value, limit in (("seed", seed, 2**64), ("step", step, 2**32), ("offset", offset, 2**62)):
         if isinstance(value, (bool, float, torch.Tensor)) or not hasattr(value, "__index__"):
