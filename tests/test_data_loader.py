@@ -168,6 +168,16 @@ def test_mid_epoch_restart_yields_the_same_remaining_batches(data, flip_loader):
     assert torch.equal(tail_y, full_y[12 * 16:])
 
 
+def test_process_cache_mode_gives_the_same_batches(data):
+    # os_cache=False: FFCV loads pages into process memory, planned from record ids without the flip bit.
+    path, x, _, _ = data
+    ld = LatentLoader(path, 16, seed=7, rank=1, world_size=2, flip=True, drop_last=False, num_workers=2,
+                      os_cache=False)
+    got_x, got_y = collect(ld)
+    ref, idx = expected(x.to(torch.bfloat16), ld, 0)
+    assert torch.equal(got_y, idx) and torch.equal(bits(got_x), bits(ref))
+
+
 def test_flip_copies_pick_the_stored_mirror(tmp_path):
     g = torch.Generator().manual_seed(1)
     both = torch.randn(40, 2, 2, 3, 4, generator=g)  # (N, 2, C, H, W): image, separately encoded mirror
