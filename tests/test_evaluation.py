@@ -11,8 +11,9 @@ import torch
 
 from speed_fast.cli import main as cli_main
 from speed_fast.evaluation import (
-    InceptionFeatures, InceptionWeightsMissing, RawFeatures, TrainingEvaluator, feature_stats, frechet_between,
-    frechet_distance, gaussian_stats, load_array, load_inception, plot_quality, read_quality,
+    InceptionFeatures, InceptionWeightsMissing, RawFeatures, TrainingEvaluator, acceleration_ratio, feature_stats,
+    frechet_between, frechet_distance, gaussian_stats, load_array, load_inception, plot_quality, read_quality,
+    steps_to_reach,
 )
 from speed_fast.schedule import NoiseSchedule
 
@@ -232,3 +233,46 @@ def test_eval_cli_on_arrays(tmp_path, capsys, feature_net_file):
     assert cli_main(["eval", "--gen", str(tmp_path / "gen.npy"), "--ref", "digits", "--features", "inception",
                      "--inception", str(tmp_path / "missing.pt")]) == 2
     assert "Inception weights not found" in capsys.readouterr().err
+
+
+def test_acceleration_ratio_interpolates_the_crossing():
+    steps = [100, 200, 300, 400]
+    baseline = [10.0, 8.0, 6.0, 4.0]
+    fast = [9.0, 5.0, 3.0, 2.0]  # crosses 4.0 between 200 (5.0) and 300 (3.0): at 250
+    assert steps_to_reach(steps, fast, 4.0) == pytest.approx(250.0)
+    r = acceleration_ratio(steps, baseline, fast)
+    assert r["baseline_steps"] == 400 and r["ratio"] == pytest.approx(400 / 250) and r["reached"]
+    slow = [11.0, 9.0, 7.0, 5.0]
+    r = acceleration_ratio(steps, baseline, slow)
+    assert r["ratio"] is None and not r["reached"]
+    # A baseline that dipped below its final value earlier is credited with the earlier step.
+    assert acceleration_ratio(steps, [10.0, 3.0, 5.0, 4.0], fast)["baseline_steps"] == pytest.approx(100 + 100 * 6 / 7)
+
+
+def test_convergence_benchmark_summary_on_synthetic_runs():
+    """The benchmark's aggregation: seed means, min-max bands, ratios on the mean curve and per seed."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_convergence.py"
+    spec = importlib.util.spec_from_file_location("bench_convergence", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    areas = {"acceleration": 1.0, "deceleration": 0.5, "convergence": 0.25}
+    steps = [100, 200, 300, 400]
+
+    def run(strategy, seed, quality):
+        return {"strategy": strategy, "seed": seed, "steps": steps, "quality": quality,
+                "area_mse_heldout": areas, "area_loss_train": areas}
+
+    results = [run("uniform", 0, [10, 8, 6, 4]), run("uniform", 1, [12, 8, 6, 4]),
+               run("speed", 0, [9, 5, 3, 2]), run("speed", 1, [9, 5, 3, 2]),
+               run("p2", 0, [11, 9, 7, 5]), run("p2", 1, [11, 9, 7, 3.5])]
+    summary = bench.summarize(results, ["uniform", "speed", "p2"])
+    assert summary["uniform"]["mean"] == [11, 8, 6, 4] and summary["uniform"]["min"][0] == 10
+    assert summary["speed"]["acceleration"]["ratio"] == pytest.approx(400 / 250)
+    assert summary["speed"]["per_seed_ratio"] == [pytest.approx(1.6), pytest.approx(1.6)]
+    # p2's mean (4.25 at the end) never reaches 4; one of its seeds does (3.5 at 400 vs 4).
+    assert summary["p2"]["acceleration"]["reached"] is False
+    assert summary["p2"]["per_seed_ratio"][0] is None
+    assert summary["p2"]["per_seed_ratio"][1] == pytest.approx(400 / (300 + 100 * 3 / 3.5))
