@@ -26,6 +26,7 @@ import hashlib
 import importlib.resources
 import os
 import platform
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -84,10 +85,12 @@ def _build_lock(directory: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _compile_error_summary(exc: BaseException, limit: int = 6) -> str:
-    lines = str(exc).splitlines()
-    errors = [ln.strip() for ln in lines if "error" in ln.lower() and "Error building extension" not in ln]
-    picked = errors[:limit] or [ln.strip() for ln in lines if ln.strip()][:limit]
+def _compile_error_summary(exc: BaseException, limit: int = 4) -> str:
+    """The compiler's own complaints (not ninja's command lines) from a failed build."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    wanted = re.compile(r"error|fatal|not found|no such file|undefined reference", re.IGNORECASE)
+    complaints = [ln for ln in lines[1:] if wanted.search(ln) and not ln.startswith("[") and " -c " not in ln]
+    picked = [ln[:200] for ln in list(dict.fromkeys(complaints or lines))[:limit]]
     return f"{type(exc).__name__}: " + " | ".join(picked)
 
 
@@ -164,6 +167,20 @@ def cpu_isa(request: str = "") -> str:
     ("auto" or one of those) selects it first (ValueError if this CPU cannot run it)."""
     load()
     return torch.ops.speed_fast.cpp_cpu_isa(request)
+
+
+def supported_isas() -> list[str]:
+    """The kernel tables this CPU can run, best first."""
+    current = cpu_isa()
+    names = []
+    for name in ("avx512", "avx2", "scalar"):
+        try:
+            cpu_isa(name)
+        except ValueError:
+            continue
+        names.append(name)
+    cpu_isa(current)
+    return names
 
 
 @contextlib.contextmanager
