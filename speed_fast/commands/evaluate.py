@@ -6,7 +6,8 @@
 
 --gen is a .npy/.npz array (see `speed_fast.evaluation.load_array`) or a run directory, which is
 sampled like `speed-fast sample` (--ema, --steps, --method, --cfg, --seed, --vae). --ref is an
-array file or `digits` (the embedded default dataset, 1797 images in [-1, 1]).
+array file, a latent .beton (e.g. the run's training data; at most --n-ref samples), or `digits`
+(the embedded default dataset, 1797 images in [-1, 1]).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ def add_arguments(p) -> None:
     from .sample import add_sampling_arguments
 
     p.add_argument("--gen", required=True, help="generated set: .npy/.npz array, or a run directory to sample")
-    p.add_argument("--ref", required=True, help="reference set: .npy/.npz array, or 'digits'")
+    p.add_argument("--ref", required=True, help="reference set: .npy/.npz array, a latent .beton, or 'digits'")
+    p.add_argument("--n-ref", type=int, default=10000, help="at most this many reference samples from a .beton")
     p.add_argument("--features", default="raw", choices=["raw", "inception"],
                    help="raw: the data itself (random projection above --max-dim dims); inception: FID")
     p.add_argument("--inception", default=None,
@@ -33,8 +35,9 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def load_reference(spec: str):
-    """(data [N, C, H, W], labels or None) of --ref: an array file, or 'digits'."""
+def load_reference(spec: str, n_ref: int = 10000):
+    """(data [N, C, H, W], labels or None) of --ref: an array file, a latent .beton (a seeded
+    random subset of at most n_ref samples, float32), or 'digits'."""
     import torch
 
     from ..evaluation import load_array
@@ -44,6 +47,14 @@ def load_reference(spec: str):
 
         x, y = digits_arrays()
         return torch.from_numpy(x), torch.from_numpy(y)
+    if spec.endswith(".beton"):
+        from ..data import LatentLoader, read_latent_meta
+
+        if n_ref < 2:
+            raise ValueError(f"--n-ref must be >= 2, got {n_ref}")
+        n = min(n_ref, read_latent_meta(spec)["num_samples"])
+        x, y = next(iter(LatentLoader(spec, n, seed=0, num_workers=1, drop_last=True, out_dtype=torch.float32)))
+        return x.clone(), y.clone()
     return load_array(spec)
 
 
@@ -61,7 +72,7 @@ def run(args) -> int:
     else:
         generated, _ = load_array(args.gen)
         source = args.gen
-    reference, _ = load_reference(args.ref)
+    reference, _ = load_reference(args.ref, args.n_ref)
     if generated.shape[1:] != reference.shape[1:]:
         raise ValueError(f"generated samples are {tuple(generated.shape[1:])} but the reference is "
                          f"{tuple(reference.shape[1:])}; compare like with like (decode latents with --vae)")
