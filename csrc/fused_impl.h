@@ -226,22 +226,35 @@ int64_t sample_timesteps_kernel(const float* prob, const int32_t* alias, uint32_
                                 RngKey key, int64_t* t) {
   using R = Rng<V>;
   const Keys k(key);
-  alignas(64) int32_t buf[V::W];
-  for (int64_t i = 0; i < n; i += V::W) {
-    typename V::I c0, c1;
-    R::counter(first + uint64_t(i), V::iota(), V::W - 1, c0, c1);
-    typename V::I c2 = V::iset(k.step), c3 = V::iset(kStreamTimesteps);
-    R::philox(c0, c1, c2, c3, k);
-    typename V::I column, lo;
-    V::mulhilo(T, c0, column, lo);  // floor(r0 * T / 2^32) < T
-    const typename V::F coin = R::uniform(c1);
-    const typename V::I pick =
-        V::iselect(V::lt(coin, V::gather(prob, column)), column, V::igather(alias, column));
-    V::istore(buf, pick);
-    const int64_t m = imin(V::W, n - i);
+  // Two passes over batches of draws: the first computes columns and coins and prefetches
+  // prob[column], the second reads the tables. With a large T the tables live in L3 or DRAM,
+  // and the misses of one batch then overlap the Philox work instead of following it.
+  constexpr int64_t kBatch = 512;
+  alignas(64) int32_t column[kBatch];
+  alignas(64) float coin[kBatch];
+  alignas(64) int32_t pick[kBatch];
+  for (int64_t i0 = 0; i0 < n; i0 += kBatch) {
+    const int64_t m = imin(kBatch, n - i0);
+    for (int64_t i = 0; i < m; i += V::W) {
+      typename V::I c0, c1;
+      R::counter(first + uint64_t(i0 + i), V::iota(), V::W - 1, c0, c1);
+      typename V::I c2 = V::iset(k.step), c3 = V::iset(kStreamTimesteps);
+      R::philox(c0, c1, c2, c3, k);
+      typename V::I hi, lo;
+      V::mulhilo(T, c0, hi, lo);  // column = floor(r0 * T / 2^32) < T
+      V::istore(column + i, hi);
+      V::fstore(coin + i, R::uniform(c1));
+      for (int l = 0; l < V::W; ++l) __builtin_prefetch(prob + column[i + l]);
+    }
+    for (int64_t i = 0; i < m; i += V::W) {
+      const typename V::I col = V::iload(reinterpret_cast<const uint32_t*>(column + i));
+      // alias[c] is read only by the lanes that need it: most draws of a typical P keep c.
+      const typename V::M keep = V::lt(V::fload(coin + i), V::gather(prob, col));
+      V::istore(pick + i, V::igather_unless(keep, col, alias, col));
+    }
     for (int64_t j = 0; j < m; ++j) {
-      if (uint32_t(buf[j]) >= T) return i + j;
-      t[i + j] = buf[j];
+      if (uint32_t(pick[j]) >= T) return i0 + j;
+      t[i0 + j] = pick[j];
     }
   }
   return -1;

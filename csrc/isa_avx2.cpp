@@ -48,11 +48,14 @@ struct V {
     hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
   }
   static M ieq(I a, I b) { return _mm256_cmpeq_epi32(a, b); }
-  static I iselect(M m, I t, I f) { return _mm256_blendv_epi8(f, t, m); }
-  static I igather(const int32_t* base, I idx) { return _mm256_i32gather_epi32(base, idx, 4); }
+  // Lanes in `skip` keep `src`; the others load base[idx] (and touch only their own cache lines).
+  static I igather_unless(M skip, I src, const int32_t* base, I idx) {
+    return _mm256_mask_i32gather_epi32(src, base, idx, _mm256_xor_si256(skip, _mm256_set1_epi32(-1)), 4);
+  }
 
   static F fset(float v) { return _mm256_set1_ps(v); }
   static F fload(const float* p) { return _mm256_loadu_ps(p); }
+  static void fstore(float* p, F v) { _mm256_storeu_ps(p, v); }
   static F cvt(I a) { return _mm256_cvtepi32_ps(a); }
   static I cvt_int(F a) { return _mm256_cvttps_epi32(a); }
   static F round(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }

@@ -50,11 +50,14 @@ struct V {
     hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
   }
   static M ieq(I a, I b) { return _mm512_cmpeq_epi32_mask(a, b); }
-  static I iselect(M m, I t, I f) { return _mm512_mask_blend_epi32(m, f, t); }
-  static I igather(const int32_t* base, I idx) { return _mm512_i32gather_epi32(idx, base, 4); }
+  // Lanes in `skip` keep `src`; the others load base[idx] (and touch only their own cache lines).
+  static I igather_unless(M skip, I src, const int32_t* base, I idx) {
+    return _mm512_mask_i32gather_epi32(src, _knot_mask16(skip), idx, base, 4);
+  }
 
   static F fset(float v) { return _mm512_set1_ps(v); }
   static F fload(const float* p) { return _mm512_loadu_ps(p); }
+  static void fstore(float* p, F v) { _mm512_storeu_ps(p, v); }
   static F cvt(I a) { return _mm512_cvtepi32_ps(a); }
   static I cvt_int(F a) { return _mm512_cvttps_epi32(a); }
   static F round(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }

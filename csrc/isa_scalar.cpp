@@ -43,11 +43,11 @@ struct V {
     lo = uint32_t(p);
   }
   static M ieq(I a, I b) { return a == b; }
-  static I iselect(M m, I t, I f) { return m ? t : f; }
-  static I igather(const int32_t* base, I idx) { return uint32_t(base[idx]); }
+  static I igather_unless(M skip, I src, const int32_t* base, I idx) { return skip ? src : uint32_t(base[idx]); }
 
   static F fset(float v) { return v; }
   static F fload(const float* p) { return *p; }
+  static void fstore(float* p, F v) { *p = v; }
   static F cvt(I a) { return float(int32_t(a)); }
   static I cvt_int(F a) { return uint32_t(int32_t(a)); }
   static F round(F a) { return std::nearbyint(a); }

@@ -16,6 +16,11 @@ from speed_fast.schedule import NoiseSchedule
 from speed_fast.timesteps import make_strategy
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)  # the tests' random inputs are the same on every run
+
+
 def test_cpp_builds_here_and_env_reports_it(capsys):
     require("cpp")
     ok, why = backend_status("cpp")

@@ -9,6 +9,11 @@ from speed_fast.ops import FusedSpeeD, _torch, sample_and_noise, weighted_mse
 from speed_fast.schedule import NoiseSchedule
 from speed_fast.timesteps import make_strategy
 
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)  # the tests' random inputs are the same on every run
+
 SHAPES = [(9, 3, 17, 5), (1, 4, 8, 8), (5, 7), (2, 3, 40, 41)]
 
 
@@ -22,6 +27,12 @@ def _autograd_reference(pred, t, weights, seed, step, offset):
     loss = (weights.cpu()[t.cpu()] * mse).mean()
     loss.backward()
     return loss.detach(), mse.detach(), pred.grad
+
+
+def _assert_grad_close(grad, ref):
+    """fp32 gradients: eps agrees to ~1e-7, so the error is relative to the gradient's scale."""
+    err = float((grad.cpu() - ref).abs().max())
+    assert err <= 1e-5 * float(ref.abs().max()), err
 
 
 @pytest.mark.parametrize("backend, device", KERNEL_BACKENDS)
@@ -60,7 +71,7 @@ def test_backward_scales_by_the_incoming_gradient(backend, device):
     loss, _ = weighted_mse(pred, t, weights, seed=1, step=1, backend=backend)
     (2.5 * loss).backward()
     _, _, grad = _autograd_reference(pred, t, weights, 1, 1, 0)
-    assert torch.allclose(pred.grad.cpu(), 2.5 * grad, rtol=1e-5, atol=1e-9)
+    _assert_grad_close(pred.grad, 2.5 * grad)
 
 
 @pytest.mark.parametrize("backend, device", KERNEL_BACKENDS)
@@ -73,7 +84,7 @@ def test_learned_sigma_slice_gets_its_gradient(backend, device):
     loss, _ = weighted_mse(model_out[:, :3], t, weights, seed=2, step=7, backend=backend)
     loss.backward()
     _, _, grad = _autograd_reference(model_out[:, :3].contiguous(), t, weights, 2, 7, 0)
-    assert torch.allclose(model_out.grad[:, :3].cpu(), grad, rtol=1e-5, atol=1e-9)
+    _assert_grad_close(model_out.grad[:, :3], grad)
     assert torch.count_nonzero(model_out.grad[:, 3:]) == 0
 
 
@@ -128,7 +139,7 @@ def test_fused_speed_loss_matches_reference(backend, device):
     loss_ref.backward()
     assert torch.allclose(loss.detach().cpu(), loss_ref.detach(), rtol=1e-5)
     assert torch.allclose(mse.cpu(), mse_ref, rtol=1e-5)
-    assert torch.allclose(pred.grad.cpu(), pred_ref.grad, rtol=1e-4, atol=1e-9)
+    _assert_grad_close(pred.grad, pred_ref.grad)
 
 
 @pytest.mark.parametrize("backend, device", [("torch", "cpu")] + KERNEL_BACKENDS)

@@ -74,11 +74,11 @@ class ShardedEMA:
     def _source(self, piece: _Piece) -> torch.Tensor:
         p = piece.param
         if piece.kind == "shard":
-            return p._z3_optimizer.get_local_fp32_param(p).view(-1)
+            return p._z3_optimizer.get_local_fp32_param(p).detach().view(-1)
         if piece.kind == "fragment":
             if p._hp_mapping is None:
                 return torch.empty(0, dtype=torch.float32, device=p.device)
-            return p._hp_mapping.hp_fragment.view(-1)
+            return p._hp_mapping.hp_fragment.detach().view(-1)
         return p.detach().view(-1)
 
     def _sources(self) -> list[torch.Tensor]:

@@ -150,7 +150,9 @@ class Trainer:
         Returns the step's statistics, reduced over micro-batches and ranks (same on every rank)."""
         self.engine.train()
         stats = torch.zeros(_STATS, dtype=torch.float64, device=self.device)
-        for _ in range(self.plan.grad_accum):
+        for i in range(self.plan.grad_accum):
+            if i:
+                self.engine.step()  # DeepSpeed counts micro-batches in step(); it updates only at the boundary
             x, y = next(batches)
             x = x.to(self.device, dtype=self.dtype, non_blocking=True)  # (B, C, H, W)
             y = y.to(self.device, non_blocking=True)  # (B,)
