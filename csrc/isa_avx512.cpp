@@ -49,6 +49,34 @@ struct V {
     lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
     hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
   }
+  // Philox4x32-10 on 16 counters held as two halves of 8 64-bit lanes (the low 32 bits
+  // count): vpmuludq then gives hi and lo of each product without the blends that mulhilo
+  // needs; the upper halves carry garbage that vpmuludq and the final pack ignore.
+  static I lo8(I x) { return _mm512_cvtepu32_epi64(_mm512_castsi512_si256(x)); }
+  static I hi8(I x) { return _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(x, 1)); }
+  static void philox10(I& c0, I& c1, I& c2, I& c3, const uint32_t* k0, const uint32_t* k1) {
+    const I A = _mm512_set1_epi64(0xD2511F53u), B = _mm512_set1_epi64(0xCD9E8D57u);
+    I e0 = lo8(c0), e1 = lo8(c1), e2 = lo8(c2), e3 = lo8(c3);
+    I o0 = hi8(c0), o1 = hi8(c1), o2 = hi8(c2), o3 = hi8(c3);
+    for (int r = 0; r < 10; ++r) {
+      const I ka = _mm512_set1_epi64(k0[r]), kb = _mm512_set1_epi64(k1[r]);
+      const I pbe = _mm512_mul_epu32(B, e2), pae = _mm512_mul_epu32(A, e0);
+      const I pbo = _mm512_mul_epu32(B, o2), pao = _mm512_mul_epu32(A, o0);
+      e0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pbe, 32), e1, ka, 0x96);  // hi ^ c1 ^ k0
+      e2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pae, 32), e3, kb, 0x96);
+      o0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pbo, 32), o1, ka, 0x96);
+      o2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pao, 32), o3, kb, 0x96);
+      e1 = pbe;
+      e3 = pae;
+      o1 = pbo;
+      o3 = pao;
+    }
+    const I pack = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    c0 = _mm512_permutex2var_epi32(e0, pack, o0);
+    c1 = _mm512_permutex2var_epi32(e1, pack, o1);
+    c2 = _mm512_permutex2var_epi32(e2, pack, o2);
+    c3 = _mm512_permutex2var_epi32(e3, pack, o3);
+  }
   static M ieq(I a, I b) { return _mm512_cmpeq_epi32_mask(a, b); }
   // Lanes in `skip` keep `src`; the others load base[idx] (and touch only their own cache lines).
   static I igather_unless(M skip, I src, const int32_t* base, I idx) {
