@@ -100,8 +100,7 @@ class _Images(torch.utils.data.Dataset):
         try:
             return g, load_image(os.path.join(self.root, self.paths[g]), self.resolution), ""
         except Exception as exc:  # any decoder failure means "unreadable": reported and skipped
-            msg = f"{type(exc).__name__}: {exc}" or type(exc).__name__
-            return g, torch.zeros(3, self.resolution, self.resolution), msg
+            return g, torch.zeros(3, self.resolution, self.resolution), f"{type(exc).__name__}: {exc}"
 
 
 def load_vae(vae_path: str, device: torch.device):

@@ -250,6 +250,9 @@ class LatentLoader:
         if not os_cache:
             self._ffcv.memory_manager = _PlainIdsManager(self._ffcv.memory_manager)
         self._iter_cls = _guarded_iterator_class()
+        from ffcv.loader import epoch_iterator
+
+        self._ffcv_cuda = epoch_iterator.IS_CUDA  # FFCV uses CUDA streams whenever torch sees a GPU
         self._epoch = 0
         self._batch = 0
         self._active = None
@@ -345,10 +348,10 @@ class LatentLoader:
                         item = it.output_queue.get_nowait()
                     except queue.Empty:
                         cause = it.error
+                        why = f"{type(cause).__name__}: {cause}" if cause is not None else "it exited early"
                         raise LoaderWorkerError(
                             f"{self.path}: the FFCV loader thread stopped while producing batch {b} of epoch "
-                            f"{epoch} (rank {self.rank}/{self.world_size}): "
-                            f"{type(cause).__name__ if cause else 'exited'}: {cause}") from cause
+                            f"{epoch} (rank {self.rank}/{self.world_size}): {why}") from cause
                 elif time.monotonic() - waited_from > self.timeout_s:
                     raise TimeoutError(
                         f"{self.path}: no batch from the FFCV loader for {self.timeout_s:.0f} s (batch {b} of "
@@ -360,9 +363,7 @@ class LatentLoader:
                 raise LoaderWorkerError(f"{self.path}: the FFCV loader ended epoch {epoch} after batch {b - 1}, "
                                         f"expected {self._len} batches")
             slot, result = item
-            from ffcv.loader import epoch_iterator
-
-            if epoch_iterator.IS_CUDA:  # as FFCV's __next__: wait for the copy stream of this slot
+            if self._ffcv_cuda:  # as FFCV's __next__: wait for the copy stream of this slot
                 it.current_stream.wait_stream(it.cuda_streams[slot])
             return result
 
