@@ -1,7 +1,7 @@
 // speed_fast::cpp_sample_and_noise and cpp_add_noise: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
-// in one pass over x0, eps drawn on the fly (Philox + Box-Muller, SIMD) and never stored.
-// Also cpp_normal, the bare noise (for tests and benchmarks of the generator), and the
-// cache of the last batch's noise for weighted_mse (see EpsKey in ops_common.h).
+// in one pass over x0, eps drawn on the fly (Philox + Box-Muller, SIMD). For float32 batches
+// the noise is also kept, one batch at most, for the weighted_mse of the same step (EpsKey in
+// ops_common.h). Also cpp_normal, the bare noise (for tests and benchmarks of the generator).
 #include <atomic>
 #include <mutex>
 #include <utility>
@@ -17,21 +17,26 @@ namespace {
 
 std::mutex g_eps_mutex;
 EpsKey g_eps_key{};
-at::Tensor g_eps;  // float32 [B * D] or undefined
 std::atomic<bool> g_keep_eps{true};
+
+// float32 [B * D] or undefined. Never destroyed: at exit torch's allocator may be gone first.
+at::Tensor& kept_eps() {
+  static at::Tensor* eps = new at::Tensor();
+  return *eps;
+}
 
 }  // namespace
 
 void keep_eps(const EpsKey& key, at::Tensor eps) {
   const std::lock_guard<std::mutex> lock(g_eps_mutex);
   g_eps_key = key;
-  g_eps = std::move(eps);
+  kept_eps() = std::move(eps);
 }
 
 at::Tensor take_eps(const EpsKey& key) {
   const std::lock_guard<std::mutex> lock(g_eps_mutex);
-  if (!g_eps.defined() || !(g_eps_key == key)) return at::Tensor();
-  return std::exchange(g_eps, at::Tensor());
+  if (!kept_eps().defined() || !(g_eps_key == key)) return at::Tensor();
+  return std::exchange(kept_eps(), at::Tensor());
 }
 
 bool keep_eps_enabled() { return g_keep_eps.load(); }

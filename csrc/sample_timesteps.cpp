@@ -27,16 +27,11 @@ void draw_timesteps(const at::Tensor& prob, const at::Tensor& alias, int64_t n, 
     if (j >= 0 && i0 + j < bad) bad = i0 + j;
   }
   if (bad < n) {
-    // Recompute the column of the bad draw for the message (the table is corrupt: rare).
-    int64_t column = -1;
-    for (int64_t c = 0; c < prob.size(0); ++c) {
-      if (a[c] < 0 || a[c] >= int64_t(T)) {
-        column = c;
-        break;
-      }
-    }
-    TORCH_CHECK_VALUE(false, "alias entries must lie in [0, T=", T, "), got alias[", column, "] = ",
-                      column >= 0 ? a[column] : -1, " (used by draw ", offset + bad, ")");
+    // Name the first corrupt entry; a broken table is rare, so an O(T) scan is fine here.
+    int64_t c = 0;
+    while (a[c] >= 0 && a[c] < int64_t(T)) ++c;
+    TORCH_CHECK_VALUE(false, "alias entries must lie in [0, T=", T, "), got alias[", c, "] = ", a[c], " (draw ",
+                      offset + bad, " picked an entry outside that range)");
   }
 }
 
