@@ -8,6 +8,7 @@ import os
 import signal
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -37,12 +38,16 @@ def runs(tmp_path_factory):
     a = run(deepspeed_cmd(MAIN, args + ["--run-dir", straight]), timeout=300)
     assert a.returncode == 0, a.stdout[-2000:] + a.stderr[-3000:]
 
-    # 1. SIGTERM to the launcher, which forwards it to both ranks: they agree, save, exit 0.
+    # 1. SIGTERM to the whole job (as a cluster scheduler or Ctrl-C delivers it: every process; the
+    #    DeepSpeed launcher also forwards one to the ranks): they agree, save, exit 0.
     log1 = str(base / "sigterm.log")
     p = popen(deepspeed_cmd(MAIN, args + ["--run-dir", interrupted]), log1)
     _wait_for_steps(p, interrupted, 5)
-    p.send_signal(signal.SIGTERM)
+    job = [p_ for p_ in psutil.Process(p.pid).children(recursive=True)]
+    os.killpg(p.pid, signal.SIGTERM)
     p.wait(timeout=120)
+    _, alive = psutil.wait_procs(job, timeout=120)
+    assert not alive
     with open(log1) as f:
         sigterm_log = f.read()
     stopped_at = metrics(interrupted)[-1]["step"]

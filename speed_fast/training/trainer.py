@@ -249,9 +249,9 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------
 
     def _on_signal(self, signum, frame):
-        if self._stop_signal:  # a second signal: give up on the clean stop
-            signal.signal(signum, signal.SIG_DFL)
-            raise KeyboardInterrupt
+        # Only a flag: the step in flight finishes, all ranks agree through the step's all-reduce,
+        # save and exit 0. Repeated signals change nothing (Ctrl-C reaches the launcher and the
+        # ranks, and the launcher then sends SIGTERM on top); SIGKILL is the hard stop.
         self._stop_signal = signum
 
     def _ema_model(self) -> DiT | None:
