@@ -11,7 +11,11 @@ train/main.py`, one process) and under torchrun.
 import os
 import sys
 
-from speed_fast.training.main import main
+# OpenMP threads that sleep instead of spinning when idle: on a CPU shared with other processes
+# (or with the other ranks of this job) spinning threads can slow a step down tenfold.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from speed_fast.training.main import main  # noqa: E402  (after the OpenMP setting, which torch reads on import)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], configs_dir=os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")))

@@ -47,6 +47,16 @@ _STATS = 13
 _LABEL_DROP_STREAM = 0x6C616264  # "labd": keeps label-dropout draws apart from other seeded streams
 
 
+def label_drop_mask(seed: int, micro_step: int, p: float, batch: int, rank: int = 0, world: int = 1,
+                    device="cpu") -> torch.Tensor:
+    """bool [batch]: which of this rank's labels become the null class at a micro-step. One draw per
+    sample of the global micro-batch from a generator seeded with (seed, micro-step), so it is the
+    same with or without a resume, and ranks drop disjoint samples."""
+    seq = np.random.SeedSequence([seed, micro_step, _LABEL_DROP_STREAM])
+    u = np.random.Generator(np.random.PCG64(seq)).random(world * batch)[rank * batch:(rank + 1) * batch]
+    return torch.from_numpy(u < p).to(device)
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps with a non-finite loss."""
 
@@ -84,6 +94,10 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         self.dtype = torch.bfloat16 if plan.precision == "bf16" else torch.float32
+        if not plan.use_cuda and "OMP_NUM_THREADS" not in os.environ:
+            # CPU ranks of one node share its cores (torch would give each rank all of them).
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
         self.torch_threads = torch.get_num_threads()
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -132,12 +146,8 @@ class Trainer:
             yield from it
 
     def label_drop(self, micro_step: int) -> torch.Tensor:
-        """bool [B]: which of this rank's labels become the null class, a function of (seed, micro-step)."""
-        p = self.plan.dit.class_dropout_prob
-        B = self.plan.micro_batch
-        seq = np.random.SeedSequence([self.cfg.seed, micro_step, _LABEL_DROP_STREAM])
-        u = np.random.Generator(np.random.PCG64(seq)).random(self.world * B)[self.rank * B:(self.rank + 1) * B]
-        return torch.from_numpy(u < p).to(self.device)
+        return label_drop_mask(self.cfg.seed, micro_step, self.plan.dit.class_dropout_prob, self.plan.micro_batch,
+                               self.rank, self.world, self.device)
 
     def lr_at(self, step: int) -> float:
         w = self.cfg.warmup_steps
