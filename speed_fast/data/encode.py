@@ -89,14 +89,13 @@ def load_image(path: str, resolution: int) -> torch.Tensor:
 class _Images(torch.utils.data.Dataset):
     """Images by global index; an unreadable one yields (zeros, error message) instead of raising."""
 
-    def __init__(self, root: str, paths: list[str], indices: range, resolution: int):
-        self.root, self.paths, self.indices, self.resolution = root, paths, indices, resolution
+    def __init__(self, root: str, paths: list[str], resolution: int):
+        self.root, self.paths, self.resolution = root, paths, resolution
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.paths)
 
-    def __getitem__(self, i: int):
-        g = self.indices[i]
+    def __getitem__(self, g: int):
         try:
             return g, load_image(os.path.join(self.root, self.paths[g]), self.resolution), ""
         except Exception as exc:  # any decoder failure means "unreadable": reported and skipped
@@ -249,14 +248,10 @@ def encode_folder(image_dir: str, vae_path: str, out: str, *, resolution: int = 
         from tqdm import tqdm
 
         bar = tqdm(total=n_images, initial=done, unit="img", desc="encode", file=sys.stderr)
-    new_failures = 0
     try:
-        while done < stop_at:
-            stop = min(done + shard_size, stop_at)
-            new_failures += _encode_shard(vae, image_dir, paths, labels, range(done, stop), parts, resolution,
-                                          flip, batch_size, sample_posterior, seed, scale, shift, dev,
-                                          workers, bar, log)
-            done = stop
+        new_failures = _encode_range(vae, image_dir, paths, labels, done, stop_at, shard_size, parts, resolution,
+                                     flip, batch_size, sample_posterior, seed, scale, shift, dev, workers, bar, log)
+        done = stop_at
     finally:
         if bar is not None:
             bar.close()
@@ -293,39 +288,47 @@ def encode_folder(image_dir: str, vae_path: str, out: str, *, resolution: int = 
 
 
 @torch.inference_mode()
-def _encode_shard(vae, image_dir, paths, labels, indices: range, parts, resolution, flip, batch_size,
+def _encode_range(vae, image_dir, paths, labels, start, stop, shard_size, parts, resolution, flip, batch_size,
                   sample_posterior, seed, scale, shift, dev, workers, bar, log) -> int:
-    """Encode images[indices] and write one shard atomically; returns how many images were unreadable."""
-    data = torch.utils.data.DataLoader(_Images(image_dir, paths, indices, resolution), batch_size=batch_size,
-                                       shuffle=False, num_workers=workers)
-    kept_idx, kept_lat, failed, failed_msg = [], [], [], []
-    for idx, x, err in data:  # idx (b,), x (b, 3, R, R)
-        bad = [i for i, e in enumerate(err) if e]
-        for i in bad:
-            log(f"encode: skipping unreadable image {paths[int(idx[i])]}: {err[i]}")
-            failed.append(int(idx[i]))
-            failed_msg.append(err[i])
-        good = torch.tensor([i for i, e in enumerate(err) if not e], dtype=torch.long)
-        if len(good):
-            x = x[good].to(dev)
-            views = [x, x.flip(-1)] if flip else [x]
-            lat = []
-            for copy, v in enumerate(views):
-                dist = vae.encode(v).latent_dist
-                z = dist.mean  # (b, C, h, w)
-                if sample_posterior:
-                    eps = torch.stack([_noise(z.shape[1:], seed, int(idx[i]), copy) for i in good])
-                    z = z + dist.std * eps.to(z.device, z.dtype)
-                lat.append(((z - shift) * scale).to(torch.bfloat16).cpu())
-            z = torch.stack(lat, dim=1) if flip else lat[0]  # (b, [2,] C, h, w)
-            kept_lat.append(z.view(torch.int16).numpy())
-            kept_idx += [int(idx[i]) for i in good]
-        if bar is not None:
-            bar.update(len(idx))
-    lat = np.concatenate(kept_lat) if kept_lat else np.zeros((0,), dtype=np.int16)
-    name = f"shard-{indices.start:09d}-{indices.stop:09d}.npz"
-    tmp = os.path.join(parts, f".{name}.{uuid.uuid4().hex[:8]}.npz")
-    np.savez(tmp, index=np.asarray(kept_idx, dtype=np.int64), labels=labels[kept_idx], latents=lat,
-             failed=np.asarray(failed, dtype=np.int64), failed_msg=np.asarray(failed_msg, dtype=str))
-    os.replace(tmp, os.path.join(parts, name))
-    return len(failed)
+    """Encode images[start:stop], writing each shard atomically as soon as it is complete.
+
+    One DataLoader (its workers decode images) serves the whole range; batches never cross a
+    shard boundary. Returns how many images were unreadable.
+    """
+    shards = [range(s, min(s + shard_size, stop)) for s in range(start, stop, shard_size)]
+    batches = [list(r[i: i + batch_size]) for r in shards for i in range(0, len(r), batch_size)]
+    data = iter(torch.utils.data.DataLoader(_Images(image_dir, paths, resolution), batch_sampler=batches,
+                                            num_workers=workers))
+    unreadable = 0
+    for shard in shards:
+        kept_idx, kept_lat, failed, failed_msg = [], [], [], []
+        for _ in range(0, len(shard), batch_size):
+            idx, x, err = next(data)  # idx (b,), x (b, 3, R, R), err: b messages ("" = readable)
+            for i in (i for i, e in enumerate(err) if e):
+                log(f"encode: skipping unreadable image {paths[int(idx[i])]}: {err[i]}")
+                failed.append(int(idx[i]))
+                failed_msg.append(err[i])
+            good = torch.tensor([i for i, e in enumerate(err) if not e], dtype=torch.long)
+            if len(good):
+                x = x[good].to(dev)
+                lat = []
+                for copy, v in enumerate([x, x.flip(-1)] if flip else [x]):
+                    dist = vae.encode(v).latent_dist
+                    z = dist.mean  # (b, C, h, w)
+                    if sample_posterior:
+                        eps = torch.stack([_noise(z.shape[1:], seed, int(idx[i]), copy) for i in good])
+                        z = z + dist.std * eps.to(z.device, z.dtype)
+                    lat.append(((z - shift) * scale).to(torch.bfloat16).cpu())
+                z = torch.stack(lat, dim=1) if flip else lat[0]  # (b, [2,] C, h, w)
+                kept_lat.append(z.view(torch.int16).numpy())
+                kept_idx += [int(idx[i]) for i in good]
+            if bar is not None:
+                bar.update(len(idx))
+        lat = np.concatenate(kept_lat) if kept_lat else np.zeros((0,), dtype=np.int16)
+        name = f"shard-{shard.start:09d}-{shard.stop:09d}.npz"
+        tmp = os.path.join(parts, f".{name}.{uuid.uuid4().hex[:8]}.npz")
+        np.savez(tmp, index=np.asarray(kept_idx, dtype=np.int64), labels=labels[kept_idx], latents=lat,
+                 failed=np.asarray(failed, dtype=np.int64), failed_msg=np.asarray(failed_msg, dtype=str))
+        os.replace(tmp, os.path.join(parts, name))
+        unreadable += len(failed)
+    return unreadable
