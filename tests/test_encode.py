@@ -5,8 +5,11 @@ plus two unreadable files. The .beton is read back by the loader and, independen
 reading the records straight from the file through FFCV's Reader.
 """
 
-import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -198,6 +201,27 @@ def test_interrupted_encode_resumes_without_duplicates_or_drops(image_dir, vae_d
     assert torch.equal(a, b) and torch.equal(la, lb)  # same images, once each, same posterior noise
     ref, _ = reference_latents(image_dir, vae_dir, flip=False)
     assert not torch.equal(a, ref)  # sampled, not the mean
+
+
+def test_killed_encode_resumes_to_the_same_file(encoded, image_dir, vae_dir, tmp_path):
+    # A real interruption: the encode runs in its own process and is SIGKILLed once its first
+    # shard is on disk (the .beton cannot exist yet: writing it starts by importing FFCV).
+    out = tmp_path / "killed.beton"
+    parts = str(out) + ".parts"
+    args = ["encode", image_dir, "--vae", vae_dir, "--out", out, "--resolution", RES, "--flip",
+            "--batch-size", BATCH, "--shard-size", 8, "--workers", 0, "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "speed_fast.cli", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if os.path.isdir(parts) and any(n.startswith("shard-") for n in os.listdir(parts)):
+            proc.kill()
+            break
+        time.sleep(0.005)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert not out.exists()
+    assert run_cli(*args) == 0
+    assert read_latent_meta(out, verify=True)["crc32"] == read_latent_meta(encoded)["crc32"]
 
 
 def test_encode_input_errors(image_dir, tmp_path, capsys):
