@@ -27,7 +27,7 @@ def alias_draw(prob_ptr, alias_ptr, T, seed, step, index):
     """int64 time steps of draws `index` (int64): column c = (r0 T) >> 32, t = c if
     uniform(r1) < prob[c] else alias[c]."""
     r0, r1, _, _ = _philox(seed, step, index, TIMESTEPS)
-    column = tl.umulhi(r0, T.to(tl.uint32))  # < T
+    column = tl.umulhi(r0, tl.cast(T, tl.uint32))  # < T
     coin = tl.random.uint_to_uniform_float(r1)
     keep = tl.load(prob_ptr + column)
     other = tl.load(alias_ptr + column)

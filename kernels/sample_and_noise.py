@@ -16,7 +16,8 @@ from .rng import alias_draw, normal_block
 from .sample_timesteps import sample_timesteps_fwd
 
 
-@triton.jit
+# The RNG coordinates change every step: no recompilation for their values.
+@triton.jit(do_not_specialize=["seed", "step", "offset"])
 def _sample_and_noise_fwd_kernel(x0_ptr, xt_ptr, t_ptr, prob_ptr, alias_ptr, sqrt_ab_ptr, sqrt_1mab_ptr, T, D, seed,
                                  step, offset, DRAW: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)

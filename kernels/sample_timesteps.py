@@ -12,7 +12,8 @@ import triton.language as tl
 from .rng import alias_draw
 
 
-@triton.jit
+# The RNG coordinates change every step: no recompilation for their values.
+@triton.jit(do_not_specialize=["seed", "step", "offset"])
 def _sample_timesteps_kernel(t_ptr, prob_ptr, alias_ptr, T, n, seed, step, offset, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) draw index in the batch
     t = alias_draw(prob_ptr, alias_ptr, T, seed, step, i + offset)  # columns are < T: no mask needed

@@ -19,7 +19,8 @@ from .rng import normal_block
 from .sample_and_noise import _grid
 
 
-@triton.jit
+# The RNG coordinates change every step: no recompilation for their values.
+@triton.jit(do_not_specialize=["seed", "step", "offset"])
 def _weighted_mse_fwd_kernel(pred_ptr, grad_ptr, partial_ptr, t_ptr, w_ptr, T, D, P, c, seed, step, offset,
                              BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
