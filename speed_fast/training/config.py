@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=S, help="DiT-{S,B,L,XL}/{2,4,8} or 'custom' (preset's dit fields)")
     g.add_argument("--data", default=S, help="latent .beton (speed_fast.data), or 'digits'")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=S,
+                   help="random horizontal flips of the latents (the ImageNet presets flip)")
     g.add_argument("--grad-checkpointing", action="store_true", default=S)
     g.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
     g.add_argument("--attn-backend", default=S, choices=("auto", "sdpa", "xformers"))
@@ -154,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("SpeeD / time-step strategy")
     g.add_argument("--strategy", default=S, help=f"one of {STRATEGIES}")
     for name, typ in STRATEGY_FLAGS.items():
-        g.add_argument(f"--{name.replace('_', '-')}", dest=f"strategy.{name}", type=typ, default=S)
+        g.add_argument(f"--{name.replace('_', '-')}", dest=f"strategy.{name}", type=typ, default=S,
+                       metavar=name.upper())
     g.add_argument("--dual", dest="strategy.dual", action="store_true", default=S)
     g.add_argument("--backend", default=S, help="fused SpeeD ops backend: auto | torch | cpp | triton")
     g = p.add_argument_group("optimisation")
