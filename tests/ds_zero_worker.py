@@ -1,6 +1,6 @@
 """Worker for tests/test_train_zero.py, launched as `deepspeed --num_gpus 2 tests/ds_zero_worker.py OUT DATA`.
 
-For ZeRO stages 1, 2 and 3 it builds the real trainer (DeepSpeed engine, sharded EMA, fused
+For ZeRO stages 0, 1, 2 and 3 it builds the real trainer (DeepSpeed engine, sharded EMA, fused
 SpeeD step) on a tiny DiT and, on a fixed batch with a fixed noise draw (micro-step reset
 every step, so the objective is deterministic):
   * trains 12 steps and records the loss (it must go down);
@@ -39,7 +39,7 @@ def main(out_dir: str, data: str) -> None:
     x = torch.from_numpy(x_all[rank * 4:(rank + 1) * 4]).contiguous()  # (4, 1, 8, 8): this rank's fixed batch
     y = torch.from_numpy(y_all[rank * 4:(rank + 1) * 4]).contiguous()
     results = {}
-    for stage in (1, 2, 3):
+    for stage in (0, 1, 2, 3):
         cfg = TrainConfig(preset="test-zero", model="custom",
                           dit=dict(hidden_size=32, depth=2, num_heads=2, patch_size=2), data=data,
                           global_batch=16, micro_batch=4, lr=3e-3, grad_clip=1.0, ema_decay=0.5, zero_stage=stage,

@@ -1,4 +1,4 @@
-"""ZeRO-1/2/3 with 2 real DeepSpeed CPU ranks (one launched job, tests/ds_zero_worker.py):
+"""ZeRO-0/1/2/3 with 2 real DeepSpeed CPU ranks (one launched job, tests/ds_zero_worker.py):
 the loss falls on a fixed batch, the sharded EMA equals an EMA of the gathered weights, a NaN
 on one rank skips the update on all ranks, and a checkpoint resumes bit-exactly."""
 
@@ -9,7 +9,7 @@ import pytest
 
 from ds_launch import ROOT, deepspeed_cmd, run
 
-STAGES = ("zero1", "zero2", "zero3")
+STAGES = ("zero0", "zero1", "zero2", "zero3")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_loss_decreases_on_a_fixed_batch(results, stage):
 def test_stages_agree(results):
     # Same data, same noise, same init: the stages differ only in how the optimizer is partitioned.
     for stage in STAGES[1:]:
-        for a, b in zip(results["zero1"]["losses"], results[stage]["losses"]):
+        for a, b in zip(results["zero0"]["losses"], results[stage]["losses"]):
             assert abs(a - b) <= 1e-6 * abs(a), (stage, a, b)
 
 

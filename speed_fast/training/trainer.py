@@ -101,7 +101,7 @@ class Trainer:
         self.torch_threads = torch.get_num_threads()
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = DiT(plan.dit)
+        model = DiT(plan.dit).to(self.device)  # before the optimizer: fused CUDA AdamW checks its params' device
         self.optimizer = SkippableAdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
                                         weight_decay=cfg.weight_decay, **({"fused": True} if plan.use_cuda else {}))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=plan.ds_config)
@@ -190,6 +190,8 @@ class Trainer:
         skip = s[_NONFINITE] > 0
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
+        # ZeRO-0 in fp32 clips without keeping the norm: take it from the reduced gradients here.
+        grad_norm = self._grad_norm() if self.plan.ds_config["zero_optimization"]["stage"] == 0 and not skip else None
         self.optimizer.skip_next = skip
         self.engine.step()
         self.optimizer.skip_next = False
@@ -207,7 +209,8 @@ class Trainer:
             "mse": s[_MSE] / n,
             "vb": s[_VB] / n,
             "lr": self.lr_at(self.step - 1),
-            "grad_norm": _as_float(self.engine.get_global_grad_norm()) if not skip else None,
+            "grad_norm": None if skip else _as_float(grad_norm if grad_norm is not None
+                                                     else self.engine.get_global_grad_norm()),
             "mean_weight": s[_WSUM] / n,
             "nonfinite": bool(skip),
             "skipped_steps": self.skipped_steps,
@@ -218,6 +221,10 @@ class Trainer:
             out[f"loss_{area}"] = s[_AREA_SUM + i] / cnt if cnt else None
             out[f"frac_{area}"] = cnt / n
         return out
+
+    def _grad_norm(self) -> torch.Tensor | None:
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
 
     # ---- checkpoints --------------------------------------------------------------------------
 
