@@ -75,6 +75,9 @@ class SkippableAdamW(torch.optim.AdamW):
 
 
 class Trainer:
+    """One rank of a training job: builds the engine from a validated Plan, optionally restores a
+    checkpoint, and trains with `fit()` (or step by step with `train_step`, as the tests do)."""
+
     def __init__(self, plan: Plan, resume_from: str | None = None):
         import deepspeed
 
@@ -118,7 +121,7 @@ class Trainer:
         self.nonfinite_streak = 0
         self.last_ckpt: str | None = None
         self.loader = None
-        self.resumed_from = None
+        self._loader_state: dict | None = None  # the data position to start from (set by a resume)
         if resume_from is not None:
             self._resume(resume_from)
         self._stop_signal = 0
@@ -135,8 +138,6 @@ class Trainer:
         if self._loader_state is not None:
             self.loader.load_state_dict(self._loader_state)
         return self.loader
-
-    _loader_state = None
 
     def batches(self):
         """Endless (x, y) micro-batches for this rank, epoch after epoch, from the loader's position."""
@@ -261,7 +262,6 @@ class Trainer:
         self.nonfinite_streak = state["nonfinite_streak"]
         self._loader_state = state["loader"]
         self.last_ckpt = path
-        self.resumed_from = path
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -342,8 +342,6 @@ class Trainer:
                 stopped = rec["stop"]
                 if stopped or self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
                     self.save()
-                    if self.is_main:
-                        self._write_config()
                 if stopped:
                     break
         finally:
