@@ -101,7 +101,7 @@ def _corrupt_with_nan(path, n=64):
         f.write(raw.replace(sample, b"\xc0\x7f" * 64))
 
 
-def test_nonfinite_losses_stop_the_run_with_the_last_checkpoint_intact(tmp_path):
+def test_nonfinite_losses_stop_the_run_with_the_last_checkpoint_intact(tmp_path, monkeypatch, capsys):
     data = _constant_beton(str(tmp_path / "const.beton"))
     preset = tiny_preset(str(tmp_path / "tiny.json"), data, ckpt_every=3)
     run_dir = str(tmp_path / "run")
@@ -111,6 +111,13 @@ def test_nonfinite_losses_stop_the_run_with_the_last_checkpoint_intact(tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt = os.path.join(run_dir, "checkpoints", "step-00000003")
     digest = hashlib.sha256(open(os.path.join(ckpt, "model.pt"), "rb").read()).hexdigest()
+
+    # A different run cannot continue this one's checkpoint (checked before anything starts).
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    assert main(["--preset", preset, "--run-dir", run_dir, "--seed", "1", "--zero-stage", "3"], CONFIGS) == 2
+    assert "the run was started with different settings {'seed': '0 -> 1', 'zero_stage': '2 -> 3'}" \
+        in capsys.readouterr().err
 
     _corrupt_with_nan(data)
     second = subprocess.run(cmd + ["--max-steps", "50", "--max-nonfinite", "3"], env=env(), cwd=ROOT,

@@ -16,7 +16,8 @@ from . import checkpoint as ckpt
 from .config import ConfigError, Plan, TrainConfig, parse_args, resolve
 
 # Keys whose change makes a checkpoint's continuation a different run.
-_IDENTITY = ("model", "dit", "data", "flip", "schedule", "strategy", "strategy_params", "global_batch", "seed")
+_IDENTITY = ("model", "dit", "data", "flip", "schedule", "strategy", "strategy_params", "global_batch", "micro_batch",
+             "seed", "zero_stage", "precision")
 
 
 def _dist_env(local_rank_flag: int | None) -> tuple[int, int, int]:
