@@ -63,10 +63,24 @@ def _decoders():
     class LatentDecoder(NDArrayDecoder):
         """Copies each record into the batch buffer, mirrored along W when bit 48 of its index is set."""
 
+        def __init__(self, direct: bool):
+            super().__init__()
+            self.direct = direct
+
         def generate_code(self):
-            mem_read = self.memory_read
             c_, h_, w_ = (int(s) for s in self.field.shape)
             nbytes = c_ * h_ * w_ * self.field.dtype.itemsize
+            if self.direct:
+                # os_cache: slice the memory map directly. FFCV's reader binary-searches the whole
+                # allocation table for each record's size, which we know (~30% of the decode time).
+                size = np.uint64(nbytes)
+
+                def read(ptr, storage_state):
+                    return storage_state[0][ptr: ptr + size]
+
+                mem_read = Compiler.compile(read)
+            else:
+                mem_read = self.memory_read
             rows, half = c_ * h_, w_ // 2
             mask = np.uint64(_ID_MASK)
             shift = np.uint64(_ID_BITS)
@@ -239,7 +253,7 @@ class LatentLoader:
         LatentDecoder, LabelDecoder = _decoders()
         tail = [ToTensor()] + ([ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else [])
         pipelines = {
-            LATENT_FIELD: PipelineSpec(LATENT_FIELD, decoder=LatentDecoder(), transforms=list(tail)),
+            LATENT_FIELD: PipelineSpec(LATENT_FIELD, decoder=LatentDecoder(direct=bool(os_cache)), transforms=list(tail)),
             LABEL_FIELD: PipelineSpec(LABEL_FIELD, decoder=LabelDecoder(), transforms=list(tail)),
         }
         # The order given here is never used: each epoch's order is ours (see the module docstring).
