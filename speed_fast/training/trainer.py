@@ -217,6 +217,9 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "stop": s[_STOP] > 0,
         }
+        if self.plan.strategy.step_dependent:
+            # e.g. CLTS's mix: FusedSpeeD keys P(t) by its `step`, the micro-step (its RNG key too).
+            out["strategy_probs_key"] = self.plan.strategy.probs_key(self.micro_step - 1)
         for i, area in enumerate(AREAS):
             cnt = s[_AREA_N + i]
             out[f"loss_{area}"] = s[_AREA_SUM + i] / cnt if cnt else None
