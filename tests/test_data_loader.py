@@ -1,7 +1,7 @@
 """LatentLoader on real FFCV files: bit-exact batches, flips, sharding across real processes, exact mid-epoch resume.
 
 Each LatentLoader compiles its numba pipeline (about a second here), so loaders are shared at
-module scope and the files are tiny. Latents have awkward shapes (C, H, W) = (3, 5, 7).
+module scope and the files are tiny. Latents have small odd shapes; W = 8 and W = 3 exercise both of the decoder's mirroring paths.
 """
 
 import json
@@ -19,7 +19,7 @@ from speed_fast.data.digits import digits_arrays
 from speed_fast.data.loader import epoch_order, shard_indices
 
 N = 203
-SHAPE = (3, 5, 7)
+SHAPE = (3, 5, 8)  # a row is 2 words of 4 bf16: the decoder mirrors it by 64-bit words
 
 
 @pytest.fixture(scope="module")
@@ -192,16 +192,18 @@ def test_flip_copies_pick_the_stored_mirror(tmp_path):
     assert torch.equal(got_y, torch.from_numpy(idx % 3))
 
 
-@pytest.mark.parametrize("store", ["float16", "float32"])
-def test_other_store_dtypes_round_trip(tmp_path, store):
-    x = torch.randn(24, 1, 2, 3)
+@pytest.mark.parametrize("store,shape", [("float16", (1, 2, 3)), ("float32", (2, 1, 4))])
+def test_other_store_dtypes_round_trip_with_flips(tmp_path, store, shape):
+    # W = 3 mirrors element-wise; float32 with W = 4 mirrors by words of two lanes.
+    x = torch.randn((24,) + shape)
     path = str(tmp_path / f"{store}.beton")
     write_latents(path, x.numpy(), np.zeros(24, dtype=np.int64), store_dtype=store)
-    ld = LatentLoader(path, 24, num_workers=1)
+    ld = LatentLoader(path, 24, num_workers=1, flip=True)
     (got, _), = list((a.clone(), b) for a, b in ld)
     dt = getattr(torch, store)
     assert got.dtype == dt
-    assert torch.equal(got, x.to(dt)[torch.from_numpy(ld.sample_indices(0)[0])])
+    ref, _ = expected(x.to(dt), ld, 0)
+    assert torch.equal(got, ref)
 
 
 def test_digits_default_goes_through_writer_and_loader(tmp_path):

@@ -86,6 +86,17 @@ def _decoders():
             shift = np.uint64(_ID_BITS)
             one = np.uint64(1)
             my_range = Compiler.get_iterator()
+            itemsize = self.field.dtype.itemsize
+            # Mirroring by 64-bit words when a row is a power-of-two number of them: word j of a
+            # row comes from word j ^ (words - 1), its 16/32-bit lanes reversed. ~2x faster than
+            # swapping elements; other shapes swap elements after the copy.
+            words = w_ * itemsize // 8
+            by_words = itemsize in (2, 4) and w_ * itemsize % 8 == 0 and words & (words - 1) == 0
+            last_word = max(words - 1, 0)
+            lanes16 = itemsize == 2
+            m16 = np.uint64(0x0000FFFF0000FFFF)
+            s16, s32 = np.uint64(16), np.uint64(32)
+            total_words = nbytes // 8
 
             def decode(indices, destination, metadata, storage_state):
                 n = indices.shape[0]
@@ -96,17 +107,31 @@ def _decoders():
                     if data.shape[0] != nbytes:
                         short += 1
                         continue
-                    # An explicit byte loop: LLVM vectorises it to memcpy speed (`dst[:] = src` is ~6x slower).
-                    d8 = destination[ix].reshape(-1).view(np.uint8)
-                    for k in range(nbytes):
-                        d8[k] = data[k]
                     if (raw >> shift) & one:
-                        d = destination[ix].reshape(rows, w_)  # (C * H, W)
-                        for r in range(rows):
-                            for w in range(half):
-                                t = d[r, w]
-                                d[r, w] = d[r, w_ - 1 - w]
-                                d[r, w_ - 1 - w] = t
+                        if by_words:
+                            src = data.view(np.uint64)
+                            dst = destination[ix].reshape(-1).view(np.uint64)
+                            for k in range(total_words):
+                                v = src[k ^ last_word]
+                                v = (v >> s32) | (v << s32)
+                                if lanes16:
+                                    v = ((v >> s16) & m16) | ((v & m16) << s16)
+                                dst[k] = v
+                        else:
+                            d8 = destination[ix].reshape(-1).view(np.uint8)
+                            for k in range(nbytes):
+                                d8[k] = data[k]
+                            d = destination[ix].reshape(rows, w_)  # (C * H, W)
+                            for r in range(rows):
+                                for w in range(half):
+                                    t = d[r, w]
+                                    d[r, w] = d[r, w_ - 1 - w]
+                                    d[r, w_ - 1 - w] = t
+                    else:
+                        # An explicit byte loop: LLVM vectorises it to memcpy speed (`dst[:] = src` is ~6x slower).
+                        d8 = destination[ix].reshape(-1).view(np.uint8)
+                        for k in range(nbytes):
+                            d8[k] = data[k]
                 if short > 0:
                     raise ValueError("a latent record is shorter than the field size: "
                                      "the .beton was truncated or changed after it was opened")
