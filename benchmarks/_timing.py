@@ -38,6 +38,7 @@ def meta(threads: int, extra: dict | None = None) -> dict:
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "backends": {k: {"available": ok, "reason": why} for k, (ok, why) in available_backends().items()},
         "loadavg_start": os.getloadavg(),
+        "nice": os.nice(0),  # a shared machine: `nice -n -10 python ...` keeps other jobs from skewing the timings
     }
     out.update(extra or {})
     return out

@@ -20,7 +20,9 @@ void draw_timesteps(const at::Tensor& prob, const at::Tensor& alias, int64_t n, 
   constexpr int64_t kBlock = 4096;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   int64_t bad = n;  // the first draw whose alias entry is out of range
-#pragma omp parallel for schedule(dynamic) reduction(min : bad) if (blocks >= 4 && omp_get_max_threads() > 1)
+  // A draw costs a few ns: below ~2^18 draws a parallel region (a thread wake-up, a barrier
+  // that waits for a preempted thread on a busy machine) costs more than it saves.
+#pragma omp parallel for schedule(dynamic) reduction(min : bad) if (blocks >= 64 && omp_get_max_threads() > 1)
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t i0 = blk * kBlock, m = std::min(kBlock, n - i0);
     const int64_t j = k.sample_timesteps(p, a, T, uint64_t(offset + i0), m, key, t + i0);

@@ -55,8 +55,8 @@ def test_cpp_every_instruction_set_draws_the_same():
 def test_cpp_large_batch_uses_threads_and_matches():
     require("cpp")
     prob, alias, *_ = tables(10_000, "cpu")
-    t = sample_timesteps(prob, alias, 50_000, seed=1, step=2, backend="cpp")
-    assert torch.equal(t, _torch.sample_timesteps(prob, alias, 50_000, 1, 2, 0))
+    t = sample_timesteps(prob, alias, 300_000, seed=1, step=2, backend="cpp")  # above the parallel threshold
+    assert torch.equal(t, _torch.sample_timesteps(prob, alias, 300_000, 1, 2, 0))
 
 
 def test_distribution_follows_the_table():
