@@ -178,3 +178,18 @@ def test_cpp_op_checks_its_own_arguments():
         op(pred, torch.tensor([0, 2, 12]), weights, 0, 0, 0)
     with pytest.raises(ValueError, match="pred must be contiguous"):
         op(pred.t(), torch.tensor([0, 2, 1, 1]), weights, 0, 0, 0)
+
+
+@pytest.mark.parametrize("backend, device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 3), (3, 0), (2, 0, 4)], ids=str)
+def test_empty_batches_give_nan_means_not_a_crash(backend, device, shape):
+    require(backend)
+    prob, alias, sab, s1, weights = tables(10, device)
+    x0 = torch.randn(shape, device=device)
+    t, xt = sample_and_noise(x0, prob, alias, sab, s1, seed=1, step=1, backend=backend)
+    assert t.shape == (shape[0],) and xt.shape == x0.shape
+    pred = x0.clone().requires_grad_()
+    loss, mse = weighted_mse(pred, t, weights, seed=1, step=1, backend=backend)
+    loss.backward()
+    assert torch.isnan(loss) and mse.shape == (shape[0],) and bool(torch.isnan(mse).all())
+    assert pred.grad.shape == pred.shape
