@@ -155,7 +155,8 @@ def check_agreement(st: Setup, fns: dict, backends) -> None:
     for name in ("eager", "compiled"):
         if name in fns:
             _, loss = fns[name]()
-            assert abs(float(loss) / st.expected_loss - 1) < st.loss_rtol, f"{name}: loss {float(loss)} vs {st.expected_loss}"
+            assert abs(float(loss) / st.expected_loss - 1) < st.loss_rtol, \
+                f"{name}: loss {float(loss)}, expected {st.expected_loss}"
 
 
 def _status_bytes(key: str) -> int:
@@ -224,8 +225,8 @@ def bandwidth_rows(st: Setup, iters: int, peak_gbps: float | None) -> list[dict]
     nbytes = 2 * st.x0.numel() * st.x0.element_size()
     rows = []
     for name, ts in times.items():
-        row = dict(name=name, backend="triton", shape="x".join(map(str, st.shape)), dtype=str(st.dtype).replace("torch.", ""),
-                   **percentiles_ms(ts), speedup_vs_eager=None)
+        row = dict(name=name, backend="triton", shape="x".join(map(str, st.shape)),
+                   dtype=str(st.dtype).replace("torch.", ""), **percentiles_ms(ts), speedup_vs_eager=None)
         row["gb_per_s"] = nbytes / (row["ms_p50"] * 1e-3) / 1e9
         row["fraction_of_peak"] = row["gb_per_s"] / peak_gbps if peak_gbps else None
         rows.append(row)
