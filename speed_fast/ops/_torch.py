@@ -15,6 +15,8 @@ data's device; offset is the global index of the batch's first sample.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import rng
@@ -56,13 +58,14 @@ def add_noise_ref(x0, t, sqrt_ab, sqrt_1mab, seed, step, offset=0):
 
 def weighted_mse_fwd_ref(pred, t, weights, seed, step, offset=0):
     B = pred.shape[0]
-    eps = noise_ref(pred.shape, seed, step, offset, pred.device).view(B, -1)
-    diff = pred.float().reshape(B, -1) - eps  # (B, D)
-    D = diff.shape[1]
-    mse = diff.square().mean(1)  # (B,)
+    D = pred[0].numel() if B else math.prod(pred.shape[1:])
+    eps = noise_ref(pred.shape, seed, step, offset, pred.device).reshape(B, D)
+    diff = pred.float().reshape(B, D) - eps  # (B, D)
+    mse = diff.square().mean(1)  # (B,); NaN for D = 0, as a mean over nothing is
     w = weights[t].float()  # (B,)
     loss = (w * mse).mean()
-    grad = (diff * (2.0 / (B * D)) * w[:, None]).to(pred.dtype).view(pred.shape)
+    scale = 2.0 / (B * D) if B * D else 0.0
+    grad = (diff * scale * w[:, None]).to(pred.dtype).view(pred.shape)
     return loss, grad, mse
 
 
