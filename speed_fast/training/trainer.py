@@ -333,11 +333,13 @@ class Trainer:
                         f"stopping at step {self.step}: {self.nonfinite_streak} consecutive steps with a non-finite "
                         f"loss (--max-nonfinite {cfg.max_nonfinite}); no update was applied for them. Last good "
                         f"checkpoint: {self.last_ckpt or 'none (no checkpoint was written yet)'}")
-                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                evaluated = bool(cfg.eval_every) and self.step % cfg.eval_every == 0
+                if evaluated:
                     model = self._ema_model()  # collective; the evaluator runs on rank 0
                     if evaluator is not None:
                         rec.update({k: v for k, v in evaluator.evaluate(model, self.step).items() if k != "step"})
-                if logger is not None and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
+                # An evaluated step is always logged, whatever --log-every says, so no quality point is lost.
+                if logger is not None and (evaluated or self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
                     logger.log(rec)
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['samples_per_s']:.0f}",
@@ -408,9 +410,15 @@ class Trainer:
         else:  # latents: decoding needs the VAE (speed-fast sample --ckpt RUN_DIR)
             path = os.path.join(self.run_dir, "samples.npz")
             np.savez(path, latents=x.numpy(), labels=labels.numpy())
-        plot = plot_loss(os.path.join(self.run_dir, "metrics.jsonl"), os.path.join(self.run_dir, "loss.png"),
+        metrics = os.path.join(self.run_dir, "metrics.jsonl")
+        plot = plot_loss(metrics, os.path.join(self.run_dir, "loss.png"),
                          title=f"{self.cfg.preset}: {self.plan.strategy.describe()['name']}")
-        print(f"[speed_fast] done: {self.step} steps; samples {path}; loss plot {plot}; "
+        quality = ""
+        if self.cfg.eval_every:
+            from ..evaluation import plot_quality
+
+            quality = f"; quality plot {plot_quality(metrics, os.path.join(self.run_dir, 'quality.png'))}"
+        print(f"[speed_fast] done: {self.step} steps; samples {path}; loss plot {plot}{quality}; "
               f"checkpoint {self.last_ckpt}", file=sys.stderr, flush=True)
 
 
