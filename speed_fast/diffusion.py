@@ -146,20 +146,21 @@ class GaussianDiffusion:
         return torch.where(t == 0, nll, kl)
 
     def training_losses(self, model, x0, y, fused, step: int, offset: int = 0,
-                        drop: torch.Tensor | None = None) -> dict:
+                        drop: torch.Tensor | None = None, strategy_step: int | None = None) -> dict:
         """The DiT/IDDPM hybrid objective on one micro-batch, built on the fused SpeeD step.
 
         x0 [B, C, H, W] clean latents, y int64 [B] labels, drop bool [B] or None (label dropout
         decided by the caller, for reproducible runs). `fused` (speed_fast.ops.FusedSpeeD) draws
         t from the strategy's P(t) and eps from the counter RNG at (step, offset), and computes
-        the weighted MSE; the learned-sigma VB term is added unweighted, with eps detached so
+        the weighted MSE (a step-dependent P(t) is taken at `strategy_step`, default `step`); the
+        learned-sigma VB term is added unweighted, with eps detached so
         that only the variance output learns from it (as IDDPM). Returns
             loss  fp32 [] differentiable: mean_b w(t_b) mse_b + mean_b vb_b
             mse   fp32 [B] unweighted per-sample MSE of eps (detached)
             vb    fp32 [B] per-sample VB term in bits/dim (zeros without learned sigma; detached)
             t     int64 [B]
         """
-        t, x_t = fused.sample_and_noise(x0, step=step, offset=offset)  # (B,), (B, C, H, W)
+        t, x_t = fused.sample_and_noise(x0, step=step, offset=offset, strategy_step=strategy_step)  # (B,), (B,C,H,W)
         out = model(x_t, t, y, drop) if drop is not None else model(x_t, t, y)  # (B, 2C or C, H, W)
         eps, v = self.split_output(out, x_t)
         mse_loss, mse = fused.loss(eps, t, step=step, offset=offset)

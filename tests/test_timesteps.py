@@ -132,3 +132,19 @@ def test_describe_rebuilds(lin):
     d = st.describe()
     again = make_strategy(d.pop("name"), lin, **d)
     assert torch.equal(again.probs(), st.probs()) and torch.equal(again.weights, st.weights)
+
+
+def test_fused_follows_the_strategy_step_not_the_rng_step(lin):
+    # Under gradient accumulation the RNG is keyed by the micro-step while CLTS's ramp follows the
+    # optimizer step: P(t) must come from strategy_step.
+    from speed_fast.ops import FusedSpeeD
+
+    st = make_strategy("clts", lin, mu=100.0, sigma=5.0, ramp_steps=10)
+    fused = FusedSpeeD(lin, st, backend="torch", seed=0)
+    x0 = torch.zeros(512, 1, 1, 1)
+    t_late, _ = fused.sample_and_noise(x0, step=7, strategy_step=1000)  # ramp done: all mass near mu
+    assert int((t_late - 100).abs().max()) < 40
+    t_early, _ = fused.sample_and_noise(x0, step=7, strategy_step=0)  # uniform
+    assert int((t_early - 100).abs().max()) > 400
+    t_default, _ = fused.sample_and_noise(x0, step=1000)
+    assert int((t_default - 100).abs().max()) < 40

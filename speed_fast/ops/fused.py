@@ -50,26 +50,30 @@ class FusedSpeeD:
         self.alias = alias.to(self.device)
         self._probs_key = key
 
-    def sample_timesteps(self, n: int, step: int, offset: int = 0) -> torch.Tensor:
-        """int64 [n]: the batch's time steps (dual strategies mirror half of the draws)."""
+    def sample_timesteps(self, n: int, step: int, offset: int = 0, strategy_step: int | None = None) -> torch.Tensor:
+        """int64 [n]: the batch's time steps (dual strategies mirror half of the draws).
+
+        `step` keys the RNG (the micro-step); `strategy_step` (default: step) is the training step at
+        which a step-dependent P(t) is evaluated, e.g. the optimizer step under gradient accumulation."""
         _, step, offset = rng.check_seed_step(self.seed, step, offset)
         if self.strategy.step_dependent:
-            self._refresh(step)
+            self._refresh(step if strategy_step is None else strategy_step)
         draws = self._impl.sample_timesteps(self.prob, self.alias, self.strategy.draws_needed(n), self.seed, step,
                                             offset)
         return self.strategy.postprocess(draws, n)
 
-    def sample_and_noise(self, x0: torch.Tensor, step: int, offset: int = 0):
-        """(t, x_t) for a batch of clean latents x0 [B, ...] on this object's device."""
+    def sample_and_noise(self, x0: torch.Tensor, step: int, offset: int = 0, strategy_step: int | None = None):
+        """(t, x_t) for a batch of clean latents x0 [B, ...] on this object's device (see
+        sample_timesteps for `strategy_step`)."""
         x0 = _check_batch("x0", x0)
         if x0.device != self.device:
             raise ValueError(f"x0 must be on {self.device}, got {x0.device}")
         _, step, offset = rng.check_seed_step(self.seed, step, offset)
         if self.strategy.draws_needed(x0.shape[0]) != x0.shape[0]:
-            t = self.sample_timesteps(x0.shape[0], step, offset)
+            t = self.sample_timesteps(x0.shape[0], step, offset, strategy_step)
             return t, self._impl.add_noise(x0, t, self.sqrt_ab, self.sqrt_1mab, self.seed, step, offset)
         if self.strategy.step_dependent:
-            self._refresh(step)
+            self._refresh(step if strategy_step is None else strategy_step)
         return self._impl.sample_and_noise(x0, self.prob, self.alias, self.sqrt_ab, self.sqrt_1mab, self.seed, step,
                                            offset)
 

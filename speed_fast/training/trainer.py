@@ -169,7 +169,7 @@ class Trainer:
             y = y.to(self.device, non_blocking=True)  # (B,)
             m = self.micro_step
             terms = self.diffusion.training_losses(self.engine, x, y, self.fused, step=m, offset=self.offset,
-                                                   drop=self.label_drop(m))
+                                                   drop=self.label_drop(m), strategy_step=self.step)
             self.engine.backward(terms["loss"])
             self.micro_step += 1
             with torch.no_grad():
@@ -218,8 +218,8 @@ class Trainer:
             "stop": s[_STOP] > 0,
         }
         if self.plan.strategy.step_dependent:
-            # e.g. CLTS's mix: FusedSpeeD keys P(t) by its `step`, the micro-step (its RNG key too).
-            out["strategy_probs_key"] = self.plan.strategy.probs_key(self.micro_step - 1)
+            # e.g. CLTS's mix: P(t) follows the optimizer step (the noise is keyed by the micro-step).
+            out["strategy_probs_key"] = self.plan.strategy.probs_key(self.step - 1)
         for i, area in enumerate(AREAS):
             cnt = s[_AREA_N + i]
             out[f"loss_{area}"] = s[_AREA_SUM + i] / cnt if cnt else None
