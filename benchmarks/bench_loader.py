@@ -36,6 +36,14 @@ import torch
 IMG_PER_S_PER_GPU = 1500.0
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def prepare(root: str, n: int, shape: tuple[int, int, int], per_file_n: int) -> dict:
     """Write the dataset once in all layouts (reused when the stamp matches)."""
     from speed_fast.data import write_latents
@@ -237,11 +245,11 @@ def main() -> None:
     load = os.getloadavg()
     meta = {"n": args.n, "latent_shape": list(shape), "batch_size": B, "workers": W, "epochs": E, "per_file_epochs": args.per_file_epochs,
             "world_size_latent_loader": args.world_size, "per_file_n": per_file_n,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "cpu": cpu_model(), "cores": os.cpu_count(),
             "loadavg_at_end": load, "torch": torch.__version__, "img_per_s_per_gpu_assumed": IMG_PER_S_PER_GPU,
             "command": "python benchmarks/bench_loader.py " + " ".join(
                 f"--{k.replace('_', '-')} {v if not isinstance(v, list) else ' '.join(map(str, v))}"
-                for k, v in vars(args).items() if k != "dir")}
+                for k, v in vars(args).items() if k != "dir" and v is not None)}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
     ours = by["latent_loader"]
