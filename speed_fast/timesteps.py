@@ -23,6 +23,11 @@ from .schedule import NoiseSchedule
 
 STRATEGIES = ("uniform", "speed", "p2", "min_snr", "lognormal", "clts")
 
+# Every numeric strategy parameter and its type, across strategies (command-line flags are built
+# from it; make_strategy rejects the ones a strategy does not take). `dual` is SpeeD's one flag.
+STRATEGY_PARAMS = {"k": float, "tau": int, "r": float, "lam": float, "gamma": float,
+                   "p_mean": float, "p_std": float, "mu": float, "sigma": float, "ramp_steps": int}
+
 
 def _real(name: str, value, lo=None, hi=None, lo_open=False, hi_open=False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):

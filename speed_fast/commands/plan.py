@@ -5,13 +5,9 @@ from __future__ import annotations
 import json
 import os
 
-HELP = "print tau, t_acc-dec and per-area shares for a schedule + strategy, and plot them"
+from ..timesteps import STRATEGY_PARAMS
 
-# Strategy parameters the CLI forwards when given (make_strategy rejects the ones a strategy lacks).
-_STRATEGY_FLAGS = {
-    "k": float, "tau": int, "r": float, "lam": float, "gamma": float,
-    "p_mean": float, "p_std": float, "mu": float, "sigma": float, "ramp_steps": int,
-}
+HELP = "print tau, t_acc-dec and per-area shares for a schedule + strategy, and plot them"
 
 
 def add_arguments(p) -> None:
@@ -21,7 +17,7 @@ def add_arguments(p) -> None:
     p.add_argument("--beta-end", type=float, default=None, help="linear/quadratic only (default 0.02)")
     p.add_argument("--strategy", default="speed",
                    choices=["uniform", "speed", "p2", "min_snr", "lognormal", "clts"])
-    for name, typ in _STRATEGY_FLAGS.items():
+    for name, typ in STRATEGY_PARAMS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
                        help=f"strategy parameter {name} (only for strategies that have it)")
     p.add_argument("--dual", action="store_true", help="speed: the reference code's paired draws")
@@ -31,7 +27,7 @@ def add_arguments(p) -> None:
 
 
 def strategy_params(args) -> dict:
-    params = {k: getattr(args, k) for k in _STRATEGY_FLAGS if getattr(args, k) is not None}
+    params = {k: getattr(args, k) for k in STRATEGY_PARAMS if getattr(args, k) is not None}
     if args.dual:
         params["dual"] = True
     return params

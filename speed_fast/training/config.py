@@ -22,14 +22,11 @@ from dataclasses import dataclass, field
 from ..models.dit import DiTConfig
 from ..ops import resolve_backend
 from ..schedule import NoiseSchedule
-from ..timesteps import STRATEGIES, make_strategy
+from ..timesteps import STRATEGIES, STRATEGY_PARAMS, make_strategy
 
 PRECISIONS = ("auto", "fp32", "bf16")
 ZERO_STAGES = (0, 1, 2, 3)
 DEFAULT_PRESET = "digits"
-# CLI flag -> strategy parameter (make_strategy rejects the ones a strategy does not take).
-STRATEGY_FLAGS = {"k": float, "tau": int, "lam": float, "r": float, "gamma": float, "p_mean": float,
-                  "p_std": float, "mu": float, "sigma": float, "ramp_steps": int}
 
 
 class ConfigError(ValueError):
@@ -155,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=S, help="data loader threads per rank")
     g = p.add_argument_group("SpeeD / time-step strategy")
     g.add_argument("--strategy", default=S, help=f"one of {STRATEGIES}")
-    for name, typ in STRATEGY_FLAGS.items():
+    for name, typ in STRATEGY_PARAMS.items():
         g.add_argument(f"--{name.replace('_', '-')}", dest=f"strategy.{name}", type=typ, default=S,
                        metavar=name.upper())
     g.add_argument("--dual", dest="strategy.dual", action="store_true", default=S)
