@@ -74,7 +74,8 @@ def remove_stale(ckpt_root: str) -> None:
                 shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
+    """Replace `path` with `text` all at once: a reader sees the old file or the new one, never a part."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
@@ -126,12 +127,12 @@ def save(engine, ckpt_root: str, step: int, state: dict, model_sd: dict, ema_sd:
     barrier()  # every rank's files are in tmp_dir
     final = os.path.join(ckpt_root, tag)
     if rank == 0:
-        _write_atomic(os.path.join(tmp_dir, STATE_FILE), json.dumps(state, indent=1))
+        write_atomic(os.path.join(tmp_dir, STATE_FILE), json.dumps(state, indent=1))
         if os.path.exists(final):  # the same step saved again (e.g. preempted right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp_dir, final)
         _fsync_dir(ckpt_root)
-        _write_atomic(os.path.join(ckpt_root, LATEST), tag + "\n")
+        write_atomic(os.path.join(ckpt_root, LATEST), tag + "\n")
         for old in complete_tags(ckpt_root)[:-keep]:
             shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
     barrier()  # published before anyone moves on (or exits)

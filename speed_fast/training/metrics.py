@@ -11,6 +11,8 @@ import json
 import math
 import os
 
+from .checkpoint import write_atomic
+
 AREAS = ("acceleration", "deceleration", "convergence")
 
 
@@ -28,10 +30,7 @@ def truncate_after(path: str, step: int) -> None:
     with open(path) as f:
         lines = [line for line in f if line.strip()]
     kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    write_atomic(path, "".join(kept))
 
 
 def read_metrics(path: str) -> list[dict]:

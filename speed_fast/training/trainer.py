@@ -383,10 +383,7 @@ class Trainer:
             "num_params": self._num_params(),
             "versions": _versions(),
         }
-        tmp = os.path.join(self.run_dir, f".config.json.tmp-{os.getpid()}")
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1, default=str)
-        os.replace(tmp, os.path.join(self.run_dir, "config.json"))
+        ckpt.write_atomic(os.path.join(self.run_dir, "config.json"), json.dumps(doc, indent=1, default=str))
 
     def _num_params(self) -> int:
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
