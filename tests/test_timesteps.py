@@ -148,3 +148,13 @@ def test_fused_follows_the_strategy_step_not_the_rng_step(lin):
     assert int((t_early - 100).abs().max()) > 400
     t_default, _ = fused.sample_and_noise(x0, step=1000)
     assert int((t_default - 100).abs().max()) < 40
+
+
+def test_fused_rejects_a_strategy_of_another_schedule(lin):
+    from speed_fast.ops import FusedSpeeD
+
+    other = NoiseSchedule.make("cosine")  # same T, other abar: SpeeD's weights would not fit
+    with pytest.raises(ValueError, match="another schedule"):
+        FusedSpeeD(lin, make_strategy("speed", other), backend="torch")
+    # An equal schedule built separately is fine.
+    FusedSpeeD(NoiseSchedule.make("linear"), make_strategy("speed", lin), backend="torch")

@@ -23,8 +23,10 @@ from . import WeightedMSEFunction, _check_batch, _check_finite_table, _impl, res
 class FusedSpeeD:
     def __init__(self, schedule: NoiseSchedule, strategy: TimestepStrategy, device="cpu", backend: str = "auto",
                  seed: int = 0):
-        if strategy.schedule is not schedule and strategy.T != schedule.T:
-            raise ValueError(f"strategy was built for T={strategy.T}, schedule has T={schedule.T}")
+        if strategy.schedule is not schedule and not torch.equal(strategy.schedule.betas, schedule.betas):
+            # Its weights (and SpeeD's tau) were derived from another schedule's abar.
+            raise ValueError(f"strategy was built for another schedule ({strategy.schedule.describe()}), "
+                             f"got {schedule.describe()}")
         self.schedule = schedule
         self.strategy = strategy
         self.device = torch.device(device)
@@ -40,8 +42,10 @@ class FusedSpeeD:
         self._probs_key = None
         self._refresh(0)
 
-    def _refresh(self, step: int) -> None:
-        """Rebuild the alias table when P(t) changed (only step-dependent strategies do)."""
+    def _refresh(self, step: int, strategy_step: int | None = None) -> None:
+        """Rebuild the alias table when P(t) at `strategy_step` (default `step`) differs from the
+        table's (only step-dependent strategies change; the others keep one key)."""
+        step = step if strategy_step is None else strategy_step
         key = self.strategy.probs_key(step)
         if key == self._probs_key:
             return
@@ -56,8 +60,7 @@ class FusedSpeeD:
         `step` keys the RNG (the micro-step); `strategy_step` (default: step) is the training step at
         which a step-dependent P(t) is evaluated, e.g. the optimizer step under gradient accumulation."""
         _, step, offset = rng.check_seed_step(self.seed, step, offset)
-        if self.strategy.step_dependent:
-            self._refresh(step if strategy_step is None else strategy_step)
+        self._refresh(step, strategy_step)
         draws = self._impl.sample_timesteps(self.prob, self.alias, self.strategy.draws_needed(n), self.seed, step,
                                             offset)
         return self.strategy.postprocess(draws, n)
@@ -72,8 +75,7 @@ class FusedSpeeD:
         if self.strategy.draws_needed(x0.shape[0]) != x0.shape[0]:
             t = self.sample_timesteps(x0.shape[0], step, offset, strategy_step)
             return t, self._impl.add_noise(x0, t, self.sqrt_ab, self.sqrt_1mab, self.seed, step, offset)
-        if self.strategy.step_dependent:
-            self._refresh(step if strategy_step is None else strategy_step)
+        self._refresh(step, strategy_step)
         return self._impl.sample_and_noise(x0, self.prob, self.alias, self.sqrt_ab, self.sqrt_1mab, self.seed, step,
                                            offset)
 
