@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _timing import meta, percentiles_ms, print_table, sync, time_round_robin, write_json  # noqa: E402
+from _timing import meta, percentiles_ms, print_table, time_round_robin, write_json  # noqa: E402
 
 from speed_fast.data.digits import digits_arrays  # noqa: E402
 from speed_fast.diffusion import GaussianDiffusion, mean_flat  # noqa: E402

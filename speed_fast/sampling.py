@@ -116,10 +116,6 @@ def guided_output(model, x, t, y, cfg_scale: float, null_label: int | None, chan
     return torch.cat([eps, cond[:, channels:]], dim=1)
 
 
-def _coef(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return table[t].float().view(-1, *([1] * (like.ndim - 1)))
-
-
 def ddpm_step(diffusion: GaussianDiffusion, model_out, x, t, noise, clip_denoised: bool = False):
     """x_{t-1} ~ p(x_{t-1} | x_t): the posterior mean plus exp(log_variance / 2) noise (no noise at t = 0)."""
     out = diffusion.p_mean_variance(model_out, x, t, clip_denoised=clip_denoised)

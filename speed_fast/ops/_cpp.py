@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 
-NAME = "cpp"
 EXTENSION = "speed_fast_cpu"
 SOURCES = (
     "dispatch.cpp",

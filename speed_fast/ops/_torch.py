@@ -21,8 +21,6 @@ import torch
 
 from .. import rng
 
-NAME = "torch"
-
 
 def available() -> tuple[bool, str]:
     return True, "pure torch reference, runs anywhere"

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import torch
 
-NAME = "triton"
-
 
 def _interpreting() -> bool:
     """Whether the kernels were built for Triton's interpreter (TRITON_INTERPRET=1 at import)."""
