@@ -48,7 +48,7 @@ from speed_fast.ops._torch import noise_ref  # noqa: E402
 from speed_fast.schedule import NoiseSchedule  # noqa: E402
 from speed_fast.timesteps import make_strategy  # noqa: E402
 from speed_fast.training.config import load_preset  # noqa: E402
-from speed_fast.training.trainer import label_drop_mask  # noqa: E402
+from speed_fast.training.label_dropout import label_drop_mask  # noqa: E402
 
 CONFIGS = os.path.join(ROOT, "train", "configs")
 # Dense bf16 peak (FLOP/s) by device name, for MFU.

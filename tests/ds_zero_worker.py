@@ -46,7 +46,7 @@ def main(out_dir: str, data: str) -> None:
                           run_dir=os.path.join(out_dir, f"zero{stage}"), max_steps=100, num_workers=1,
                           progress=False)
         plan = resolve(cfg, world, CONFIGS, cuda_available=False)
-        tr = Trainer(plan)
+        tr = Trainer(plan, rank)
         fixed = [(x, y)] * plan.grad_accum
 
         ref_ema = tr.ema.full_master_state_dict()
@@ -77,7 +77,7 @@ def main(out_dir: str, data: str) -> None:
         next_master = tr.ema.full_master_state_dict()
         del tr
 
-        tr2 = Trainer(plan, resume_from=path)
+        tr2 = Trainer(plan, rank, resume_from=path)
         loaded_master_diff = max_diff(saved["master"], tr2.ema.full_master_state_dict())
         loaded_ema_diff = max_diff(saved["ema"], tr2.ema.full_state_dict())
         counters = [tr2.step, tr2.micro_step, tr2.skipped_steps]

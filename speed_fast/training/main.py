@@ -89,7 +89,7 @@ def main(argv: list[str], configs_dir: str) -> int:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     from .trainer import NonFiniteLossError, Trainer
 
-    trainer = Trainer(plan, resume_from=resume_from)
+    trainer = Trainer(plan, rank, local_rank, resume_from=resume_from)
     if rank == 0 and resume_from is not None:
         print(f"[speed_fast] resuming from {resume_from} (step {trainer.step})", file=sys.stderr, flush=True)
     try:

@@ -1,4 +1,4 @@
-"""The training loop: DeepSpeed engine, fused SpeeD step, EMA, checkpoints, logging.
+"""The training loop of one rank: the fused SpeeD step, EMA, checkpoints, logging.
 
 One optimizer step = `grad_accum` micro-batches per rank. Per micro-batch (global micro-step m,
 rank r, micro batch B):
@@ -8,84 +8,61 @@ rank r, micro batch B):
     loss     = mean_b w(t_b) mse_b + mean_b vb_b                   # fused weighted MSE + VB
     engine.backward(loss)
 
-then one all-reduce of a small statistics vector (loss sums, per-area sums and counts, a
-non-finite flag, a stop flag) gives every rank the same view of the step: if any rank saw a
-non-finite loss the optimizer update is cancelled everywhere (counted in `skipped_steps`),
-and a SIGTERM/SIGINT seen by any rank makes all ranks save a checkpoint and exit together.
+then one all-reduce of the step's named statistics (`stats.STEP_FIELDS`: loss sums, per-area
+sums and counts, a non-finite count, a stop count) gives every rank the same view of the step:
+if any rank saw a non-finite loss the optimizer update is cancelled everywhere (counted in
+`skipped_steps`), and a SIGTERM/SIGINT seen by any rank makes all ranks save a checkpoint and
+exit together.
 
 Everything random is a function of (seed, step), or is saved: the noise and time steps come
 from the counter RNG at the micro-step, label dropout from a generator seeded with
 (seed, micro-step), the data order from (seed, epoch) and the loader's position. A resumed run
 therefore computes the same losses as the uninterrupted one (exactly, on CPU in fp32).
+
+The engine is built in `engine.py`; config.json, the evaluator and the end-of-run grid and
+plots are `artefacts.py`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..diffusion import GaussianDiffusion
-from ..models.dit import DiT
 from ..ops import FusedSpeeD
+from . import artefacts
 from . import checkpoint as ckpt
 from .config import Plan
 from .ema import ShardedEMA
-from .metrics import AREAS, MetricsLogger, plot_loss
-
-# Layout of the per-step statistics vector (summed over micro-batches and ranks).
-_LOSS, _MSE, _VB, _N, _WSUM, _NONFINITE, _STOP = range(7)
-_AREA_SUM, _AREA_N = 7, 10
-_STATS = 13
-_LABEL_DROP_STREAM = 0x6C616264  # "labd": keeps label-dropout draws apart from other seeded streams
-
-
-def label_drop_mask(seed: int, micro_step: int, p: float, batch: int, rank: int = 0, world: int = 1,
-                    device="cpu") -> torch.Tensor:
-    """bool [batch]: which of this rank's labels become the null class at a micro-step. One draw per
-    sample of the global micro-batch from a generator seeded with (seed, micro-step), so it is the
-    same with or without a resume, and ranks drop disjoint samples."""
-    seq = np.random.SeedSequence([seed, micro_step, _LABEL_DROP_STREAM])
-    u = np.random.Generator(np.random.PCG64(seq)).random(world * batch)[rank * batch:(rank + 1) * batch]
-    return torch.from_numpy(u < p).to(device)
+from .engine import build_engine
+from .label_dropout import label_drop_mask
+from .metrics import MetricsLogger
+from .stats import STEP_FIELDS, Stats, step_record
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps with a non-finite loss."""
 
 
-class SkippableAdamW(torch.optim.AdamW):
-    """torch AdamW whose next step() can be cancelled: the trainer sets `skip_next` on every rank
-    when any rank saw a non-finite loss, so no rank applies NaN gradients (ZeRO wraps this
-    optimizer and calls its step() on the fp32 partitions)."""
-
-    skip_next = False
-
-    def step(self, closure=None):
-        if self.skip_next:
-            return None
-        return super().step(closure)
-
-
 class Trainer:
     """One rank of a training job: builds the engine from a validated Plan, optionally restores a
-    checkpoint, and trains with `fit()` (or step by step with `train_step`, as the tests do)."""
+    checkpoint, and trains with `fit()` (or step by step with `train_step`, as the tests do).
 
-    def __init__(self, plan: Plan, resume_from: str | None = None):
+    rank / local_rank come from the launcher's environment, read once by `main`; the world size
+    is the plan's (validated there, with the resumed checkpoint's)."""
+
+    def __init__(self, plan: Plan, rank: int, local_rank: int = 0, resume_from: str | None = None):
         import deepspeed
 
         self.plan = plan
         cfg = self.cfg = plan.cfg
-        self.rank = int(os.environ["RANK"])
-        self.world = int(os.environ["WORLD_SIZE"])
-        self.local_rank = int(os.environ["LOCAL_RANK"])
+        self.rank, self.world, self.local_rank = rank, plan.world_size, local_rank
         if plan.use_cuda:
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
@@ -103,17 +80,12 @@ class Trainer:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
         self.torch_threads = torch.get_num_threads()
 
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = DiT(plan.dit).to(self.device)  # before the optimizer: fused CUDA AdamW checks its params' device
-        self.optimizer = SkippableAdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
-                                        weight_decay=cfg.weight_decay, **({"fused": True} if plan.use_cuda else {}))
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=plan.ds_config)
-        if cfg.compile:
-            self.engine.compile()
+        self.engine, self.optimizer = build_engine(plan, self.device)
         self.ema = ShardedEMA(self.engine.module, cfg.ema_decay)
         self.fused = FusedSpeeD(plan.schedule, plan.strategy, device=self.device, backend=cfg.backend, seed=cfg.seed)
         self.diffusion = GaussianDiffusion(plan.schedule, device=self.device, learn_sigma=plan.dit.learn_sigma)
         self.offset = self.rank * plan.micro_batch
+        self.stats = Stats(STEP_FIELDS, self.device)
 
         self.step = 0
         self.micro_step = 0
@@ -156,11 +128,26 @@ class Trainer:
 
     # ---- one optimizer step -------------------------------------------------------------------
 
+    def _accumulate(self, terms: dict) -> None:
+        """Add one micro-batch's loss terms to the step's statistics (on the device)."""
+        stats = self.stats
+        loss = terms["loss"].detach()
+        B = terms["t"].shape[0]
+        area_sum, area_n = self.fused.area_losses(terms["t"], terms["mse"])
+        stats.add("loss", loss.double() * B)
+        stats.add("mse", terms["mse"].double().sum())
+        stats.add("vb", terms["vb"].double().sum())
+        stats.add("samples", B)
+        stats.add("weight", self.fused.weights[terms["t"]].double().sum())
+        stats.add("nonfinite", (~torch.isfinite(loss)).double())
+        stats.add("area_loss", area_sum)
+        stats.add("area_samples", area_n)
+
     def train_step(self, batches) -> dict:
         """One optimizer step over `grad_accum` micro-batches drawn from the iterator `batches`.
         Returns the step's statistics, reduced over micro-batches and ranks (same on every rank)."""
         self.engine.train()
-        stats = torch.zeros(_STATS, dtype=torch.float64, device=self.device)
+        self.stats.zero_()
         for i in range(self.plan.grad_accum):
             if i:
                 self.engine.step()  # DeepSpeed counts micro-batches in step(); it updates only at the boundary
@@ -173,22 +160,12 @@ class Trainer:
             self.engine.backward(terms["loss"])
             self.micro_step += 1
             with torch.no_grad():
-                loss = terms["loss"].detach().double()
-                B = y.shape[0]
-                sums, counts = self.fused.area_losses(terms["t"], terms["mse"])
-                stats[_LOSS] += loss * B
-                stats[_MSE] += terms["mse"].double().sum()
-                stats[_VB] += terms["vb"].double().sum()
-                stats[_N] += B
-                stats[_WSUM] += self.fused.weights[terms["t"]].double().sum()
-                stats[_NONFINITE] += (~torch.isfinite(loss)).double()
-                stats[_AREA_SUM:_AREA_SUM + 3] += sums.double()
-                stats[_AREA_N:_AREA_N + 3] += counts.double()
-        stats[_STOP] = float(self._stop_signal != 0)
+                self._accumulate(terms)
+        self.stats.add("stop", float(self._stop_signal != 0))
         if self.world > 1:
-            dist.all_reduce(stats)
-        s = stats.tolist()
-        skip = s[_NONFINITE] > 0
+            dist.all_reduce(self.stats.vector)
+        sums = self.stats.read()
+        skip = sums["nonfinite"] > 0
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         # ZeRO-0 in fp32 clips without keeping the norm: take it from the reduced gradients here.
@@ -203,27 +180,19 @@ class Trainer:
             self.ema.update()
             self.nonfinite_streak = 0
         self.step += 1
-        n = s[_N]
         out = {
             "step": self.step,
-            "loss": s[_LOSS] / n,
-            "mse": s[_MSE] / n,
-            "vb": s[_VB] / n,
+            **step_record(sums),
             "lr": self.lr_at(self.step - 1),
             "grad_norm": None if skip else _as_float(grad_norm if grad_norm is not None
                                                      else self.engine.get_global_grad_norm()),
-            "mean_weight": s[_WSUM] / n,
             "nonfinite": bool(skip),
             "skipped_steps": self.skipped_steps,
-            "stop": s[_STOP] > 0,
+            "stop": sums["stop"] > 0,
         }
         if self.plan.strategy.step_dependent:
             # e.g. CLTS's mix: P(t) follows the optimizer step (the noise is keyed by the micro-step).
             out["strategy_probs_key"] = self.plan.strategy.probs_key(self.step - 1)
-        for i, area in enumerate(AREAS):
-            cnt = s[_AREA_N + i]
-            out[f"loss_{area}"] = s[_AREA_SUM + i] / cnt if cnt else None
-            out[f"frac_{area}"] = cnt / n
         return out
 
     def _grad_norm(self) -> torch.Tensor | None:
@@ -253,10 +222,8 @@ class Trainer:
         return path
 
     def _resume(self, path: str) -> None:
+        """Restore a checkpoint (its world size was checked against this job's by `main`)."""
         state = ckpt.load(self.engine, path, self.rank)
-        if state["world_size"] != self.world:
-            raise RuntimeError(f"{path} was written by {state['world_size']} ranks, this job has {self.world}; "
-                               "exact resume needs the same world size")
         self.ema.refresh()
         self.ema.load_full_state_dict(ckpt.load_ema(path))
         self.step = state["step"]
@@ -274,29 +241,6 @@ class Trainer:
         # ranks, and the launcher then sends SIGTERM on top); SIGKILL is the hard stop.
         self._stop_signal = signum
 
-    def _ema_model(self) -> DiT | None:
-        """A plain fp32 DiT with the EMA weights on rank 0 (collective: every rank calls it)."""
-        sd = self.ema.full_state_dict()
-        if not self.is_main:
-            return None
-        model = DiT(self.plan.dit)
-        model.load_state_dict(sd)
-        return model.to(self.device).eval()
-
-    def _evaluator(self):
-        from ..data import LatentLoader
-        from ..evaluation import TrainingEvaluator
-
-        meta = self.plan.data_meta
-        n = min(meta["num_samples"], max(4 * self.cfg.eval_samples, 2048))
-        ref_loader = LatentLoader(self.plan.data_path, n, seed=self.cfg.seed + 1, num_workers=1, drop_last=True,
-                                  out_dtype=torch.float32)
-        reference = next(iter(ref_loader))[0].clone()
-        torch.set_num_threads(self.torch_threads)
-        return TrainingEvaluator(reference, self.plan.schedule, n_samples=self.cfg.eval_samples,
-                                 steps=self.cfg.eval_sampler, seed=self.cfg.seed, device=self.device,
-                                 learn_sigma=self.plan.dit.learn_sigma)
-
     def fit(self) -> int:
         """Train to max_steps (or until preempted); returns the process exit code."""
         from tqdm import tqdm
@@ -305,10 +249,11 @@ class Trainer:
         if self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
             ckpt.remove_stale(self.ckpt_root)
-            self._write_config()
+            artefacts.write_config(self.run_dir, self.plan, self.fused.backend, self._num_params())
         dist.barrier()
         logger = MetricsLogger(self.run_dir, resume_step=self.step) if self.is_main else None
-        evaluator = self._evaluator() if (cfg.eval_every and self.is_main) else None
+        evaluator = (artefacts.make_evaluator(self.plan, self.device, self.torch_threads)
+                     if (cfg.eval_every and self.is_main) else None)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         self.make_loader()
@@ -335,7 +280,7 @@ class Trainer:
                         f"checkpoint: {self.last_ckpt or 'none (no checkpoint was written yet)'}")
                 evaluated = bool(cfg.eval_every) and self.step % cfg.eval_every == 0
                 if evaluated:
-                    model = self._ema_model()  # collective; the evaluator runs on rank 0
+                    model = artefacts.ema_model(self.plan, self.ema, self.is_main, self.device)  # collective
                     if evaluator is not None:
                         rec.update({k: v for k, v in evaluator.evaluate(model, self.step).items() if k != "step"})
                 # An evaluated step is always logged, whatever --log-every says, so no quality point is lost.
@@ -363,59 +308,17 @@ class Trainer:
         self.finish()
         return 0
 
-    # ---- artefacts ----------------------------------------------------------------------------
-
-    def _write_config(self) -> None:
-        plan = self.plan
-        doc = {
-            "train": self.cfg.to_dict(),
-            "dit_config": plan.dit.to_dict(),
-            "strategy": plan.strategy.describe(),
-            "schedule": plan.schedule.describe(),
-            "data_path": plan.data_path,
-            "data_meta": plan.data_meta,
-            "world_size": self.world,
-            "micro_batch": plan.micro_batch,
-            "grad_accum": plan.grad_accum,
-            "precision": plan.precision,
-            "fused_backend": self.fused.backend,
-            "deepspeed": plan.ds_config,
-            "num_params": self._num_params(),
-            "versions": _versions(),
-        }
-        ckpt.write_atomic(os.path.join(self.run_dir, "config.json"), json.dumps(doc, indent=1, default=str))
-
     def _num_params(self) -> int:
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
 
     def finish(self) -> None:
-        """End of run on rank 0: the EMA sample grid and the loss plot (the EMA gather is collective)."""
-        from .. import sampling
-
-        model = self._ema_model()
+        """End of run: the EMA sample grid and the plots on rank 0 (the EMA gather is collective)."""
+        model = artefacts.ema_model(self.plan, self.ema, self.is_main, self.device)
         if not self.is_main:
             return
-        C = self.plan.dit.in_channels
-        K = self.plan.dit.num_classes
-        per_class = 10 if K <= 10 else 1
-        labels = torch.arange(min(K, 64)).repeat_interleave(per_class)  # (n,)
-        x = sampling.sample(model, self.plan.schedule, labels.numel(), y=labels, steps=self.cfg.sample_steps,
-                            method="ddpm", cfg_scale=self.cfg.sample_cfg, seed=self.cfg.seed, device=self.device,
-                            batch_size=min(labels.numel(), 128), learn_sigma=self.plan.dit.learn_sigma)
-        if C in (1, 3):
-            path = sampling.save_grid(x, os.path.join(self.run_dir, "samples.png"), nrow=per_class if K <= 10 else 8)
-        else:  # latents: decoding needs the VAE (speed-fast sample --ckpt RUN_DIR)
-            path = os.path.join(self.run_dir, "samples.npz")
-            np.savez(path, latents=x.numpy(), labels=labels.numpy())
-        metrics = os.path.join(self.run_dir, "metrics.jsonl")
-        plot = plot_loss(metrics, os.path.join(self.run_dir, "loss.png"),
-                         title=f"{self.cfg.preset}: {self.plan.strategy.describe()['name']}")
-        quality = ""
-        if self.cfg.eval_every:
-            from ..evaluation import plot_quality
-
-            quality = f"; quality plot {plot_quality(metrics, os.path.join(self.run_dir, 'quality.png'))}"
-        print(f"[speed_fast] done: {self.step} steps; samples {path}; loss plot {plot}{quality}; "
+        grid, plot, *quality = artefacts.finish(self.plan, self.run_dir, model, self.device)
+        quality = f"; quality plot {quality[0]}" if quality else ""
+        print(f"[speed_fast] done: {self.step} steps; samples {grid}; loss plot {plot}{quality}; "
               f"checkpoint {self.last_ckpt}", file=sys.stderr, flush=True)
 
 
@@ -424,9 +327,3 @@ def _as_float(v):
         return None
     v = float(v.item() if isinstance(v, torch.Tensor) else v)
     return v if math.isfinite(v) else None
-
-
-def _versions() -> dict:
-    import deepspeed
-
-    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "python": sys.version.split()[0]}

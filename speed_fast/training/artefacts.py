@@ -1,0 +1,102 @@
+"""What a run leaves in its directory besides checkpoints and metrics.jsonl (those are
+`checkpoint.py` and `metrics.py`): config.json at the start, and at the end the EMA sample
+grid, the loss plot and the quality plot. Also the training-time evaluator's set-up (its
+reference set is drawn from the training data). Everything here runs on rank 0, except
+`ema_model`, which gathers the EMA and is collective.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+from ..models.dit import DiT
+from .checkpoint import write_atomic
+from .config import Plan
+from .metrics import plot_loss
+
+
+def write_config(run_dir: str, plan: Plan, fused_backend: str, num_params: int) -> str:
+    """<run_dir>/config.json: everything that defines the run, and the versions that ran it."""
+    doc = {
+        "train": plan.cfg.to_dict(),
+        "dit_config": plan.dit.to_dict(),
+        "strategy": plan.strategy.describe(),
+        "schedule": plan.schedule.describe(),
+        "data_path": plan.data_path,
+        "data_meta": plan.data_meta,
+        "world_size": plan.world_size,
+        "micro_batch": plan.micro_batch,
+        "grad_accum": plan.grad_accum,
+        "precision": plan.precision,
+        "fused_backend": fused_backend,
+        "deepspeed": plan.ds_config,
+        "num_params": num_params,
+        "versions": versions(),
+    }
+    path = os.path.join(run_dir, "config.json")
+    write_atomic(path, json.dumps(doc, indent=1, default=str))
+    return path
+
+
+def versions() -> dict:
+    import deepspeed
+
+    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "python": sys.version.split()[0]}
+
+
+def ema_model(plan: Plan, ema, is_main: bool, device) -> DiT | None:
+    """A plain fp32 DiT with the EMA weights on rank 0, None elsewhere (collective: every rank calls it)."""
+    sd = ema.full_state_dict()
+    if not is_main:
+        return None
+    model = DiT(plan.dit)
+    model.load_state_dict(sd)
+    return model.to(device).eval()
+
+
+def make_evaluator(plan: Plan, device, torch_threads: int):
+    """The training-time evaluator: a fixed-seed sample set against a reference set drawn from the
+    training data (max(4 x eval_samples, 2048) latents, at most the whole file)."""
+    from ..data import LatentLoader
+    from ..evaluation import TrainingEvaluator
+
+    cfg = plan.cfg
+    n = min(plan.data_meta["num_samples"], max(4 * cfg.eval_samples, 2048))
+    ref_loader = LatentLoader(plan.data_path, n, seed=cfg.seed + 1, num_workers=1, drop_last=True,
+                              out_dtype=torch.float32)
+    reference = next(iter(ref_loader))[0].clone()
+    torch.set_num_threads(torch_threads)  # FFCV sets torch's thread count per epoch
+    return TrainingEvaluator(reference, plan.schedule, n_samples=cfg.eval_samples, steps=cfg.eval_sampler,
+                             seed=cfg.seed, device=device, learn_sigma=plan.dit.learn_sigma)
+
+
+def finish(plan: Plan, run_dir: str, model: DiT, device) -> list[str]:
+    """End of run on rank 0: the EMA sample grid (samples.png, or samples.npz for latents), loss.png
+    and, with --eval-every, quality.png. Returns the paths written."""
+    from .. import sampling
+
+    cfg = plan.cfg
+    C, K = plan.dit.in_channels, plan.dit.num_classes
+    per_class = 10 if K <= 10 else 1
+    labels = torch.arange(min(K, 64)).repeat_interleave(per_class)  # (n,)
+    x = sampling.sample(model, plan.schedule, labels.numel(), y=labels, steps=cfg.sample_steps,
+                        method="ddpm", cfg_scale=cfg.sample_cfg, seed=cfg.seed, device=device,
+                        batch_size=min(labels.numel(), 128), learn_sigma=plan.dit.learn_sigma)
+    if C in (1, 3):
+        grid = sampling.save_grid(x, os.path.join(run_dir, "samples.png"), nrow=per_class if K <= 10 else 8)
+    else:  # latents: decoding needs the VAE (speed-fast sample --ckpt RUN_DIR)
+        grid = os.path.join(run_dir, "samples.npz")
+        np.savez(grid, latents=x.numpy(), labels=labels.numpy())
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    paths = [grid, plot_loss(metrics, os.path.join(run_dir, "loss.png"),
+                             title=f"{cfg.preset}: {plan.strategy.describe()['name']}")]
+    if cfg.eval_every:
+        from ..evaluation import plot_quality
+
+        paths.append(plot_quality(metrics, os.path.join(run_dir, "quality.png")))
+    return paths
