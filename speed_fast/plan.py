@@ -81,7 +81,8 @@ def plot_plan(schedule: NoiseSchedule, strategy: TimestepStrategy, summary: dict
     phi = theory.increment_mean_coef(schedule)
     psi = theory.increment_variance(schedule)
     colors = {"acceleration": "#f4a582", "deceleration": "#92c5de", "convergence": "#d9d9d9"}
-    bounds = {"acceleration": (0, peak), "deceleration": (peak, tau), "convergence": (tau, T)}
+    edge = min(peak, tau)  # small T can put t_acc-dec past tau: no deceleration area then
+    bounds = {"acceleration": (0, edge), "deceleration": (edge, tau), "convergence": (tau, T)}
 
     def shade(ax):
         for name, (a, b) in bounds.items():

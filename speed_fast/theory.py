@@ -133,10 +133,11 @@ def area_boundaries(s: NoiseSchedule, tau: int | None = None) -> tuple[int, int]
 
 
 def area_index(s: NoiseSchedule, tau: int | None = None) -> torch.Tensor:
-    """int64 [T]: 0 acceleration (t < t_acc-dec), 1 deceleration (t_acc-dec <= t < tau), 2 convergence."""
+    """int64 [T]: 0 acceleration (t < t_acc-dec), 1 deceleration (t_acc-dec <= t < tau), 2 convergence
+    (t >= tau). When t_acc-dec >= tau (small T) the deceleration area is empty."""
     peak, tau = area_boundaries(s, tau)
     t = torch.arange(s.T)
-    return (t >= peak).long() + (t >= tau).long()
+    return (t >= min(peak, tau)).long() + (t >= tau).long()
 
 
 # ---------------------------------------------------------------------------

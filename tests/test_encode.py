@@ -268,3 +268,56 @@ def test_write_latents_from_npy_npz_and_fastdit_folder(tmp_path, capsys):
     assert run_cli("write-latents", tmp_path / "fd", "--out", tmp_path / "d.beton") == 2
     assert "do not hold the same file names" in capsys.readouterr().err
     assert not (tmp_path / "d.beton").exists()
+
+
+def test_symlinks_are_followed_once(tmp_path):
+    from speed_fast.data.encode import scan_image_folder
+
+    root = tmp_path / "imgs"
+    (root / "cat" / "sub").mkdir(parents=True)
+    (root / "dog").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "cat" / "a.png")
+    Image.new("RGB", (8, 8)).save(root / "cat" / "sub" / "b.png")
+    Image.new("RGB", (8, 8)).save(root / "dog" / "c.png")
+    os.symlink(root / "cat", root / "cat" / "sub" / "loop")  # a loop: cat/sub/loop/sub/loop/...
+    os.symlink(root / "cat" / "a.png", root / "cat" / "again.png")  # the same file twice
+    paths, labels, classes = scan_image_folder(str(root))
+    assert classes == ["cat", "dog"]
+    assert sorted(zip(paths, labels.tolist())) == [("cat/a.png", 0), ("cat/sub/b.png", 0), ("dog/c.png", 1)]
+
+
+def test_extreme_images_are_refused_before_decoding(tmp_path):
+    Image.new("RGB", (1, 4000)).save(tmp_path / "strip.png")  # 256 x 1024000 after the crop's resize
+    with pytest.raises(ValueError, match=r"1x4000 pixels: aspect ratio beyond 32:1"):
+        load_image(str(tmp_path / "strip.png"), 256)
+    Image.new("L", (9000, 8000)).save(tmp_path / "huge.png")
+    with pytest.raises(ValueError, match=r"9000x8000 = 72000000 pixels, more than 67108864"):
+        load_image(str(tmp_path / "huge.png"), 256)
+    Image.new("RGB", (10, 300)).save(tmp_path / "tall.png")  # 1:30 is still an image
+    assert load_image(str(tmp_path / "tall.png"), 16).shape == (3, 16, 16)
+
+
+def test_encode_device_is_checked(image_dir, vae_dir, tmp_path, capsys):
+    assert run_cli("encode", image_dir, "--vae", vae_dir, "--out", tmp_path / "o.beton", "--device", "foo") == 2
+    assert "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'foo'" in capsys.readouterr().err
+
+
+def test_write_latents_label_range_and_empty_inputs(tmp_path, capsys):
+    x = np.zeros((3, 1, 2, 2), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", np.array([0, 1, 2**40]))
+    assert run_cli("write-latents", tmp_path / "x.npy", "--labels", tmp_path / "y.npy",
+                   "--out", tmp_path / "a.beton") == 2
+    assert "labels[2] = 1099511627776; class indices must be < 1048576" in capsys.readouterr().err
+    (tmp_path / "empty.npy").write_bytes(b"")
+    np.save(tmp_path / "y.npy", np.array([0, 1, 2]))
+    assert run_cli("write-latents", tmp_path / "empty.npy", "--labels", tmp_path / "y.npy",
+                   "--out", tmp_path / "a.beton") == 2
+    assert f"latents '{tmp_path / 'empty.npy'}' is empty (0 bytes)" in capsys.readouterr().err
+    assert run_cli("write-latents", tmp_path / "x.npy", "--labels", tmp_path / "empty.npy",
+                   "--out", tmp_path / "a.beton") == 2
+    assert "--labels" in capsys.readouterr().err
+    (tmp_path / "cut.npz").write_bytes(b"PK\x03\x04 truncated")
+    assert run_cli("write-latents", tmp_path / "cut.npz", "--out", tmp_path / "a.beton") == 2
+    assert "is not a readable .npy/.npz array" in capsys.readouterr().err
+    assert not (tmp_path / "a.beton").exists()

@@ -50,3 +50,26 @@ def test_plan_errors_are_clean():
     assert r.returncode == 2 and "unknown parameter" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "speed_fast.cli", "plan", "--k", "0.5"], capture_output=True, text=True)
     assert r.returncode == 2 and "k must be" in r.stderr and "0.5" in r.stderr
+
+
+@pytest.mark.parametrize("T", ["2", "100000000"])
+def test_plan_T_is_bounded(T, capsys):
+    assert main(["plan", "--T", T, "--tau", "1"]) == 2
+    assert f"--T must be in [3, 1000000], got {T}" in capsys.readouterr().err
+
+
+def test_small_T_areas_follow_tau(capsys):
+    # T=10: t_acc-dec = 8 lies past tau = 5, so there is no deceleration area and t >= 5 is convergence.
+    assert main(["plan", "--T", "10", "--tau", "5", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["t_acc_dec"] == 8 and d["tau"] == 5
+    areas = d["areas"]
+    assert areas["acceleration"]["steps"] == [0, 4] and areas["deceleration"]["steps"] is None
+    assert areas["convergence"]["steps"] == [5, 9]
+    assert main(["plan", "--T", "3", "--tau", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["areas"]["convergence"]["steps"] == [2, 2]
+
+
+def test_plan_out_is_checked_before_work(tmp_path, capsys):
+    assert main(["plan", "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err

@@ -35,12 +35,25 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+def read_array(path: str, what: str):
+    """`speed_fast.evaluation.load_array` with unreadable files (empty, truncated, not an array)
+    reported as a ValueError naming the flag and the file."""
+    import zipfile
+
+    from ..data.sources import load_array_file
+    from ..evaluation import load_array
+
+    load_array_file(path, what)  # exists, not empty, opens as .npy/.npz
+    try:
+        return load_array(path)
+    except (EOFError, OSError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{what} {path!r} is not a readable .npy/.npz array ({type(exc).__name__}: {exc})") from None
+
+
 def load_reference(spec: str, n_ref: int = 10000):
     """(data [N, C, H, W], labels or None) of --ref: an array file, a latent .beton (a seeded
     random subset of at most n_ref samples, float32), or 'digits'."""
     import torch
-
-    from ..evaluation import load_array
 
     if spec == "digits":
         from ..data.digits import digits_arrays
@@ -55,22 +68,23 @@ def load_reference(spec: str, n_ref: int = 10000):
         n = min(n_ref, read_latent_meta(spec)["num_samples"])
         x, y = next(iter(LatentLoader(spec, n, seed=0, num_workers=1, drop_last=True, out_dtype=torch.float32)))
         return x.clone(), y.clone()
-    return load_array(spec)
+    return read_array(spec, "--ref")
 
 
 def run(args) -> int:
-    from ..evaluation import frechet_distance, feature_stats, load_array, make_features
+    from ..evaluation import frechet_distance, feature_stats, make_features
 
-    from .sample import resolve_device
+    from .sample import check_sampling_arguments, resolve_device
 
     device = resolve_device(args.device)
     if os.path.isdir(args.gen):
         from .sample import generate
 
+        check_sampling_arguments(args, args.n)
         generated = generate(args, n=args.n)
         source = f"{args.n} samples of {args.gen}"
     else:
-        generated, _ = load_array(args.gen)
+        generated, _ = read_array(args.gen, "--gen")
         source = args.gen
     reference, _ = load_reference(args.ref, args.n_ref)
     if generated.shape[1:] != reference.shape[1:]:

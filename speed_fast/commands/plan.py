@@ -7,6 +7,10 @@ import os
 
 from ..timesteps import STRATEGY_PARAMS
 
+# The plan needs a finite-difference rate over T - 1 increments (T >= 3) and works in O(T) float64
+# arrays plus a T-point figure; past 10^6 steps it stops being a quick look (T = 10^8 took 75 s).
+T_RANGE = (3, 1_000_000)
+
 HELP = "print tau, t_acc-dec and per-area shares for a schedule + strategy, and plot them"
 
 
@@ -38,6 +42,12 @@ def run(args) -> int:
     from ..schedule import NoiseSchedule
     from ..timesteps import make_strategy
 
+    if not T_RANGE[0] <= args.T <= T_RANGE[1]:
+        raise ValueError(f"--T must be in [{T_RANGE[0]}, {T_RANGE[1]}], got {args.T}")
+    if args.out:
+        from .sample import check_output
+
+        check_output(args.out, "--out", (".png",))
     schedule = NoiseSchedule.make(args.schedule, T=args.T, beta_start=args.beta_start, beta_end=args.beta_end)
     strategy = make_strategy(args.strategy, schedule, **strategy_params(args))
     summary = plan_summary(schedule, strategy, step=args.step)

@@ -44,14 +44,52 @@ def add_arguments(p) -> None:
 
 
 def resolve_device(device):
+    """--device as a torch.device: 'cpu', 'cuda' or 'cuda:N' of a GPU this machine has (default: cuda when present)."""
     import torch
 
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} requested but CUDA is not available")
-    return device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def check_output(path: str, flag: str, suffixes: tuple[str, ...]) -> None:
+    """Fail before any work when `path` cannot be written as a `suffixes` file."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a directory; expected a file name ending in {' or '.join(suffixes)}")
+    if not path.lower().endswith(suffixes):
+        raise ValueError(f"{flag} {path!r} must end in {' or '.join(suffixes)}")
+    parent = os.path.dirname(os.path.abspath(path))
+    existing = parent
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise ValueError(f"{flag} {path!r}: cannot write into {existing!r}")
+
+
+def check_sampling_arguments(args, n: int) -> None:
+    """The sampling flags' values, before a model is loaded."""
+    import math
+
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not math.isfinite(args.cfg) or args.cfg < 0:
+        raise ValueError(f"--cfg must be a finite number >= 0, got {args.cfg!r}")
+    if not 0.0 <= args.eta <= 1.0:
+        raise ValueError(f"--eta must be in [0, 1], got {args.eta!r}")
+    _parse_labels(args.labels, 1)
 
 
 def load_run(run_dir: str, ema: bool, device):
@@ -111,7 +149,10 @@ def _parse_labels(spec, n):
 
 
 def generate(args, n: int, return_labels: bool = False):
-    """Samples of the run at args.ckpt (or args.gen), decoded to images when --vae is given."""
+    """Samples of the run at args.ckpt (or args.gen), decoded to images when --vae is given.
+    Raises ValueError when any sample is not finite (e.g. a huge guidance scale)."""
+    import torch
+
     from ..sampling import sample
 
     run_dir = getattr(args, "ckpt", None) or args.gen
@@ -124,6 +165,10 @@ def generate(args, n: int, return_labels: bool = False):
     x, y = sample(model, schedule, n, _parse_labels(args.labels, n), steps=args.steps, method=args.method,
                   eta=args.eta, cfg_scale=args.cfg, seed=args.seed, device=device, batch_size=args.batch_size,
                   clip_denoised=args.clip_denoised, return_labels=True, progress=True)
+    bad = int((~torch.isfinite(x)).flatten(1).any(dim=1).sum())
+    if bad:
+        raise ValueError(f"{bad} of {n} samples are not finite (NaN or infinity) with --cfg {args.cfg:g}, --steps "
+                         f"{args.steps} ({args.method}); nothing was written")
     if args.vae is not None:
         x = decode_latents(load_vae(args.vae, device), x)
     return (x, y) if return_labels else x
@@ -134,8 +179,11 @@ def run(args) -> int:
 
     from ..sampling import save_grid
 
-    if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
+    check_sampling_arguments(args, args.n)
+    resolve_device(args.device)
+    check_output(args.out, "--out", (".png", ".jpg", ".jpeg"))
+    if args.save:
+        check_output(args.save, "--save", (".npz",))
     x, y = generate(args, args.n, return_labels=True)
     if x.shape[1] not in (1, 3):
         raise ValueError(f"samples have {x.shape[1]} channels; pass --vae DIR to decode latents to images")

@@ -13,8 +13,10 @@ and the file list. A rerun with the same settings continues after the last finis
 shard cut short by a kill is never on disk), so no image is encoded twice or left out. The
 .beton is written from the shards at the end and the parts folder is removed.
 
-Unreadable images (not decodable, truncated, unsupported) are skipped and reported as they
-occur; their count and names go into the sidecar's "source" entry.
+Unreadable images (not decodable, truncated, unsupported, or past MAX_ASPECT / MAX_PIXELS) are
+skipped and reported as they occur; their count and names go into the sidecar's "source" entry.
+Symlinks are followed, but each directory and each image file (by device and inode) is taken
+once, first in sorted order: a link back into the tree cannot repeat images or loop.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ import torch
 from .latents import write_latents
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+# Images are refused (reported and skipped) past these limits, read from the header before decoding:
+# the center crop resizes the short side to the resolution, so a 1x4000 strip at 256 would become
+# 256x1024000 pixels (GBs); 2^26 pixels is an 8192x8192 image (192 MiB as RGB).
+MAX_ASPECT = 32
+MAX_PIXELS = 1 << 26
 _SHARD_RE = re.compile(r"^shard-(\d{9})-(\d{9})\.npz$")
 # Settings that must match for a rerun to continue an earlier one.
 _MANIFEST_KEYS = ("image_dir", "files_sha256", "num_images", "class_names", "vae", "vae_config_sha256",
@@ -47,15 +54,30 @@ def scan_image_folder(image_dir: str) -> tuple[list[str], np.ndarray, list[str]]
     if not classes:
         raise ValueError(f"IMAGE_DIR {image_dir!r} has no class sub-folders; expected IMAGE_DIR/<class>/<image>")
     paths, labels = [], []
+    seen_dirs, seen_files = set(), set()  # (device, inode): symlinks are followed, each target once
     for label, cls in enumerate(classes):
         found = []
         for root, dirs, files in os.walk(os.path.join(image_dir, cls), followlinks=True):
+            st = os.stat(root)
+            if (st.st_dev, st.st_ino) in seen_dirs:  # a symlink back into the tree (or a loop)
+                dirs[:] = []
+                continue
+            seen_dirs.add((st.st_dev, st.st_ino))
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             found += [os.path.relpath(os.path.join(root, f), image_dir) for f in files
                       if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
         found.sort()
-        paths += found
-        labels += [label] * len(found)
+        for rel in found:
+            try:
+                st = os.stat(os.path.join(image_dir, rel))
+            except OSError:  # a dangling link: kept, reported as unreadable when it is encoded
+                st = None
+            if st is not None:
+                if (st.st_dev, st.st_ino) in seen_files:
+                    continue
+                seen_files.add((st.st_dev, st.st_ino))
+            paths.append(rel)
+            labels.append(label)
     if not paths:
         raise ValueError(f"IMAGE_DIR {image_dir!r} has class folders {classes[:5]} but no image files "
                          f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
@@ -77,10 +99,16 @@ def center_crop_arr(pil_image, image_size: int):
 
 
 def load_image(path: str, resolution: int) -> torch.Tensor:
-    """An image file as float32 [3, R, R] in [-1, 1] after the ADM center crop."""
+    """An image file as float32 [3, R, R] in [-1, 1] after the ADM center crop.
+    Raises ValueError, before decoding, for images past MAX_ASPECT or MAX_PIXELS."""
     from PIL import Image
 
     with Image.open(path) as im:
+        w, h = im.size
+        if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
+            raise ValueError(f"{w}x{h} pixels: aspect ratio beyond {MAX_ASPECT}:1 (MAX_ASPECT)")
+        if w * h > MAX_PIXELS:
+            raise ValueError(f"{w}x{h} = {w * h} pixels, more than {MAX_PIXELS} (MAX_PIXELS)")
         img = center_crop_arr(im.convert("RGB"), resolution)
     arr = np.asarray(img, dtype=np.float32)  # (R, R, 3)
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0  # (3, R, R)
@@ -100,6 +128,20 @@ class _Images(torch.utils.data.Dataset):
             return g, load_image(os.path.join(self.root, self.paths[g]), self.resolution), ""
         except Exception as exc:  # any decoder failure means "unreadable": reported and skipped
             return g, torch.zeros(3, self.resolution, self.resolution), f"{type(exc).__name__}: {exc}"
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} usable CUDA device(s)")
+    return dev
 
 
 def load_vae(vae_path: str, device: torch.device):
@@ -203,9 +245,9 @@ def encode_folder(image_dir: str, vae_path: str, out: str, *, resolution: int = 
         raise ValueError(f"max_images must be an integer >= 1, got {max_images!r}")
     image_dir = os.path.abspath(image_dir)
     vae_path = os.path.abspath(vae_path)
+    dev = _device(device)
     paths, labels, class_names = scan_image_folder(image_dir)
     n_images = len(paths)
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     vae = load_vae(vae_path, dev)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if resolution % factor:

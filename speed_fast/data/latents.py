@@ -37,6 +37,9 @@ STORE_DTYPES = {
 }
 
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Class labels index an embedding table of num_classes + 1 rows (DiT's null class): 2^20 classes are
+# ~4.8 GB of fp32 table at DiT-XL's width, far past any class-conditional dataset (ImageNet-21k: 21841).
+MAX_CLASSES = 1 << 20
 _FFCV_MIN_PAGE = 1 << 21
 
 
@@ -107,6 +110,12 @@ def _check_labels(labels: Any, n: int, class_names: Sequence[str] | None) -> tup
     if n and lab.min() < 0:
         bad = int(np.argmin(lab))
         raise ValueError(f"labels[{bad}] = {int(lab[bad])}; class indices must be >= 0")
+    if n and lab.max() >= MAX_CLASSES:
+        bad = int(np.argmax(lab))
+        raise ValueError(f"labels[{bad}] = {int(lab[bad])}; class indices must be < {MAX_CLASSES} (MAX_CLASSES: "
+                         "the model's class-embedding table has one row per class)")
+    if class_names is not None and len(class_names) > MAX_CLASSES:
+        raise ValueError(f"{len(class_names)} class_names given; at most {MAX_CLASSES} classes are supported")
     if class_names is not None:
         num_classes = len(class_names)
         if n and lab.max() >= num_classes:
@@ -375,6 +384,8 @@ def read_latent_meta(path: str | os.PathLike, *, verify: bool = False) -> dict:
         raise _bad(path, "record pointers do not match the allocation table or leave the data region (corrupted)")
     labels = records["f1"]
     k = meta["num_classes"]
+    if not isinstance(k, int) or not 1 <= k <= MAX_CLASSES:
+        raise _bad(path, f"sidecar num_classes={k!r}, expected an integer in [1, {MAX_CLASSES}]")
     if labels.min() < 0 or labels.max() >= k:
         bad = int(np.argmin(labels) if labels.min() < 0 else np.argmax(labels))
         raise _bad(path, f"record {bad} has label {int(labels[bad])}, expected 0 <= label < num_classes = {k}")

@@ -13,6 +13,7 @@ With flip_copies, each latent is [2, C, H, W] (the image, then its mirrored imag
 from __future__ import annotations
 
 import os
+import zipfile
 
 import numpy as np
 
@@ -20,19 +21,36 @@ LATENT_KEYS = ("latents", "x", "features")
 LABEL_KEYS = ("labels", "y")
 
 
-def _load_labels(path: str) -> np.ndarray:
+def load_array_file(path: str, what: str, **kwargs):
+    """np.load(path, allow_pickle=False, **kwargs), with every way a file can fail to be an array
+    (missing, empty, truncated, not .npy/.npz, pickled objects) turned into one ValueError naming
+    `what` and the file. An .npz's members are read (and checked) when they are accessed."""
     if not os.path.isfile(path):
-        raise ValueError(f"--labels {path!r} is not a file")
+        raise ValueError(f"{what} {path!r} is not a file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{what} {path!r} is empty (0 bytes); expected a .npy or .npz array file")
+    try:
+        return np.load(path, allow_pickle=False, **kwargs)
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{what} {path!r} is not a readable .npy/.npz array ({type(exc).__name__}: {exc})") from None
+
+
+def npz_member(z, key: str, path: str, what: str) -> np.ndarray:
+    """z[key] of an open .npz, a damaged member named as a ValueError."""
+    try:
+        return z[key]
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{what} {path!r}: member {key!r} is unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def _load_labels(path: str) -> np.ndarray:
     if path.endswith(".npz"):
-        with np.load(path) as z:
+        with load_array_file(path, "--labels") as z:
             key = next((k for k in LABEL_KEYS if k in z.files), None)
             if key is None:
                 raise ValueError(f"--labels {path!r} has keys {z.files}, expected one of {list(LABEL_KEYS)}")
-            return np.asarray(z[key])
-    try:
-        return np.asarray(np.load(path, allow_pickle=False))
-    except ValueError as exc:
-        raise ValueError(f"--labels {path!r} is not a .npy array ({exc})") from None
+            return np.asarray(npz_member(z, key, path, "--labels"))
+    return np.asarray(load_array_file(path, "--labels"))
 
 
 class NpyFolder:
@@ -49,7 +67,7 @@ class NpyFolder:
     def __getitem__(self, sl: slice) -> np.ndarray:
         out = []
         for path in self.files[sl]:
-            a = np.load(path, allow_pickle=False)
+            a = load_array_file(path, "feature file")
             a = a.reshape(a.shape[1:]) if a.ndim == len(self.shape) and a.shape[0] == 1 else a
             if a.shape != self.shape[1:]:
                 raise ValueError(f"{path} holds shape {list(a.shape)}, expected {list(self.shape[1:])} "
@@ -88,7 +106,7 @@ def load_fastdit_folder(root: str, progress: bool = False) -> tuple[NpyFolder, n
         missing = sorted(set(feats) ^ set(labs))[:5]
         raise ValueError(f"{feat_dir!r} and {lab_dir!r} do not hold the same file names "
                          f"({len(feats)} vs {len(labs)} files; unmatched e.g. {missing})")
-    first = np.load(os.path.join(feat_dir, feats[0]), allow_pickle=False)
+    first = load_array_file(os.path.join(feat_dir, feats[0]), "feature file")
     item = first.shape[1:] if first.ndim in (4, 5) and first.shape[0] == 1 else first.shape
     labels = np.empty(len(labs), dtype=np.int64)
     it = labs
@@ -97,7 +115,7 @@ def load_fastdit_folder(root: str, progress: bool = False) -> tuple[NpyFolder, n
 
         it = tqdm(labs, unit="label", desc="reading labels")
     for i, name in enumerate(it):
-        y = np.load(os.path.join(lab_dir, name), allow_pickle=False)
+        y = load_array_file(os.path.join(lab_dir, name), "label file")
         if y.size != 1:
             raise ValueError(f"{os.path.join(lab_dir, name)} holds {y.size} values, expected one label")
         labels[i] = int(y.reshape(-1)[0])
@@ -115,28 +133,25 @@ def load_latent_source(path: str, labels_path: str | None = None, progress: bool
     if not os.path.isfile(path):
         raise ValueError(f"{path!r} is neither a file nor a directory")
     if path.endswith(".npz"):
-        z = np.load(path, allow_pickle=False)
-        key = next((k for k in LATENT_KEYS if k in z.files), None)
-        if key is None:
-            raise ValueError(f"{path!r} has keys {z.files}; expected latents under one of {list(LATENT_KEYS)}")
-        latents = z[key]
-        lkey = next((k for k in LABEL_KEYS if k in z.files), None)
-        if labels_path is not None:
-            labels = _load_labels(labels_path)
-        elif lkey is not None:
-            labels = z[lkey]
-        else:
-            raise ValueError(f"{path!r} has keys {z.files} but no labels (one of {list(LABEL_KEYS)}); "
-                             "pass --labels FILE.npy")
-        if "class_names" in z.files:
-            class_names = [str(c) for c in z["class_names"]]
+        with load_array_file(path, "latents") as z:
+            key = next((k for k in LATENT_KEYS if k in z.files), None)
+            if key is None:
+                raise ValueError(f"{path!r} has keys {z.files}; expected latents under one of {list(LATENT_KEYS)}")
+            latents = npz_member(z, key, path, "latents")
+            lkey = next((k for k in LABEL_KEYS if k in z.files), None)
+            if labels_path is not None:
+                labels = _load_labels(labels_path)
+            elif lkey is not None:
+                labels = npz_member(z, lkey, path, "latents")
+            else:
+                raise ValueError(f"{path!r} has keys {z.files} but no labels (one of {list(LABEL_KEYS)}); "
+                                 "pass --labels FILE.npy")
+            if "class_names" in z.files:
+                class_names = [str(c) for c in npz_member(z, "class_names", path, "latents")]
         return latents, labels, class_names
     if path.endswith(".npy"):
         if labels_path is None:
             raise ValueError(f"{path!r} holds only latents; pass their labels with --labels FILE.npy")
-        try:
-            latents = np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError as exc:
-            raise ValueError(f"{path!r} is not a .npy array ({exc})") from None
+        latents = load_array_file(path, "latents", mmap_mode="r")
         return latents, _load_labels(labels_path), None
     raise ValueError(f"{path!r}: expected a .npy file, a .npz file or a fast-DiT features folder")
