@@ -9,8 +9,8 @@ stream 0 for noise, 1 for time steps.
 import triton
 import triton.language as tl
 
-NOISE: tl.constexpr = 0
-TIMESTEPS: tl.constexpr = 1
+NOISE = tl.constexpr(0)
+TIMESTEPS = tl.constexpr(1)
 
 
 @triton.jit
