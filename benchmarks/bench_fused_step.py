@@ -27,6 +27,7 @@ extra_peak_buffers), at the first shape; CUDA: max_memory_allocated.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -97,6 +98,15 @@ class Setup:
         return FusedSpeeD(self.schedule, self.strategy, device=self.device, backend=backend, seed=0)
 
 
+def _keep_noise(keep):
+    """The cpp backend's kept-noise switch for one variant (keep None: not a cpp variant)."""
+    if keep is None:
+        return contextlib.nullcontext()
+    from speed_fast.ops import _cpp
+
+    return _cpp.keep_noise(bool(keep))
+
+
 def make_variants(st: Setup, backends, compile_baseline: bool):
     fns = {}
 
@@ -123,10 +133,9 @@ def make_variants(st: Setup, backends, compile_baseline: bool):
 
         def run(fused=fused, step=step, keep=keep):
             step[0] += 1
-            if keep is not None:
-                torch.ops.speed_fast.cpp_keep_eps(keep)
-            t, xt = fused.sample_and_noise(st.x0, step=step[0])
-            loss, _ = fused.loss(st.pred, t, step=step[0])
+            with _keep_noise(keep):
+                t, xt = fused.sample_and_noise(st.x0, step=step[0])
+                loss, _ = fused.loss(st.pred, t, step=step[0])
             loss.backward()
             st.pred.grad = None
             return xt, loss
@@ -143,11 +152,10 @@ def check_agreement(st: Setup, fns: dict, backends) -> None:
     loss_ref, _ = ref.loss(st.pred.detach().cpu(), t_ref, step=1)
     tol = 1e-5 if st.dtype == torch.float32 else float(torch.finfo(st.dtype).eps) * float(xt_ref.float().abs().max())
     for name, backend, keep in backends:
-        if keep is not None:
-            torch.ops.speed_fast.cpp_keep_eps(keep)
         fused = st.fused(backend)
-        t, xt = fused.sample_and_noise(st.x0, step=1)
-        loss, _ = fused.loss(st.pred.detach(), t, step=1)
+        with _keep_noise(keep):
+            t, xt = fused.sample_and_noise(st.x0, step=1)
+            loss, _ = fused.loss(st.pred.detach(), t, step=1)
         assert torch.equal(t.cpu(), t_ref), f"{name}: time steps differ from the reference"
         err = float((xt.detach().float().cpu() - xt_ref.float()).abs().max())
         assert err <= tol, f"{name}: x_t differs from the reference by {err}"
@@ -220,7 +228,7 @@ def bandwidth_rows(st: Setup, iters: int, peak_gbps: float | None) -> list[dict]
     t, _ = fused.sample_and_noise(st.x0, step=1)
     pred = st.pred.detach()
     fns = {"triton sample_and_noise kernel": lambda: fused.sample_and_noise(st.x0, step=1),
-           "triton weighted_mse kernel": lambda: fused._impl.weighted_mse_fwd(pred, t, fused.weights, 0, 1, 0)}
+           "triton weighted_mse kernel": lambda: fused._loss_fwd(pred, t, fused.weights, 0, 1, 0)}
     times = time_round_robin(fns, st.device, warmup=3, iters=iters)
     nbytes = 2 * st.x0.numel() * st.x0.element_size()
     rows = []
@@ -286,8 +294,6 @@ def main(argv=None) -> int:
             results.append(row)
         if on_gpu and shape == shapes[-1]:
             results += bandwidth_rows(st, iters, peak_gbps)
-        if backend_status("cpp")[0]:
-            torch.ops.speed_fast.cpp_keep_eps(1)  # the default, whatever variant ran last
     print_table(results, [("name", "variant"), ("shape", "shape"), ("dtype", "dtype"), ("ms_p20", "p20 ms"),
                           ("ms_p50", "p50 ms"), ("ms_p80", "p80 ms"), ("speedup_vs_eager", "x eager"),
                           ("speedup_vs_compiled", "x compiled"), ("extra_peak_buffers", "extra peak (latents)"),

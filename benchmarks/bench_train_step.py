@@ -44,7 +44,7 @@ from speed_fast.data.digits import digits_arrays  # noqa: E402
 from speed_fast.diffusion import GaussianDiffusion, mean_flat  # noqa: E402
 from speed_fast.models import DiT, DiTConfig, flops_per_image  # noqa: E402
 from speed_fast.ops import FusedSpeeD  # noqa: E402
-from speed_fast.ops._torch import noise_ref  # noqa: E402
+from speed_fast.ops import noise_ref  # noqa: E402
 from speed_fast.schedule import NoiseSchedule  # noqa: E402
 from speed_fast.timesteps import make_strategy  # noqa: E402
 from speed_fast.training.config import load_preset  # noqa: E402

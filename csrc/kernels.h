@@ -36,7 +36,7 @@ struct KernelTable {
   void (*add_noise)(DType dtype, const void* x0, void* xt, float* eps_out, int64_t n, uint64_t g0, float a, float s,
                     RngKey key);
   // One segment of one sample: d = pred[i] - eps(g0 + i); grad[i] = (d * c) * w; returns sum d^2.
-  // eps is read from eps_in when it is not null (the kept noise, see eps_cache.h), else drawn.
+  // eps is read from eps_in when it is not null (the kept noise, eps_cache.h), else drawn.
   double (*weighted_mse)(DType dtype, const void* pred, void* grad, const float* eps_in, int64_t n, uint64_t g0,
                          float c, float w, RngKey key);
 };

@@ -21,11 +21,22 @@ inline void check_cpu(const char* name, const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), name, " must be a CPU tensor for the cpp backend, got device ", x.device());
 }
 
+// Whether every sample x[b] is contiguous (any batch stride: e.g. the eps half of a
+// learned-sigma output, model_out[:, :C]).
+inline bool samples_contiguous(const at::Tensor& x) {
+  int64_t expected = 1;
+  for (int64_t d = x.dim() - 1; d >= 1; --d) {
+    if (x.size(d) != 1 && x.stride(d) != expected) return false;
+    expected *= x.size(d);
+  }
+  return true;
+}
+
 inline DType check_batch(const char* name, const at::Tensor& x) {
   check_cpu(name, x);
   TORCH_CHECK_VALUE(x.dim() >= 2, name, " must be a batch [B, ...] with at least 2 dims, got shape ", x.sizes());
-  TORCH_CHECK_VALUE(x.is_contiguous(), name, " must be contiguous, got strides ", x.strides(), " for shape ",
-                    x.sizes());
+  TORCH_CHECK_VALUE(samples_contiguous(x), name, " must be contiguous within each sample, got strides ",
+                    x.strides(), " for shape ", x.sizes());
   switch (x.scalar_type()) {
     case at::kFloat:
       return DType::f32;
@@ -89,23 +100,5 @@ void draw_timesteps(const at::Tensor& prob, const at::Tensor& alias, int64_t n, 
                     int64_t* t);
 
 inline size_t element_size(DType d) { return d == DType::f32 ? 4 : 2; }
-
-// The noise of one batch, kept from sample_and_noise / add_noise for the weighted_mse of the
-// same (seed, step, offset, B, D) (sample_and_noise.cpp). On a CPU drawing normals costs more
-// than a pass over memory (reference/NOTES.md), so reading eps back is faster than drawing it
-// again; the values are the same either way. At most one batch is kept, only for float32
-// batches (for 16-bit ones it would take two latent-sized buffers), and weighted_mse frees it.
-struct EpsKey {
-  uint64_t seed;
-  uint32_t step;
-  int64_t offset, B, D;
-  bool operator==(const EpsKey& o) const {
-    return seed == o.seed && step == o.step && offset == o.offset && B == o.B && D == o.D;
-  }
-};
-void keep_eps(const EpsKey& key, at::Tensor eps);
-// The kept noise of `key` (float32 [B * D]), removed from the cache; undefined if none.
-at::Tensor take_eps(const EpsKey& key);
-bool keep_eps_enabled();
 
 }  // namespace speed_fast

@@ -1,46 +1,15 @@
 // speed_fast::cpp_sample_and_noise and cpp_add_noise: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
-// in one pass over x0, eps drawn on the fly (Philox + Box-Muller, SIMD). For float32 batches
-// the noise is also kept, one batch at most, for the weighted_mse of the same step (EpsKey in
-// ops_common.h). Also cpp_normal, the bare noise (for tests and benchmarks of the generator).
-#include <atomic>
-#include <mutex>
-#include <utility>
-
+// in one pass over x0, eps drawn on the fly (Philox + Box-Muller, SIMD). x0 may have any batch
+// stride (each sample contiguous); x_t is contiguous. For float32 batches the noise is also
+// kept, one batch at most, for the weighted_mse of the same step (eps_cache.h). Also
+// cpp_normal, the bare noise (for tests and benchmarks of the generator).
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include "eps_cache.h"
 #include "ops_common.h"
 
 namespace speed_fast {
-namespace {
-
-std::mutex g_eps_mutex;
-EpsKey g_eps_key{};
-std::atomic<bool> g_keep_eps{true};
-
-// float32 [B * D] or undefined. Never destroyed: at exit torch's allocator may be gone first.
-at::Tensor& kept_eps() {
-  static at::Tensor* eps = new at::Tensor();
-  return *eps;
-}
-
-}  // namespace
-
-void keep_eps(const EpsKey& key, at::Tensor eps) {
-  const std::lock_guard<std::mutex> lock(g_eps_mutex);
-  g_eps_key = key;
-  kept_eps() = std::move(eps);
-}
-
-at::Tensor take_eps(const EpsKey& key) {
-  const std::lock_guard<std::mutex> lock(g_eps_mutex);
-  if (!kept_eps().defined() || !(g_eps_key == key)) return at::Tensor();
-  return std::exchange(kept_eps(), at::Tensor());
-}
-
-bool keep_eps_enabled() { return g_keep_eps.load(); }
-
 namespace {
 
 void check_t_range(const int64_t* t, int64_t B, int64_t T) {
@@ -61,12 +30,13 @@ void noise_batch(const at::Tensor& x0, at::Tensor& xt, DType dtype, const int64_
   const char* src = static_cast<const char*>(x0.data_ptr());
   char* dst = static_cast<char*>(xt.data_ptr());
   const size_t es = element_size(dtype);
+  const int64_t stride = x0.stride(0);
 #pragma omp parallel for schedule(dynamic, seg.grain()) if (seg.parallel())
   for (int64_t item = 0; item < seg.items(); ++item) {
     const int64_t b = item / seg.pieces, p = item % seg.pieces;
     const int64_t i0 = b * D + seg.begin(p);
-    k.add_noise(dtype, src + i0 * es, dst + i0 * es, eps_out ? eps_out + i0 : nullptr, seg.length(p),
-                uint64_t(offset + b) * uint64_t(D) + seg.begin(p), sqrt_ab[t[b]], sqrt_1mab[t[b]], key);
+    k.add_noise(dtype, src + (b * stride + seg.begin(p)) * es, dst + i0 * es, eps_out ? eps_out + i0 : nullptr,
+                seg.length(p), uint64_t(offset + b) * uint64_t(D) + seg.begin(p), sqrt_ab[t[b]], sqrt_1mab[t[b]], key);
   }
   if (eps.defined()) keep_eps(EpsKey{key.seed, key.step, offset, B, D}, std::move(eps));
 }
@@ -84,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor> cpp_sample_and_noise(const at::Tensor& x0, co
   TORCH_CHECK_VALUE(offset <= INT64_MAX - B, "offset + B must be < 2^63, got offset=", offset, ", B=", B);
   at::Tensor t = at::empty({B}, x0.options().dtype(at::kLong));  // (B,)
   draw_timesteps(prob, alias, B, key, offset, t.data_ptr<int64_t>());
-  at::Tensor xt = at::empty_like(x0);  // (B, ...)
+  at::Tensor xt = at::empty(x0.sizes(), x0.options());  // (B, ...) contiguous
   noise_batch(x0, xt, dtype, t.data_ptr<int64_t>(), sqrt_ab.data_ptr<float>(), sqrt_1mab.data_ptr<float>(), key,
               offset);
   return {t, xt};
@@ -98,7 +68,7 @@ at::Tensor cpp_add_noise(const at::Tensor& x0, const at::Tensor& t, const at::Te
   check_table("t", t, at::kLong, x0.size(0));
   check_t_range(t.data_ptr<int64_t>(), x0.size(0), sqrt_ab.size(0));
   const RngKey key = rng_key(seed, step, offset);
-  at::Tensor xt = at::empty_like(x0);  // (B, ...)
+  at::Tensor xt = at::empty(x0.sizes(), x0.options());  // (B, ...) contiguous
   noise_batch(x0, xt, dtype, t.data_ptr<int64_t>(), sqrt_ab.data_ptr<float>(), sqrt_1mab.data_ptr<float>(), key,
               offset);
   return xt;
@@ -122,17 +92,6 @@ at::Tensor cpp_normal(int64_t numel, int64_t seed, int64_t step, int64_t first_e
   return eps;
 }
 
-// -1 reports whether sample_and_noise keeps its noise for the loss; 0 / 1 switches it off / on
-// (to measure both ways; the values are identical).
-int64_t cpp_keep_eps(int64_t enable) {
-  TORCH_CHECK_VALUE(enable >= -1 && enable <= 1, "enable must be -1, 0 or 1, got ", enable);
-  if (enable >= 0) {
-    g_keep_eps.store(enable == 1);
-    if (enable == 0) keep_eps(EpsKey{}, at::Tensor());
-  }
-  return g_keep_eps.load() ? 1 : 0;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(speed_fast, m) {
@@ -141,7 +100,6 @@ TORCH_LIBRARY_FRAGMENT(speed_fast, m) {
       "int step, int offset) -> (Tensor, Tensor)");
   m.def("cpp_add_noise(Tensor x0, Tensor t, Tensor sqrt_ab, Tensor sqrt_1mab, int seed, int step, int offset) -> Tensor");
   m.def("cpp_normal(int numel, int seed, int step, int first_element) -> Tensor");
-  m.def("cpp_keep_eps(int enable) -> int", &cpp_keep_eps);
 }
 
 TORCH_LIBRARY_IMPL(speed_fast, CPU, m) {

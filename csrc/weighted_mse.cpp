@@ -1,6 +1,7 @@
 // speed_fast::cpp_weighted_mse_fwd: loss = mean_b w(t_b) mean_i (pred - eps)^2, the per-sample
 // mse and the gradient d loss / d pred, in one pass over pred. eps is read back when
-// sample_and_noise kept it for this (seed, step, offset, shape), else drawn again on the fly.
+// sample_and_noise kept it for this (seed, step, offset, shape) (eps_cache.h), else drawn
+// again on the fly. pred may have any batch stride (each sample contiguous); grad is contiguous.
 //
 // Per-sample sums are accumulated per segment (Segments) and reduced in a fixed order, so
 // the result does not depend on the number of threads.
@@ -8,9 +9,9 @@
 #include <vector>
 
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include "eps_cache.h"
 #include "ops_common.h"
 
 namespace speed_fast {
@@ -31,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_weighted_mse_fwd(const at::Te
     TORCH_CHECK_VALUE(tp[b] >= 0 && tp[b] < T, "t must lie in [0, ", T, "), got t[", b, "] = ", tp[b]);
     TORCH_CHECK_VALUE(std::isfinite(wp[tp[b]]), "weights must be finite, got weights[", tp[b], "] = ", wp[tp[b]]);
   }
-  at::Tensor grad = at::empty_like(pred);                        // (B, ...)
+  at::Tensor grad = at::empty(pred.sizes(), pred.options());      // (B, ...) contiguous
   at::Tensor mse = at::empty({B}, pred.options().dtype(at::kFloat));  // (B,)
   at::Tensor loss = at::empty({}, pred.options().dtype(at::kFloat));  // ()
   // The reference's float32 factor 2 / (B D), applied before w(t_b), as (diff * c) * w.
@@ -43,12 +44,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_weighted_mse_fwd(const at::Te
   const char* src = static_cast<const char*>(pred.data_ptr());
   char* dst = static_cast<char*>(grad.data_ptr());
   const size_t es = element_size(dtype);
+  const int64_t stride = pred.stride(0);
 #pragma omp parallel for schedule(dynamic, seg.grain()) if (seg.parallel())
   for (int64_t item = 0; item < seg.items(); ++item) {
     const int64_t b = item / seg.pieces, p = item % seg.pieces;
     const int64_t i0 = b * D + seg.begin(p);
-    partial[size_t(item)] = k.weighted_mse(dtype, src + i0 * es, dst + i0 * es, eps_in ? eps_in + i0 : nullptr, seg.length(p),
-                                           uint64_t(offset + b) * uint64_t(D) + seg.begin(p), c, wp[tp[b]], key);
+    partial[size_t(item)] =
+        k.weighted_mse(dtype, src + (b * stride + seg.begin(p)) * es, dst + i0 * es, eps_in ? eps_in + i0 : nullptr,
+                       seg.length(p), uint64_t(offset + b) * uint64_t(D) + seg.begin(p), c, wp[tp[b]], key);
   }
   float* mp = mse.data_ptr<float>();
   double total = 0.0;

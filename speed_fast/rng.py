@@ -102,22 +102,23 @@ def box_muller(u_a: torch.Tensor, u_b: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def normal_ref(numel: int, seed: int, step: int, first_element: int = 0, device=None) -> torch.Tensor:
-    """float32 [numel]: the standard normals for global elements first_element .. first_element + numel - 1."""
+    """float32 [numel]: the standard normals for global elements first_element .. first_element + numel - 1,
+    computed on `device` (default CPU), so a GPU reference needs no host-to-device copy."""
     seed, step, _ = check_seed_step(seed, step)
     if numel < 0 or first_element < 0:
         raise ValueError(f"numel and first_element must be >= 0, got {numel!r} and {first_element!r}")
-    g = torch.arange(first_element, first_element + numel, dtype=torch.int64)
+    g = torch.arange(first_element, first_element + numel, dtype=torch.int64, device=device)
     r0, r1, r2, r3 = random_uint32x4(g >> 2, seed, step, NOISE)
     n0, n1 = box_muller(uniform(r0), uniform(r1))
     n2, n3 = box_muller(uniform(r2), uniform(r3))
     lanes = torch.stack([n0, n1, n2, n3], dim=1)  # (numel, 4)
-    out = lanes.gather(1, (g & 3).unsqueeze(1)).squeeze(1)
-    return out if device is None else out.to(device)
+    return lanes.gather(1, (g & 3).unsqueeze(1)).squeeze(1)
 
 
-def alias_draws_ref(n: int, T: int, seed: int, step: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(column int64 [n], coin float32 [n]) for draws offset .. offset + n - 1."""
-    index = torch.arange(offset, offset + n, dtype=torch.int64)
+def alias_draws_ref(n: int, T: int, seed: int, step: int, offset: int = 0,
+                    device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(column int64 [n], coin float32 [n]) for draws offset .. offset + n - 1, computed on `device`."""
+    index = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
     r0, r1, _, _ = random_uint32x4(index, seed, step, TIMESTEPS)
     column, _ = _mulhilo(T, r0)  # floor(r0 * T / 2^32), exact
     return column, uniform(r1)

@@ -1,23 +1,14 @@
-"""Shared set-up of the fused-op tests (test_sample_timesteps, test_sample_and_noise,
+"""Shared cases of the fused-op tests (test_sample_timesteps, test_sample_and_noise,
 test_weighted_mse, test_backends): which backends to compare with the torch reference,
-random alias tables, and the dtype-relative tolerance of STYLE.md.
-
-Without a GPU the Triton kernels are checked in Triton's interpreter on CPU tensors; it
-has to be switched on before triton is first imported, which is why this module is
-imported before speed_fast.ops in those files.
+random alias tables, and the dtype-relative tolerance of STYLE.md. (conftest.py switches
+Triton's interpreter on where there is no GPU.)
 """
-
-import os
-import sys
 
 import pytest
 import torch
 
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from speed_fast.alias import build_alias_table  # noqa: E402
-from speed_fast.ops import backend_status  # noqa: E402
+from speed_fast.alias import build_alias_table
+from speed_fast.ops import backend_status
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -15,10 +15,7 @@ from speed_fast.ops import FusedSpeeD, backend_status, resolve_backend
 from speed_fast.schedule import NoiseSchedule
 from speed_fast.timesteps import make_strategy
 
-
-@pytest.fixture(autouse=True)
-def _seeded():
-    torch.manual_seed(0)  # the tests' random inputs are the same on every run
+pytestmark = pytest.mark.usefixtures("seeded")
 
 
 def test_cpp_builds_here_and_env_reports_it(capsys):

@@ -7,7 +7,7 @@ import torch
 from speed_fast.diffusion import GaussianDiffusion, mean_flat
 from speed_fast.models import DiT, DiTConfig
 from speed_fast.ops import FusedSpeeD
-from speed_fast.ops._torch import noise_ref
+from speed_fast.ops import noise_ref
 from speed_fast.schedule import NoiseSchedule
 from speed_fast.timesteps import make_strategy
 

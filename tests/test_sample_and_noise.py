@@ -7,14 +7,11 @@ import torch
 from fused_cases import FLOAT_DTYPES, KERNEL_BACKENDS, assert_dtype_close, require, tables
 
 from speed_fast import rng
-from speed_fast.ops import FusedSpeeD, _torch, add_noise, sample_and_noise
+from speed_fast.ops import FusedSpeeD, add_noise, add_noise_ref, sample_and_noise, sample_and_noise_ref
 from speed_fast.schedule import NoiseSchedule
 from speed_fast.timesteps import make_strategy
 
-
-@pytest.fixture(autouse=True)
-def _seeded():
-    torch.manual_seed(0)  # the tests' random inputs are the same on every run
+pytestmark = pytest.mark.usefixtures("seeded")
 
 SHAPES = [(9, 3, 17, 5), (1, 4, 8, 8), (5, 7), (3, 1, 1, 3)]  # odd sizes, B = 1, numel % 4 != 0
 
@@ -22,8 +19,8 @@ SHAPES = [(9, 3, 17, 5), (1, 4, 8, 8), (5, 7), (3, 1, 1, 3)]  # odd sizes, B = 1
 def _reference(x0, prob, alias, sqrt_ab, sqrt_1mab, seed, step, offset):
     """(t, x_t in fp32, x_t rounded to x0's dtype) of the torch reference, on the CPU."""
     x0, tabs = x0.cpu(), [v.cpu() for v in (prob, alias, sqrt_ab, sqrt_1mab)]
-    t, xt_dtype = _torch.sample_and_noise(x0, *tabs, seed, step, offset)
-    _, xt32 = _torch.sample_and_noise(x0.float(), *tabs, seed, step, offset)
+    t, xt_dtype = sample_and_noise_ref(x0, *tabs, seed, step, offset)
+    _, xt32 = sample_and_noise_ref(x0.float(), *tabs, seed, step, offset)
     return t, xt32, xt_dtype
 
 
@@ -92,8 +89,8 @@ def test_add_noise_matches_reference(backend, device, dtype):
     x0 = torch.randn(5, 3, 9).to(dtype).to(device)
     t = torch.tensor([0, 49, 7, 7, 20], device=device)
     xt = add_noise(x0, t, sab, s1, seed=8, step=9, offset=2, backend=backend)
-    ref_dtype = _torch.add_noise(x0.cpu(), t.cpu(), sab.cpu(), s1.cpu(), 8, 9, 2)
-    ref32 = _torch.add_noise(x0.cpu().float(), t.cpu(), sab.cpu(), s1.cpu(), 8, 9, 2)
+    ref_dtype = add_noise_ref(x0.cpu(), t.cpu(), sab.cpu(), s1.cpu(), 8, 9, 2)
+    ref32 = add_noise_ref(x0.cpu().float(), t.cpu(), sab.cpu(), s1.cpu(), 8, 9, 2)
     assert_dtype_close(xt, ref32, ref_dtype)
 
 
@@ -180,3 +177,20 @@ def test_cpp_ops_check_their_own_arguments():
         ops.cpp_add_noise(x0, torch.tensor([0, -1, 0, 0]), sab, s1, 0, 0, 0)
     with pytest.raises(ValueError, match="numel_per_sample must be < 2"):
         ops.cpp_add_noise(x0, torch.zeros(4, dtype=torch.int64), sab, s1, 0, 0, 2**62)
+
+
+@pytest.mark.parametrize("backend, device", [("torch", "cpu")] + KERNEL_BACKENDS)
+def test_gradient_reaches_x0(backend, device):
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps: d x_t / d x0 = sqrt(abar_t), per sample."""
+    if backend != "torch":
+        require(backend)
+    prob, alias, sab, s1, _ = tables(50, device)
+    x0 = torch.randn(3, 2, 5, device=device, requires_grad=True)
+    g = torch.randn(3, 2, 5, device=device)
+    t, xt = sample_and_noise(x0, prob, alias, sab, s1, seed=4, step=2, backend=backend)
+    (xt * g).sum().backward()
+    assert torch.allclose(x0.grad, g * sab[t].view(3, 1, 1), rtol=1e-6)
+    x0.grad = None
+    xt = add_noise(x0, t, sab, s1, seed=4, step=2, backend=backend)
+    (xt * g).sum().backward()
+    assert torch.allclose(x0.grad, g * sab[t].view(3, 1, 1), rtol=1e-6)

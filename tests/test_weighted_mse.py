@@ -5,14 +5,11 @@ import pytest
 import torch
 from fused_cases import FLOAT_DTYPES, KERNEL_BACKENDS, assert_dtype_close, require, tables
 
-from speed_fast.ops import FusedSpeeD, _torch, sample_and_noise, weighted_mse
+from speed_fast.ops import FusedSpeeD, noise_ref, sample_and_noise, weighted_mse
 from speed_fast.schedule import NoiseSchedule
 from speed_fast.timesteps import make_strategy
 
-
-@pytest.fixture(autouse=True)
-def _seeded():
-    torch.manual_seed(0)  # the tests' random inputs are the same on every run
+pytestmark = pytest.mark.usefixtures("seeded")
 
 SHAPES = [(9, 3, 17, 5), (1, 4, 8, 8), (5, 7), (2, 3, 40, 41)]
 
@@ -22,7 +19,7 @@ def _autograd_reference(pred, t, weights, seed, step, offset):
     on pred's values; grad comes back in pred's dtype."""
     pred = pred.detach().cpu().requires_grad_()
     B = pred.shape[0]
-    eps = _torch.noise_ref(pred.shape, seed, step, offset, "cpu")
+    eps = noise_ref(pred.shape, seed, step, offset, "cpu")
     mse = (pred.float() - eps).square().reshape(B, -1).mean(1)  # (B,)
     loss = (weights.cpu()[t.cpu()] * mse).mean()
     loss.backward()
@@ -103,21 +100,23 @@ def test_loss_sees_the_noise_of_sample_and_noise(backend, device):
     assert float(loss2) > 0.5
 
 
-def test_cpp_kept_noise_gives_identical_results():
+def test_cpp_kept_noise_is_read_back_and_gives_identical_results():
+    """sample_and_noise keeps float32 noise; the loss of the same step reads it (a cache hit) and
+    gives exactly what drawing it again gives; without the cache nothing is kept."""
     require("cpp")
     from speed_fast.ops import _cpp
 
     prob, alias, sab, s1, weights = tables(100, "cpu")
     x0, pred = torch.randn(8, 4, 9, 9), torch.randn(8, 4, 9, 9)
     outs = []
-    for keep in (1, 0):
-        torch.ops.speed_fast.cpp_keep_eps(keep)
-        try:
+    for keep in (True, False):
+        with _cpp.keep_noise(keep):
             t, _ = _cpp.sample_and_noise(x0, prob, alias, sab, s1, 5, 6, 7)
-            outs.append(_cpp.weighted_mse_fwd(pred, t, weights, 5, 6, 7))  # kept noise when keep = 1
-            outs.append(_cpp.weighted_mse_fwd(pred, t, weights, 5, 6, 7))  # drawn again
-        finally:
-            torch.ops.speed_fast.cpp_keep_eps(1)
+            hits = _cpp.eps_cache_hits()
+            outs.append(_cpp.weighted_mse_fwd(pred, t, weights, 5, 6, 7))  # kept noise when keep
+            assert _cpp.eps_cache_hits() == hits + (1 if keep else 0)
+            outs.append(_cpp.weighted_mse_fwd(pred, t, weights, 5, 6, 7))  # drawn again: taken once
+            assert _cpp.eps_cache_hits() == hits + (1 if keep else 0)
     for other in outs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
 

@@ -33,9 +33,12 @@ from pathlib import Path
 
 import torch
 
+from .validate import samples_contiguous
+
 EXTENSION = "speed_fast_cpu"
 SOURCES = (
     "dispatch.cpp",
+    "eps_cache.cpp",
     "isa_scalar.cpp",
     "isa_avx2.cpp",
     "isa_avx512.cpp",
@@ -43,7 +46,7 @@ SOURCES = (
     "sample_and_noise.cpp",
     "weighted_mse.cpp",
 )
-HEADERS = ("kernels.h", "fused_impl.h", "ops_common.h")
+HEADERS = ("kernels.h", "fused_impl.h", "ops_common.h", "eps_cache.h")
 # No -march: the SIMD code paths carry their own target attributes and are chosen at run
 # time. -ffp-contract=off keeps a * x + b * y as the reference rounds it (explicit fmas stay).
 CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno")
@@ -102,16 +105,16 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("speed_fast::cpp_sample_and_noise")
     def _(x0, prob, alias, sqrt_ab, sqrt_1mab, seed, step, offset):
-        return x0.new_empty((x0.shape[0],), dtype=torch.int64), torch.empty_like(x0)
+        return x0.new_empty((x0.shape[0],), dtype=torch.int64), x0.new_empty(x0.shape)
 
     @torch.library.register_fake("speed_fast::cpp_add_noise")
     def _(x0, t, sqrt_ab, sqrt_1mab, seed, step, offset):
-        return torch.empty_like(x0)
+        return x0.new_empty(x0.shape)
 
     @torch.library.register_fake("speed_fast::cpp_weighted_mse_fwd")
     def _(pred, t, weights, seed, step, offset):
         f32 = dict(dtype=torch.float32, device=pred.device)
-        return pred.new_empty((), **f32), torch.empty_like(pred), pred.new_empty((pred.shape[0],), **f32)
+        return pred.new_empty((), **f32), pred.new_empty(pred.shape), pred.new_empty((pred.shape[0],), **f32)
 
     @torch.library.register_fake("speed_fast::cpp_normal")
     def _(numel, seed, step, first_element):
@@ -198,31 +201,59 @@ def _seed_bits(seed: int) -> int:
     return seed - 2**64 if seed >= 2**63 else seed
 
 
+@contextlib.contextmanager
+def keep_noise(enabled: bool = True):
+    """Within the block, sample_and_noise keeps (or does not keep) its float32 noise for the
+    weighted_mse of the same step (csrc/eps_cache.h); the values are identical either way."""
+    load()
+    previous = torch.ops.speed_fast.cpp_keep_eps(-1)
+    torch.ops.speed_fast.cpp_keep_eps(1 if enabled else 0)
+    try:
+        yield
+    finally:
+        torch.ops.speed_fast.cpp_keep_eps(previous)
+
+
+def eps_cache_hits() -> int:
+    """How many weighted_mse calls in this process read noise kept by sample_and_noise."""
+    load()
+    return torch.ops.speed_fast.cpp_eps_cache_hits()
+
+
+def _batch(x: torch.Tensor) -> torch.Tensor:
+    """x itself when each sample is contiguous (the C++ ops take any batch stride), else a copy."""
+    return x if samples_contiguous(x) else x.contiguous()
+
+
 def normal(numel: int, seed: int, step: int, first_element: int = 0) -> torch.Tensor:
     """float32 [numel]: the same noise as `speed_fast.rng.normal_ref`, from the SIMD generator."""
     load()
     return torch.ops.speed_fast.cpp_normal(numel, _seed_bits(seed), step, first_element)
 
 
-# Backend interface (see speed_fast/ops/_torch.py).
+# Backend interface (see speed_fast/ops/backends.py).
 
 
 def sample_timesteps(prob, alias, n, seed, step, offset=0):
     load()
-    return torch.ops.speed_fast.cpp_sample_timesteps(prob, alias, n, _seed_bits(seed), step, offset)
+    return torch.ops.speed_fast.cpp_sample_timesteps(prob.contiguous(), alias.contiguous(), n, _seed_bits(seed), step,
+                                                     offset)
 
 
 def add_noise(x0, t, sqrt_ab, sqrt_1mab, seed, step, offset=0):
     load()
-    return torch.ops.speed_fast.cpp_add_noise(x0, t, sqrt_ab, sqrt_1mab, _seed_bits(seed), step, offset)
+    return torch.ops.speed_fast.cpp_add_noise(_batch(x0), t.contiguous(), sqrt_ab.contiguous(), sqrt_1mab.contiguous(),
+                                              _seed_bits(seed), step, offset)
 
 
 def sample_and_noise(x0, prob, alias, sqrt_ab, sqrt_1mab, seed, step, offset=0):
     load()
-    return torch.ops.speed_fast.cpp_sample_and_noise(x0, prob, alias, sqrt_ab, sqrt_1mab, _seed_bits(seed), step,
-                                                     offset)
+    return torch.ops.speed_fast.cpp_sample_and_noise(_batch(x0), prob.contiguous(), alias.contiguous(),
+                                                     sqrt_ab.contiguous(), sqrt_1mab.contiguous(), _seed_bits(seed),
+                                                     step, offset)
 
 
 def weighted_mse_fwd(pred, t, weights, seed, step, offset=0):
     load()
-    return torch.ops.speed_fast.cpp_weighted_mse_fwd(pred, t, weights, _seed_bits(seed), step, offset)
+    return torch.ops.speed_fast.cpp_weighted_mse_fwd(_batch(pred), t.contiguous(), weights.contiguous(),
+                                                     _seed_bits(seed), step, offset)

@@ -69,7 +69,7 @@ def _sample_and_noise_op(x0: torch.Tensor, prob: torch.Tensor, alias: torch.Tens
 
 @_sample_and_noise_op.register_fake
 def _(x0, prob, alias, sqrt_ab, sqrt_1mab, seed, step, offset):
-    return x0.new_empty((x0.shape[0],), dtype=torch.int64), torch.empty_like(x0)
+    return x0.new_empty((x0.shape[0],), dtype=torch.int64), x0.new_empty(x0.shape)
 
 
 @torch.library.custom_op("speed_fast::triton_add_noise", mutates_args=())
@@ -82,7 +82,7 @@ def _add_noise_op(x0: torch.Tensor, t: torch.Tensor, sqrt_ab: torch.Tensor, sqrt
 
 @_add_noise_op.register_fake
 def _(x0, t, sqrt_ab, sqrt_1mab, seed, step, offset):
-    return torch.empty_like(x0)
+    return x0.new_empty(x0.shape)
 
 
 @torch.library.custom_op("speed_fast::triton_weighted_mse_fwd", mutates_args=())
@@ -96,23 +96,26 @@ def _weighted_mse_fwd_op(pred: torch.Tensor, t: torch.Tensor, weights: torch.Ten
 @_weighted_mse_fwd_op.register_fake
 def _(pred, t, weights, seed, step, offset):
     f32 = dict(dtype=torch.float32, device=pred.device)
-    return pred.new_empty((), **f32), torch.empty_like(pred), pred.new_empty((pred.shape[0],), **f32)
+    return pred.new_empty((), **f32), pred.new_empty(pred.shape), pred.new_empty((pred.shape[0],), **f32)
 
 
-# Backend interface (see speed_fast/ops/_torch.py).
+# Backend interface (see speed_fast/ops/backends.py).
 
 
 def sample_timesteps(prob, alias, n, seed, step, offset=0):
-    return _sample_timesteps_op(prob, alias, n, _seed_bits(seed), step, offset)
+    return _sample_timesteps_op(prob.contiguous(), alias.contiguous(), n, _seed_bits(seed), step, offset)
 
 
 def add_noise(x0, t, sqrt_ab, sqrt_1mab, seed, step, offset=0):
-    return _add_noise_op(x0, t, sqrt_ab, sqrt_1mab, _seed_bits(seed), step, offset)
+    return _add_noise_op(x0.contiguous(), t.contiguous(), sqrt_ab.contiguous(), sqrt_1mab.contiguous(),
+                         _seed_bits(seed), step, offset)
 
 
 def sample_and_noise(x0, prob, alias, sqrt_ab, sqrt_1mab, seed, step, offset=0):
-    return _sample_and_noise_op(x0, prob, alias, sqrt_ab, sqrt_1mab, _seed_bits(seed), step, offset)
+    return _sample_and_noise_op(x0.contiguous(), prob.contiguous(), alias.contiguous(), sqrt_ab.contiguous(),
+                                sqrt_1mab.contiguous(), _seed_bits(seed), step, offset)
 
 
 def weighted_mse_fwd(pred, t, weights, seed, step, offset=0):
-    return _weighted_mse_fwd_op(pred, t, weights, _seed_bits(seed), step, offset)
+    return _weighted_mse_fwd_op(pred.contiguous(), t.contiguous(), weights.contiguous(), _seed_bits(seed), step,
+                                offset)

@@ -1,11 +1,14 @@
 """FusedSpeeD: the device-side tables of one run, built once, and the two fused passes.
 
     fused = FusedSpeeD(schedule, strategy, device="cuda", backend="auto", seed=run_seed)
-    t, x_t = fused.sample_and_noise(x0, step=micro_step, offset=rank * local_batch)
+    t, x_t = fused.sample_and_noise(x0, step=micro_step, offset=rank * local_batch, strategy_step=opt_step)
     loss, mse = fused.loss(pred_eps, t, step=micro_step, offset=rank * local_batch)
 
-The tables (alias table of P, sqrt(abar), sqrt(1 - abar), w) are validated once
-here, so the per-step calls skip the checks that would synchronise a GPU.
+The tables (alias table of P, sqrt(abar), sqrt(1 - abar), w) are validated once here, so the
+per-step calls never synchronise the device: no value checks, no `.item()`, no blocking copy.
+A step-dependent P(t) (CLTS) gets a new alias table whenever its key changes; the table is
+built on the host (the same table the reference builds, so the same t) and sent from pinned
+memory with a non-blocking copy that queues behind the work already submitted.
 """
 
 from __future__ import annotations
@@ -17,7 +20,12 @@ from ..alias import build_alias_table
 from ..schedule import NoiseSchedule
 from ..theory import area_index
 from ..timesteps import TimestepStrategy
-from . import WeightedMSEFunction, _check_batch, _check_finite_table, _impl, resolve_backend
+from .backends import resolve_backend
+from .sample_and_noise import implementation as noise_implementation
+from .sample_timesteps import implementation as draw_implementation
+from .validate import check_batch, check_finite_table
+from .weighted_mse import WeightedMSEFunction
+from .weighted_mse import implementation as loss_implementation
 
 
 class FusedSpeeD:
@@ -31,27 +39,38 @@ class FusedSpeeD:
         self.strategy = strategy
         self.device = torch.device(device)
         self.backend = resolve_backend(backend, self.device)
-        self._impl = _impl(self.backend, self.device)
+        self._draw = draw_implementation(self.backend)
+        self._sample_and_noise, self._add_noise = noise_implementation(self.backend)
+        self._loss_fwd = loss_implementation(self.backend)
         self.seed, _, _ = rng.check_seed_step(seed, 0)
         f32 = dict(dtype=torch.float32, device=self.device)
         self.sqrt_ab = schedule.sqrt_alphas_cumprod.to(**f32)
         self.sqrt_1mab = schedule.sqrt_one_minus_alphas_cumprod.to(**f32)
+        check_finite_table("weights", strategy.weights)
         self.weights = strategy.weights.to(**f32)
-        _check_finite_table("weights", strategy.weights)
         self.areas = area_index(schedule, strategy.area_tau()).to(self.device)  # (T,) 0/1/2
         self._probs_key = None
         self._refresh(0)
 
     def _refresh(self, step: int, strategy_step: int | None = None) -> None:
-        """Rebuild the alias table when P(t) at `strategy_step` (default `step`) differs from the
-        table's (only step-dependent strategies change; the others keep one key)."""
+        """Point prob/alias at the alias table of P(t) at `strategy_step` (default `step`) when its key
+        differs from the current table's (only step-dependent strategies ever change key)."""
         step = step if strategy_step is None else strategy_step
         key = self.strategy.probs_key(step)
         if key == self._probs_key:
             return
-        prob, alias = build_alias_table(self.strategy.probs(step))
-        self.prob = prob.to(self.device)
-        self.alias = alias.to(self.device)
+        prob, alias = build_alias_table(self.strategy.probs(step))  # (T,) float32, (T,) int32
+        T = prob.numel()
+        if self.device.type == "cuda":
+            # One pinned buffer, one non-blocking copy; torch's pinned-memory allocator keeps the
+            # buffer alive until the copy has run.
+            host = torch.empty(2 * T, dtype=torch.int32, pin_memory=True)
+            host[:T] = prob.view(torch.int32)
+            host[T:] = alias
+            table = host.to(self.device, non_blocking=True)
+            self.prob, self.alias = table[:T].view(torch.float32), table[T:]
+        else:
+            self.prob, self.alias = prob.to(self.device), alias.to(self.device)
         self._probs_key = key
 
     def sample_timesteps(self, n: int, step: int, offset: int = 0, strategy_step: int | None = None) -> torch.Tensor:
@@ -61,32 +80,31 @@ class FusedSpeeD:
         which a step-dependent P(t) is evaluated, e.g. the optimizer step under gradient accumulation."""
         _, step, offset = rng.check_seed_step(self.seed, step, offset)
         self._refresh(step, strategy_step)
-        draws = self._impl.sample_timesteps(self.prob, self.alias, self.strategy.draws_needed(n), self.seed, step,
-                                            offset)
+        draws = self._draw(self.prob, self.alias, self.strategy.draws_needed(n), self.seed, step, offset)
         return self.strategy.postprocess(draws, n)
 
     def sample_and_noise(self, x0: torch.Tensor, step: int, offset: int = 0, strategy_step: int | None = None):
         """(t, x_t) for a batch of clean latents x0 [B, ...] on this object's device (see
         sample_timesteps for `strategy_step`)."""
-        x0 = _check_batch("x0", x0)
+        check_batch("x0", x0)
         if x0.device != self.device:
             raise ValueError(f"x0 must be on {self.device}, got {x0.device}")
         _, step, offset = rng.check_seed_step(self.seed, step, offset)
         if self.strategy.draws_needed(x0.shape[0]) != x0.shape[0]:
             t = self.sample_timesteps(x0.shape[0], step, offset, strategy_step)
-            return t, self._impl.add_noise(x0, t, self.sqrt_ab, self.sqrt_1mab, self.seed, step, offset)
+            return t, self._add_noise(x0, t, self.sqrt_ab, self.sqrt_1mab, self.seed, step, offset)
         self._refresh(step, strategy_step)
-        return self._impl.sample_and_noise(x0, self.prob, self.alias, self.sqrt_ab, self.sqrt_1mab, self.seed, step,
-                                           offset)
+        return self._sample_and_noise(x0, self.prob, self.alias, self.sqrt_ab, self.sqrt_1mab, self.seed, step,
+                                      offset)
 
     def loss(self, pred: torch.Tensor, t: torch.Tensor, step: int, offset: int = 0):
         """(loss, mse): the weighted MSE against the noise of sample_and_noise at the same step."""
-        pred = _check_batch("pred", pred)
+        check_batch("pred", pred)
         if pred.device != self.device or t.shape != (pred.shape[0],):
             raise ValueError(f"pred must be on {self.device} with t of shape ({pred.shape[0]},), "
                              f"got pred on {pred.device} and t of shape {tuple(t.shape)}")
         _, step, offset = rng.check_seed_step(self.seed, step, offset)
-        return WeightedMSEFunction.apply(pred, t, self.weights, self.seed, step, offset, self._impl)
+        return WeightedMSEFunction.apply(pred, t, self.weights, self.seed, step, offset, self._loss_fwd)
 
     def area_losses(self, t: torch.Tensor, per_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum, count) fp32 [3] of per-sample values in the acceleration/deceleration/convergence areas."""
