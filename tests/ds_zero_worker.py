@@ -10,7 +10,9 @@ every step, so the objective is deterministic):
     bitwise unchanged) and count it;
   * saves a checkpoint, takes one more step, then rebuilds a second trainer from the
     checkpoint and takes the same step: weights, EMA, counters and the step's loss must match
-    exactly.
+    exactly;
+  * counts the calls that would make a GPU host wait (tests/sync_counter.py) in the 12 training
+    steps, in the log records and in the checkpoint save, by who made them.
 Rank 0 writes OUT/results.json; the test asserts on it.
 """
 
@@ -20,6 +22,8 @@ import sys
 
 import torch
 import torch.distributed as dist
+
+from sync_counter import SyncCounter
 
 from speed_fast.data.digits import digits_arrays
 from speed_fast.training.config import TrainConfig, resolve
@@ -39,7 +43,9 @@ def main(out_dir: str, data: str) -> None:
     x = torch.from_numpy(x_all[rank * 4:(rank + 1) * 4]).contiguous()  # (4, 1, 8, 8): this rank's fixed batch
     y = torch.from_numpy(y_all[rank * 4:(rank + 1) * 4]).contiguous()
     results = {}
+    counter = SyncCounter().install()
     for stage in (0, 1, 2, 3):
+        counter.events.clear()
         cfg = TrainConfig(preset="test-zero", model="custom",
                           dit=dict(hidden_size=32, depth=2, num_heads=2, patch_size=2), data=data,
                           global_batch=16, micro_batch=4, lr=3e-3, grad_clip=1.0, ema_decay=0.5, zero_stage=stage,
@@ -53,8 +59,10 @@ def main(out_dir: str, data: str) -> None:
         losses = []
         for _ in range(12):
             tr.micro_step = 0  # same t, eps and label dropout every step: a deterministic objective
-            rec = tr.train_step(iter(fixed))
-            losses.append(rec["loss"])
+            with counter.phase("step"):
+                tr.train_step(iter(fixed))
+            with counter.phase("record"):
+                losses.append(tr.record()["loss"])
             master = tr.ema.full_master_state_dict()
             ref_ema = {k: 0.5 * ref_ema[k] + 0.5 * master[k] for k in master}
         ema_err = max_diff(tr.ema.full_state_dict(), ref_ema)
@@ -64,24 +72,30 @@ def main(out_dir: str, data: str) -> None:
             bad_x[0, 0, 0, 0] = float("nan")
         before, ema_before = tr.ema.full_master_state_dict(), tr.ema.full_state_dict()
         tr.micro_step = 0
-        nan_rec = tr.train_step(iter([(bad_x, y)] + fixed[1:]))
+        tr.train_step(iter([(bad_x, y)] + fixed[1:]))
+        nan_rec = tr.record()
         nan_weights_diff = max_diff(before, tr.ema.full_master_state_dict())
         nan_ema_diff = max_diff(ema_before, tr.ema.full_state_dict())
         tr.micro_step = 0
-        after_nan = tr.train_step(iter(fixed))
+        tr.train_step(iter(fixed))
+        after_nan = tr.record()
 
-        path = tr.save()
+        with counter.phase("save"):
+            path = tr.save()
         saved = {"master": tr.ema.full_master_state_dict(), "ema": tr.ema.full_state_dict(),
-                 "counters": [tr.step, tr.micro_step, tr.skipped_steps]}
-        next_rec = tr.train_step(iter(fixed))
+                 "counters": [tr.step, tr.micro_step, int(tr.log_stats.read()["skipped_steps"])]}
+        tr.train_step(iter(fixed))
+        next_rec = tr.record()
         next_master = tr.ema.full_master_state_dict()
+        param_tensors = len(list(tr.engine.module.parameters()))
         del tr
 
         tr2 = Trainer(plan, rank, resume_from=path)
         loaded_master_diff = max_diff(saved["master"], tr2.ema.full_master_state_dict())
         loaded_ema_diff = max_diff(saved["ema"], tr2.ema.full_state_dict())
-        counters = [tr2.step, tr2.micro_step, tr2.skipped_steps]
-        resumed_rec = tr2.train_step(iter(fixed))
+        counters = [tr2.step, tr2.micro_step, int(tr2.log_stats.read()["skipped_steps"])]
+        tr2.train_step(iter(fixed))
+        resumed_rec = tr2.record()
         resumed_master_diff = max_diff(next_master, tr2.ema.full_master_state_dict())
         del tr2
         results[f"zero{stage}"] = {
@@ -93,6 +107,9 @@ def main(out_dir: str, data: str) -> None:
             "counters_saved": saved["counters"], "counters_loaded": counters,
             "next_loss": next_rec["loss"], "resumed_loss": resumed_rec["loss"],
             "resumed_master_diff": resumed_master_diff, "checkpoint": path,
+            "param_tensors": param_tensors,
+            "syncs": {phase: counter.counts(phase) for phase in ("step", "record", "save")},
+            "sync_sites": {phase: counter.sites(phase) for phase in ("step", "record", "save")},
         }
         dist.barrier()
     if rank == 0:

@@ -85,11 +85,20 @@ class ShardedEMA:
         return [self._source(piece) for piece in self.pieces]
 
     @torch.no_grad()
-    def update(self) -> None:
-        """shadow = decay * shadow + (1 - decay) * weights (DiT's update), on the local pieces."""
+    def update(self, skip: torch.Tensor | None = None) -> None:
+        """shadow = d * shadow + (1 - d) * weights (DiT's update, d = decay), on the local pieces.
+
+        skip: a bool device scalar; where it is set d = 1 and the EMA stays as it was (the step's
+        update was cancelled), decided on the device without a host read."""
         src = [s.float() for s in self._sources()]
-        torch._foreach_mul_(self.shadow, self.decay)
-        torch._foreach_add_(self.shadow, src, alpha=1.0 - self.decay)
+        if not self.shadow:
+            return
+        device = self.shadow[0].device
+        decay = torch.full((), self.decay, dtype=torch.float32, device=device)  # a fill, not a host copy
+        if skip is not None:
+            decay = torch.where(skip.reshape(()), 1.0, decay)
+        torch._foreach_mul_(self.shadow, decay)
+        torch._foreach_add_(self.shadow, torch._foreach_mul(src, 1.0 - decay))
 
     # ---- full tensors ------------------------------------------------------------------------
 

@@ -16,16 +16,18 @@ from .config import Plan
 
 
 class SkippableAdamW(torch.optim.AdamW):
-    """torch AdamW whose next step() can be cancelled: the trainer sets `skip_next` on every rank
-    when any rank saw a non-finite loss, so no rank applies NaN gradients (ZeRO wraps this
-    optimizer and calls its step() on the fp32 partitions)."""
+    """torch's fused AdamW (CUDA and CPU) whose step can be cancelled on the device.
 
-    skip_next = False
+    `skip_if(flag)` hands the optimizer a device scalar (1: cancel, 0: apply) that its next step()
+    reads inside the fused kernel, as torch's GradScaler does with `found_inf`: a cancelled step
+    leaves weights, moments and the step count bitwise unchanged, and the host never reads the
+    flag. ZeRO wraps this optimizer and calls its step() on the fp32 partitions."""
 
-    def step(self, closure=None):
-        if self.skip_next:
-            return None
-        return super().step(closure)
+    def __init__(self, params, **kwargs):
+        super().__init__(params, fused=True, **kwargs)
+
+    def skip_if(self, flag: torch.Tensor) -> None:
+        self.found_inf = flag.float().reshape(())  # read by torch.optim.AdamW.step (fused path)
 
 
 def build_engine(plan: Plan, device: torch.device):
@@ -34,9 +36,9 @@ def build_engine(plan: Plan, device: torch.device):
 
     cfg = plan.cfg
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = DiT(plan.dit).to(device)  # before the optimizer: fused CUDA AdamW checks its params' device
+    model = DiT(plan.dit).to(device)  # before the optimizer: fused AdamW checks its params' device
     optimizer = SkippableAdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
-                               weight_decay=cfg.weight_decay, **({"fused": True} if plan.use_cuda else {}))
+                               weight_decay=cfg.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=plan.ds_config)
     if cfg.compile:
         engine.compile()

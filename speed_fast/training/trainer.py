@@ -9,15 +9,21 @@ rank r, micro batch B):
     engine.backward(loss)
 
 then one all-reduce of the step's named statistics (`stats.STEP_FIELDS`: loss sums, per-area
-sums and counts, a non-finite count, a stop count) gives every rank the same view of the step:
-if any rank saw a non-finite loss the optimizer update is cancelled everywhere (counted in
-`skipped_steps`), and a SIGTERM/SIGINT seen by any rank makes all ranks save a checkpoint and
-exit together.
+sums and counts, a non-finite count) gives every rank the same view of the step, on the device:
+if any rank saw a non-finite loss the optimizer update and the EMA update are cancelled
+everywhere by a device flag (counted in `skipped_steps`). Nothing in a step waits for the
+device: the statistics are added up in a log window on the device and read back once per log
+line (and per checkpoint); label-dropout masks reach the device in chunks, asynchronously. A
+SIGTERM/SIGINT seen by any rank is agreed on through a CPU all-reduce each step (it never
+waits for the device), and all ranks save a checkpoint and exit together. A run of
+--max-nonfinite non-finite steps is noticed at the next log line or checkpoint (no update is
+applied meanwhile).
 
 Everything random is a function of (seed, step), or is saved: the noise and time steps come
 from the counter RNG at the micro-step, label dropout from a generator seeded with
 (seed, micro-step), the data order from (seed, epoch) and the loader's position. A resumed run
-therefore computes the same losses as the uninterrupted one (exactly, on CPU in fp32).
+therefore computes the same losses as the uninterrupted one (exactly, on CPU in fp32); the
+checkpoint keeps the open log window, so records match for any --log-every.
 
 The engine is built in `engine.py`; config.json, the evaluator and the end-of-run grid and
 plots are `artefacts.py`.
@@ -25,7 +31,6 @@ plots are `artefacts.py`.
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
@@ -41,9 +46,9 @@ from . import checkpoint as ckpt
 from .config import Plan
 from .ema import ShardedEMA
 from .engine import build_engine
-from .label_dropout import label_drop_mask
+from .label_dropout import LabelDropout
 from .metrics import MetricsLogger
-from .stats import STEP_FIELDS, Stats, step_record
+from .stats import LOG_FIELDS, STEP_FIELDS, SUMMED_SIZE, WINDOW_FIELDS, Stats, window_record
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,7 +57,8 @@ class NonFiniteLossError(RuntimeError):
 
 class Trainer:
     """One rank of a training job: builds the engine from a validated Plan, optionally restores a
-    checkpoint, and trains with `fit()` (or step by step with `train_step`, as the tests do).
+    checkpoint, and trains with `fit()` (or step by step with `train_step` and `record`, as the
+    tests do).
 
     rank / local_rank come from the launcher's environment, read once by `main`; the world size
     is the plan's (validated there, with the resumed checkpoint's)."""
@@ -70,6 +76,8 @@ class Trainer:
             self.device = torch.device("cpu")
         if not dist.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if plan.use_cuda else "gloo", verbose=False)
+        # The stop flag is agreed on the CPU: gloo's all-reduce never waits for the GPU's queue.
+        self.cpu_group = dist.new_group(backend="gloo") if plan.use_cuda and self.world > 1 else None
         self.is_main = self.rank == 0
         self.run_dir = cfg.run_dir
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
@@ -84,13 +92,16 @@ class Trainer:
         self.ema = ShardedEMA(self.engine.module, cfg.ema_decay)
         self.fused = FusedSpeeD(plan.schedule, plan.strategy, device=self.device, backend=cfg.backend, seed=cfg.seed)
         self.diffusion = GaussianDiffusion(plan.schedule, device=self.device, learn_sigma=plan.dit.learn_sigma)
+        self.label_drop = LabelDropout(cfg.seed, plan.dit.class_dropout_prob, plan.micro_batch, self.rank,
+                                       self.world, self.device)
         self.offset = self.rank * plan.micro_batch
-        self.stats = Stats(STEP_FIELDS, self.device)
+        self.step_stats = Stats(STEP_FIELDS, self.device)
+        self.log_stats = Stats(LOG_FIELDS, self.device)
+        self.log_stats["limit_step"].fill_(-1)
 
         self.step = 0
         self.micro_step = 0
-        self.skipped_steps = 0
-        self.nonfinite_streak = 0
+        self.window_start = 0  # the first step of the open log window
         self.last_ckpt: str | None = None
         self.loader = None
         self._loader_state: dict | None = None  # the data position to start from (set by a resume)
@@ -118,10 +129,6 @@ class Trainer:
             torch.set_num_threads(self.torch_threads)  # FFCV sets torch's thread count per epoch
             yield from it
 
-    def label_drop(self, micro_step: int) -> torch.Tensor:
-        return label_drop_mask(self.cfg.seed, micro_step, self.plan.dit.class_dropout_prob, self.plan.micro_batch,
-                               self.rank, self.world, self.device)
-
     def lr_at(self, step: int) -> float:
         w = self.cfg.warmup_steps
         return self.cfg.lr * min(1.0, (step + 1) / w) if w else self.cfg.lr
@@ -130,7 +137,7 @@ class Trainer:
 
     def _accumulate(self, terms: dict) -> None:
         """Add one micro-batch's loss terms to the step's statistics (on the device)."""
-        stats = self.stats
+        stats = self.step_stats
         loss = terms["loss"].detach()
         B = terms["t"].shape[0]
         area_sum, area_n = self.fused.area_losses(terms["t"], terms["mse"])
@@ -143,11 +150,11 @@ class Trainer:
         stats.add("area_loss", area_sum)
         stats.add("area_samples", area_n)
 
-    def train_step(self, batches) -> dict:
+    def train_step(self, batches) -> None:
         """One optimizer step over `grad_accum` micro-batches drawn from the iterator `batches`.
-        Returns the step's statistics, reduced over micro-batches and ranks (same on every rank)."""
+        Its statistics go to the log window on the device (see `record`); nothing is read back."""
         self.engine.train()
-        self.stats.zero_()
+        self.step_stats.zero_()
         for i in range(self.plan.grad_accum):
             if i:
                 self.engine.step()  # DeepSpeed counts micro-batches in step(); it updates only at the boundary
@@ -161,38 +168,60 @@ class Trainer:
             self.micro_step += 1
             with torch.no_grad():
                 self._accumulate(terms)
-        self.stats.add("stop", float(self._stop_signal != 0))
         if self.world > 1:
-            dist.all_reduce(self.stats.vector)
-        sums = self.stats.read()
-        skip = sums["nonfinite"] > 0
+            dist.all_reduce(self.step_stats.vector)  # enqueued on the device; nobody waits for it here
+        skip = self.step_stats["nonfinite"] > 0  # (1,) bool, the same on every rank
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         # ZeRO-0 in fp32 clips without keeping the norm: take it from the reduced gradients here.
-        grad_norm = self._grad_norm() if self.plan.ds_config["zero_optimization"]["stage"] == 0 and not skip else None
-        self.optimizer.skip_next = skip
+        grad_norm = self._grad_norm() if self.plan.ds_config["zero_optimization"]["stage"] == 0 else None
+        if grad_norm is not None:
+            skip = skip | ~torch.isfinite(grad_norm)
+        self.optimizer.skip_if(skip)
         self.engine.step()
-        self.optimizer.skip_next = False
-        if skip:
-            self.skipped_steps += 1
-            self.nonfinite_streak += 1
-        else:
-            self.ema.update()
-            self.nonfinite_streak = 0
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()  # a device tensor, a float or None (DeepSpeed)
+            if isinstance(grad_norm, torch.Tensor):  # ZeRO cancels a step with a non-finite norm itself
+                skip = skip | ~torch.isfinite(grad_norm.reshape(1))
+        self.ema.update(skip)
+        self._add_to_window(skip, grad_norm)
         self.step += 1
+
+    @torch.no_grad()
+    def _add_to_window(self, skip: torch.Tensor, grad_norm) -> None:
+        """The step's sums into the log window when its update was applied, and the counters."""
+        log, applied = self.log_stats, ~skip
+        log.vector[:SUMMED_SIZE].add_(torch.where(applied, self.step_stats.vector[:SUMMED_SIZE], 0.0))
+        if isinstance(grad_norm, torch.Tensor):
+            log.add("grad_norm", torch.where(applied, grad_norm.reshape(1).double(), 0.0))
+        elif grad_norm is not None:
+            log.add("grad_norm", torch.where(applied, float(grad_norm), 0.0))
+        skipped = skip.double()
+        log.add("skipped", skipped)
+        log.add("skipped_steps", skipped)
+        streak = log["nonfinite_streak"]
+        streak.mul_(skipped).add_(skipped)  # +1 on a skipped step, 0 otherwise
+        limit = log["limit_step"]
+        limit.copy_(torch.where((limit < 0) & (streak >= self.cfg.max_nonfinite), float(self.step + 1), limit))
+
+    def record(self, sums: dict | None = None) -> dict:
+        """The log record of the steps since the last record (one device-to-host read unless `sums`,
+        a `log_stats.read()` of this moment, is given), and a new window from here on."""
+        sums = self.log_stats.read() if sums is None else sums
+        steps = self.step - self.window_start
+        skipped = int(sums["skipped"])
         out = {
             "step": self.step,
-            **step_record(sums),
+            **window_record(sums, steps - skipped),
             "lr": self.lr_at(self.step - 1),
-            "grad_norm": None if skip else _as_float(grad_norm if grad_norm is not None
-                                                     else self.engine.get_global_grad_norm()),
-            "nonfinite": bool(skip),
-            "skipped_steps": self.skipped_steps,
-            "stop": sums["stop"] > 0,
+            "nonfinite": skipped > 0,
+            "skipped_steps": int(sums["skipped_steps"]),
         }
         if self.plan.strategy.step_dependent:
             # e.g. CLTS's mix: P(t) follows the optimizer step (the noise is keyed by the micro-step).
             out["strategy_probs_key"] = self.plan.strategy.probs_key(self.step - 1)
+        self.log_stats.zero_(WINDOW_FIELDS)
+        self.window_start = self.step
         return out
 
     def _grad_norm(self) -> torch.Tensor | None:
@@ -202,15 +231,18 @@ class Trainer:
     # ---- checkpoints --------------------------------------------------------------------------
 
     def state(self) -> dict:
+        log = self.log_stats.read()
         return {
             "step": self.step,
             "micro_step": self.micro_step,
-            "skipped_steps": self.skipped_steps,
-            "nonfinite_streak": self.nonfinite_streak,
+            "skipped_steps": int(log["skipped_steps"]),
+            "nonfinite_streak": int(log["nonfinite_streak"]),
             "loader": self.loader.state_dict() if self.loader is not None else self._loader_state,
             "world_size": self.world,
             "samples_seen": self.step * self.cfg.global_batch,
             "strategy": self.plan.strategy.describe(),
+            # The open log window, so that a resumed run writes the same records for any --log-every.
+            "log_window": {"start": self.window_start, **{k: log[k] for k in WINDOW_FIELDS}},
         }
 
     def save(self) -> str:
@@ -228,18 +260,35 @@ class Trainer:
         self.ema.load_full_state_dict(ckpt.load_ema(path))
         self.step = state["step"]
         self.micro_step = state["micro_step"]
-        self.skipped_steps = state["skipped_steps"]
-        self.nonfinite_streak = state["nonfinite_streak"]
+        window = dict(state.get("log_window") or {"start": self.step})
+        self.window_start = window.pop("start")
+        self.log_stats.load({**window, "skipped_steps": state["skipped_steps"],
+                             "nonfinite_streak": state["nonfinite_streak"], "limit_step": -1})
         self._loader_state = state["loader"]
         self.last_ckpt = path
 
     # ---- the loop -----------------------------------------------------------------------------
 
     def _on_signal(self, signum, frame):
-        # Only a flag: the step in flight finishes, all ranks agree through the step's all-reduce,
+        # Only a flag: the step in flight finishes, all ranks agree after it (`_stop_agreed`),
         # save and exit 0. Repeated signals change nothing (Ctrl-C reaches the launcher and the
         # ranks, and the launcher then sends SIGTERM on top); SIGKILL is the hard stop.
         self._stop_signal = signum
+
+    def _stop_agreed(self) -> bool:
+        """True on every rank when any rank has received SIGTERM/SIGINT (collective, on the CPU)."""
+        if self.world == 1:
+            return self._stop_signal != 0
+        flag = torch.tensor([int(self._stop_signal != 0)], dtype=torch.int32)  # a CPU tensor: no device wait
+        dist.all_reduce(flag, group=self.cpu_group)
+        return flag.tolist()[0] > 0
+
+    def _raise_nonfinite(self, limit_step: int) -> None:
+        noticed = "" if limit_step == self.step else f" (noticed at step {self.step})"
+        raise NonFiniteLossError(
+            f"stopping at step {limit_step}{noticed}: {self.cfg.max_nonfinite} consecutive steps with a non-finite "
+            f"loss (--max-nonfinite {self.cfg.max_nonfinite}); no update was applied for them. Last good "
+            f"checkpoint: {self.last_ckpt or 'none (no checkpoint was written yet)'}")
 
     def fit(self) -> int:
         """Train to max_steps (or until preempted); returns the process exit code."""
@@ -260,40 +309,48 @@ class Trainer:
         batches = self.batches()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.is_main and cfg.progress),
                    unit="step", dynamic_ncols=True, file=sys.stderr)
-        start, last = time.perf_counter(), time.perf_counter()
+        start = timed_from = time.perf_counter()
+        timed_steps = 0  # steps since timed_from: the throughput of the next record
         stopped = False
         try:
             while self.step < cfg.max_steps:
-                rec = self.train_step(batches)
-                now = time.perf_counter()
-                rec["samples_per_s"] = cfg.global_batch / (now - last)
-                rec["step_s"] = now - last
-                last = now
-                rec["epoch"] = self.loader.epoch
-                rec["elapsed_s"] = now - start
-                if self.nonfinite_streak >= cfg.max_nonfinite:
-                    if logger is not None:
-                        logger.log(rec)
-                    raise NonFiniteLossError(
-                        f"stopping at step {self.step}: {self.nonfinite_streak} consecutive steps with a non-finite "
-                        f"loss (--max-nonfinite {cfg.max_nonfinite}); no update was applied for them. Last good "
-                        f"checkpoint: {self.last_ckpt or 'none (no checkpoint was written yet)'}")
+                self.train_step(batches)
+                timed_steps += 1
+                stopped = self._stop_agreed()
+                bar.update(1)
                 evaluated = bool(cfg.eval_every) and self.step % cfg.eval_every == 0
+                # An evaluated step is always logged, whatever --log-every says, so no quality point is lost.
+                logged = evaluated or self.step % cfg.log_every == 0 or self.step == cfg.max_steps
+                saved = stopped or self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps
+                if not (logged or saved):
+                    continue
+                sums = self.log_stats.read()  # the one device-to-host read of these steps
+                rec = None
+                if logged:
+                    now = time.perf_counter()
+                    rec = self.record(sums)
+                    rec.update(samples_per_s=cfg.global_batch * timed_steps / (now - timed_from),
+                               step_s=(now - timed_from) / timed_steps, epoch=self.loader.epoch,
+                               elapsed_s=now - start)
+                    bar.set_postfix(loss="nan" if rec["loss"] is None else f"{rec['loss']:.4f}",
+                                    img_s=f"{rec['samples_per_s']:.0f}", skipped=rec["skipped_steps"],
+                                    refresh=False)
+                if sums["limit_step"] >= 0:
+                    if rec is not None and logger is not None:
+                        logger.log(rec)
+                    self._raise_nonfinite(int(sums["limit_step"]))
                 if evaluated:
                     model = artefacts.ema_model(self.plan, self.ema, self.is_main, self.device)  # collective
                     if evaluator is not None:
                         rec.update({k: v for k, v in evaluator.evaluate(model, self.step).items() if k != "step"})
-                # An evaluated step is always logged, whatever --log-every says, so no quality point is lost.
-                if logger is not None and (evaluated or self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
+                if rec is not None and logger is not None:
                     logger.log(rec)
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['samples_per_s']:.0f}",
-                                skipped=self.skipped_steps, refresh=False)
-                stopped = rec["stop"]
-                if stopped or self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
+                if saved:
                     self.save()
                 if stopped:
                     break
+                if rec is not None:
+                    timed_from, timed_steps = time.perf_counter(), 0
         finally:
             bar.close()
             if logger is not None:
@@ -320,10 +377,3 @@ class Trainer:
         quality = f"; quality plot {quality[0]}" if quality else ""
         print(f"[speed_fast] done: {self.step} steps; samples {grid}; loss plot {plot}{quality}; "
               f"checkpoint {self.last_ckpt}", file=sys.stderr, flush=True)
-
-
-def _as_float(v):
-    if v is None:
-        return None
-    v = float(v.item() if isinstance(v, torch.Tensor) else v)
-    return v if math.isfinite(v) else None
