@@ -12,7 +12,9 @@ Variants, on identical inputs in one process, timed round-robin:
   cpp-regen  the same with the cpp backend's kept noise switched off (eps drawn twice).
   triton     FusedSpeeD(backend="triton") on CUDA.
 CPU: float32 at 256x4x32x32 (the DiT-XL/2 training batch) and 256x4x64x64; CUDA: bfloat16 at
-256x4x32x32 and 256x4x128x128, plus the bandwidth of the two fused kernels at the large size.
+256x4x32x32 and 256x4x128x128, plus the bandwidth of the two fused kernels alone (GPU time of a
+CUDA graph of back-to-back launches) at 256x4x{64,128,256}^2, printed as GB/s and as a fraction of
+the card's peak (by name, or --peak-gbps).
 
 Before timing, the fused backends are checked against the torch reference backend (same
 RNG: t identical, x_t and the loss to float32 rounding), and the eager / compiled baselines
@@ -39,12 +41,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _timing import meta, percentiles_ms, print_table, sync, time_round_robin, write_json  # noqa: E402
+from _timing import (gpu_seconds_per_call, meta, percentiles_ms, print_table, sync, time_round_robin,  # noqa: E402
+                     write_json)
 
 from speed_fast.ops import FusedSpeeD, backend_status  # noqa: E402
 from speed_fast.schedule import NoiseSchedule  # noqa: E402
 from speed_fast.timesteps import make_strategy  # noqa: E402
 
+# The bandwidth of the kernels alone is measured at these bfloat16 shapes (CUDA).
+BANDWIDTH_SHAPES = [(256, 4, 64, 64), (256, 4, 128, 128), (256, 4, 256, 256)]
 # Peak HBM bandwidth (GB/s) by device name, for the bandwidth fraction on CUDA.
 PEAK_GBPS = {"H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H200": 4800, "A100-SXM4-80GB": 2039,
              "A100 80GB PCIe": 1935, "A100-SXM4-40GB": 1555, "A100-PCIE-40GB": 1555}
@@ -222,22 +227,33 @@ def cpu_extra_peak_buffers(name: str, shape, threads: int) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_peak_buffers"]
 
 
-def bandwidth_rows(st: Setup, iters: int, peak_gbps: float | None) -> list[dict]:
-    """GB/s of the two fused Triton kernels alone (read + write of one latent each)."""
-    fused = st.fused("triton")
-    t, _ = fused.sample_and_noise(st.x0, step=1)
-    pred = st.pred.detach()
-    fns = {"triton sample_and_noise kernel": lambda: fused.sample_and_noise(st.x0, step=1),
-           "triton weighted_mse kernel": lambda: fused._loss_fwd(pred, t, fused.weights, 0, 1, 0)}
-    times = time_round_robin(fns, st.device, warmup=3, iters=iters)
-    nbytes = 2 * st.x0.numel() * st.x0.element_size()
+def bandwidth_rows(shapes, dtype, iters: int, peak_gbps: float | None) -> list[dict]:
+    """GB/s of the two fused Triton kernels alone (each reads one latent-sized tensor and writes
+    one; the tables are negligible), GPU time from a CUDA graph of back-to-back launches of the
+    kernels' launchers, so that host overhead does not count."""
+    from speed_fast.kernels.sample_and_noise import sample_and_noise_fwd
+    from speed_fast.kernels.weighted_mse import weighted_mse_fwd
+
     rows = []
-    for name, ts in times.items():
-        row = dict(name=name, backend="triton", shape="x".join(map(str, st.shape)),
-                   dtype=str(st.dtype).replace("torch.", ""), **percentiles_ms(ts), speedup_vs_eager=None)
-        row["gb_per_s"] = nbytes / (row["ms_p50"] * 1e-3) / 1e9
-        row["fraction_of_peak"] = row["gb_per_s"] / peak_gbps if peak_gbps else None
-        rows.append(row)
+    for shape in shapes:
+        st = Setup(shape, dtype, "cuda")
+        fused = st.fused("triton")
+        t, _ = fused.sample_and_noise(st.x0, step=1)
+        pred = st.pred.detach()
+        fns = {"triton sample_and_noise kernel": lambda: sample_and_noise_fwd(
+                   st.x0, fused.prob, fused.alias, fused.sqrt_ab, fused.sqrt_1mab, 0, 1, 0),
+               "triton weighted_mse kernels": lambda: weighted_mse_fwd(pred, t, fused.weights, 0, 1, 0)}
+        nbytes = 2 * st.x0.numel() * st.x0.element_size()
+        for name, fn in fns.items():
+            ts, method = gpu_seconds_per_call(fn, iters=iters)
+            row = dict(name=name, backend="triton", shape="x".join(map(str, shape)),
+                       dtype=str(dtype).replace("torch.", ""), **percentiles_ms(ts), speedup_vs_eager=None,
+                       timing=method)
+            row["gb_per_s"] = nbytes / (row["ms_p50"] * 1e-3) / 1e9
+            row["fraction_of_peak"] = row["gb_per_s"] / peak_gbps if peak_gbps else None
+            rows.append(row)
+        del st, fused, t, pred
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -292,8 +308,13 @@ def main(argv=None) -> int:
             elif shape == shapes[0] and name != "triton":  # the interpreter is not worth measuring
                 row["extra_peak_buffers"] = cpu_extra_peak_buffers(name, shape, args.threads)
             results.append(row)
-        if on_gpu and shape == shapes[-1]:
-            results += bandwidth_rows(st, iters, peak_gbps)
+    if on_gpu:
+        results += bandwidth_rows(BANDWIDTH_SHAPES[:1] if args.quick else BANDWIDTH_SHAPES, dtype, iters, peak_gbps)
+        for row in results:
+            if row.get("gb_per_s"):
+                peak = f"{100 * row['fraction_of_peak']:.0f}% of {peak_gbps:.0f} GB/s peak" if peak_gbps else \
+                    "peak unknown (--peak-gbps)"
+                print(f"{row['name']} {row['shape']} {row['dtype']}: {row['gb_per_s']:.0f} GB/s, {peak}")
     print_table(results, [("name", "variant"), ("shape", "shape"), ("dtype", "dtype"), ("ms_p20", "p20 ms"),
                           ("ms_p50", "p50 ms"), ("ms_p80", "p80 ms"), ("speedup_vs_eager", "x eager"),
                           ("speedup_vs_compiled", "x compiled"), ("extra_peak_buffers", "extra peak (latents)"),

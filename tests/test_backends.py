@@ -1,6 +1,7 @@
 """Backend dispatch of the fused ops: which backends run here and why, no silent fallback when
 a build fails or a backend is missing, and torch.compile(fullgraph=True) through the custom ops."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from fused_cases import require
+from fused_cases import KERNEL_BACKENDS, require
 
 from speed_fast.commands import env
 from speed_fast.ops import FusedSpeeD, backend_status, resolve_backend
@@ -18,6 +19,12 @@ from speed_fast.timesteps import make_strategy
 pytestmark = pytest.mark.usefixtures("seeded")
 
 
+def _env_args(*argv):
+    parser = argparse.ArgumentParser()
+    env.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
 def test_cpp_builds_here_and_env_reports_it(capsys):
     require("cpp")
     ok, why = backend_status("cpp")
@@ -25,7 +32,7 @@ def test_cpp_builds_here_and_env_reports_it(capsys):
     assert resolve_backend("auto", "cpu") == "cpp"
     report = env.collect()
     assert report["backends"]["cpp"]["available"] and report["auto"]["cpu"] == "cpp"
-    env.run(type("Args", (), {"json": False})())
+    env.run(_env_args())
     out = capsys.readouterr().out
     assert "cpp     active" in out and "triton" in out
 
@@ -35,7 +42,7 @@ def test_failed_build_and_missing_gpu_are_reported_and_raise(tmp_path):
     backend="cpp" raises, "auto" warns once and uses torch. Without CUDA (and without the
     interpreter) backend="triton" raises too."""
     script = textwrap.dedent("""
-        import warnings, torch
+        import argparse, warnings, torch
         from speed_fast.alias import build_alias_table
         from speed_fast.ops import BackendUnavailable, backend_status, sample_timesteps
         from speed_fast.commands import env
@@ -58,7 +65,9 @@ def test_failed_build_and_missing_gpu_are_reported_and_raise(tmp_path):
                 raise AssertionError("no error for an unavailable backend")
             except BackendUnavailable as exc:
                 assert "triton" in str(exc)
-        env.run(type("Args", (), {"json": False})())
+        parser = argparse.ArgumentParser()
+        env.add_arguments(parser)
+        env.run(parser.parse_args([]))
     """)
     environ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     environ.update(CXX="/nonexistent/c++", SPEED_FAST_BUILD_DIR=str(tmp_path / "build"))
@@ -85,14 +94,16 @@ def test_cpp_instruction_set_selection():
         _cpp.cpu_isa("sse9")
 
 
-def test_torch_compile_fullgraph_through_the_cpp_ops():
-    """A training step (sample + noise, model, fused loss) compiles as one graph, for a changing
-    step, and gives the eager results."""
-    require("cpp")
+@pytest.mark.parametrize("backend, device", KERNEL_BACKENDS)
+def test_torch_compile_fullgraph_through_the_ops(backend, device):
+    """A training step (sample + noise, model, fused loss) compiles as one graph through the custom
+    ops (triton: in the interpreter where there is no GPU), for a changing step, and gives the eager
+    results."""
+    require(backend)
     torch.manual_seed(0)
     s = NoiseSchedule.make("linear", T=1000, beta_start=1e-4, beta_end=0.02)
-    fused = FusedSpeeD(s, make_strategy("speed", s, k=5.0, tau=700, lam=0.6), device="cpu", backend="cpp", seed=1)
-    model = torch.nn.Linear(6, 6)
+    fused = FusedSpeeD(s, make_strategy("speed", s, k=5.0, tau=700, lam=0.6), device=device, backend=backend, seed=1)
+    model = torch.nn.Linear(6, 6).to(device)
 
     def train_step(x0, step):
         t, xt = fused.sample_and_noise(x0, step)
@@ -100,7 +111,7 @@ def test_torch_compile_fullgraph_through_the_cpp_ops():
         return loss, mse, t
 
     compiled = torch.compile(train_step, fullgraph=True)
-    x0 = torch.randn(4, 3, 6)
+    x0 = torch.randn(4, 3, 6, device=device)
     for step in (0, 1, 7):
         loss_c, mse_c, t_c = compiled(x0, step)
         grads_c = torch.autograd.grad(loss_c, list(model.parameters()))

@@ -194,3 +194,47 @@ def test_gradient_reaches_x0(backend, device):
     xt = add_noise(x0, t, sab, s1, seed=4, step=2, backend=backend)
     (xt * g).sum().backward()
     assert torch.allclose(x0.grad, g * sab[t].view(3, 1, 1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend, device", [("torch", "cpu")] + KERNEL_BACKENDS)
+def test_step_dependent_tables_draw_what_a_fresh_table_draws(backend, device):
+    """CLTS changes P(t) every step of its ramp: FusedSpeeD's refreshed tables give exactly the t of a
+    table built from strategy.probs(strategy_step) at that step."""
+    if backend != "torch":
+        require(backend)
+    from speed_fast.alias import build_alias_table
+    from speed_fast.ops import sample_timesteps_ref
+
+    s = NoiseSchedule.make("linear", T=1000, beta_start=1e-4, beta_end=0.02)
+    st = make_strategy("clts", s, mu=300.0, sigma=150.0, ramp_steps=4)
+    fused = FusedSpeeD(s, st, device=device, backend=backend, seed=5)
+    x0 = torch.randn(6, 4, 3, 3, device=device)
+    for micro, opt in ((0, 0), (1, 0), (2, 1), (3, 3), (4, 3), (5, 9), (6, 2)):
+        t, _ = fused.sample_and_noise(x0, step=micro, offset=6, strategy_step=opt)
+        want = sample_timesteps_ref(*build_alias_table(st.probs(opt)), 6, 5, micro, 6)
+        assert torch.equal(t.cpu(), want), (micro, opt)
+        assert torch.equal(fused.sample_timesteps(6, micro, 6, strategy_step=opt).cpu(), want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device synchronisation exists only on CUDA")
+@pytest.mark.parametrize("strategy", ["clts", "speed_dual"])
+def test_fused_steps_never_synchronise_the_device(strategy):
+    """The per-step calls (table refresh of a step-dependent P(t), dual draws, the loss) run under
+    torch's sync debug mode set to raise on any synchronising call."""
+    s = NoiseSchedule.make("linear", T=1000, beta_start=1e-4, beta_end=0.02)
+    st = (make_strategy("clts", s, ramp_steps=10) if strategy == "clts"
+          else make_strategy("speed", s, k=5.0, tau=700, lam=0.6, dual=True))
+    fused = FusedSpeeD(s, st, device="cuda", seed=1)
+    x0 = torch.randn(8, 4, 16, 16, device="cuda", dtype=torch.bfloat16)
+    pred = torch.randn_like(x0, requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(5):
+            t, xt = fused.sample_and_noise(x0, step=step, strategy_step=step)
+            loss, mse = fused.loss(pred, t, step=step)
+            loss.backward()
+            fused.area_losses(t, mse)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
