@@ -11,6 +11,7 @@ result is deterministic. Tiling, layouts and device handling: `launch.py`.
 The autograd wrapper is `speed_fast.ops.WeightedMSEFunction` (gradient kept for backward).
 """
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -91,7 +92,7 @@ def weighted_mse_fwd(pred: torch.Tensor, t: torch.Tensor, weights: torch.Tensor,
     partial = torch.empty(grid, **f32)  # (B, P) per-program sums of (pred - eps)^2
     mse = torch.empty((B,), **f32)
     loss = torch.empty((), **f32)
-    c = float(torch.tensor(2.0 / (B * D), dtype=torch.float32))  # the reference's float32 factor
+    c = float(np.float32(2.0 / (B * D)))  # the reference's float32 factor (no tensor: nothing to read back)
     with launch.device_guard(pred):
         _weighted_mse_fwd_kernel[grid](pred, grad, partial, t, weights, weights.numel(), D, pred.stride(0), c, seed,
                                        step, offset, ALIGNED=aligned, BLOCK_C=launch.BLOCK_C,
