@@ -188,7 +188,8 @@ def _labels(y, n: int, num_classes, gens) -> torch.Tensor:
 def sample(model, schedule: NoiseSchedule, n: int, y=None, *, steps=250, method: str = "ddpm",
            cfg_scale: float = 1.0, eta: float = 0.0, seed: int = 0, device=None, batch_size: int = 64,
            num_classes: int | None = None, shape=None, learn_sigma: bool | None = None,
-           clip_denoised: bool = False, return_labels: bool = False, progress: bool = False):
+           clip_denoised: bool = False, return_labels: bool = False, progress: bool = False,
+           first_index: int = 0):
     """Draw n samples x0 (float32 [n, C, H, W], on the CPU) from `model` trained on `schedule`.
 
     steps: respacing spec (int, "250", "ddim50", "10,20"); method "ddpm" (ancestral, learned sigma)
@@ -197,7 +198,8 @@ def sample(model, schedule: NoiseSchedule, n: int, y=None, *, steps=250, method:
     default to model.num_classes and (model.in_channels, model.input_size, model.input_size);
     learn_sigma to model.learn_sigma (or model.config.learn_sigma), else True.
     The model is put in eval mode for the call and restored afterwards. With return_labels=True,
-    returns (x0, labels)."""
+    returns (x0, labels). first_index: the samples are items first_index .. first_index + n - 1
+    of the seed's set (so ranks can each draw a slice of one set; the default draws its start)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     n, batch_size = operator.index(n), operator.index(batch_size)
@@ -219,7 +221,10 @@ def sample(model, schedule: NoiseSchedule, n: int, y=None, *, steps=250, method:
         learn_sigma = _model_attr(model, "learn_sigma")
         learn_sigma = True if learn_sigma is None else bool(learn_sigma)
     diffusion = respaced_diffusion(schedule, steps, device=device, learn_sigma=learn_sigma)
-    gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in range(n)]
+    if isinstance(first_index, bool) or not hasattr(first_index, "__index__") or operator.index(first_index) < 0:
+        raise ValueError(f"first_index must be a non-negative integer, got {first_index!r}")
+    first_index = operator.index(first_index)
+    gens = [torch.Generator().manual_seed(sample_seed(seed, first_index + i)) for i in range(n)]
     labels = _labels(y, n, num_classes, gens)
     if cfg_scale != 1.0 and num_classes is not None and bool((labels == num_classes).any()):
         raise ValueError("classifier-free guidance needs class labels; got the null label in y")

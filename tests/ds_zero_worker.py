@@ -12,7 +12,11 @@ every step, so the objective is deterministic):
     checkpoint and takes the same step: weights, EMA, counters and the step's loss must match
     exactly;
   * counts the calls that would make a GPU host wait (tests/sync_counter.py) in the 12 training
-    steps, in the log records and in the checkpoint save, by who made them.
+    steps, in the log records and in the checkpoint save, by who made them;
+  * under ZeRO-3, evaluates the EMA with the trainer's evaluator on both ranks (each samples half
+    the fixed-seed set) and with a one-rank evaluator on rank 0;
+  * trains ZeRO-1 with --precision bf16 (the GPU policy: bf16 autocast over fp32 weights) and
+    records the dtypes inside a block, DeepSpeed's data types and the first losses.
 Rank 0 writes OUT/results.json; the test asserts on it.
 """
 
@@ -26,6 +30,8 @@ import torch.distributed as dist
 from sync_counter import SyncCounter
 
 from speed_fast.data.digits import digits_arrays
+from speed_fast.evaluation import TrainingEvaluator
+from speed_fast.training import artefacts
 from speed_fast.training.config import TrainConfig, resolve
 from speed_fast.training.trainer import Trainer
 
@@ -44,18 +50,22 @@ def main(out_dir: str, data: str) -> None:
     y = torch.from_numpy(y_all[rank * 4:(rank + 1) * 4]).contiguous()
     results = {}
     counter = SyncCounter().install()
+
+    def make_plan(stage, **overrides):
+        fields = dict(preset="test-zero", model="custom", dit=dict(hidden_size=32, depth=2, num_heads=2, patch_size=2),
+                      data=data, global_batch=16, micro_batch=4, lr=3e-3, grad_clip=1.0, ema_decay=0.5,
+                      zero_stage=stage, run_dir=os.path.join(out_dir, f"zero{stage}"), max_steps=100, num_workers=1,
+                      progress=False, eval_samples=10, eval_sampler="ddim5")
+        cfg = TrainConfig(**{**fields, **overrides})
+        return resolve(cfg, world, CONFIGS, cuda_available=False)
+
     for stage in (0, 1, 2, 3):
         counter.events.clear()
-        cfg = TrainConfig(preset="test-zero", model="custom",
-                          dit=dict(hidden_size=32, depth=2, num_heads=2, patch_size=2), data=data,
-                          global_batch=16, micro_batch=4, lr=3e-3, grad_clip=1.0, ema_decay=0.5, zero_stage=stage,
-                          run_dir=os.path.join(out_dir, f"zero{stage}"), max_steps=100, num_workers=1,
-                          progress=False)
-        plan = resolve(cfg, world, CONFIGS, cuda_available=False)
+        plan = make_plan(stage)
         tr = Trainer(plan, rank)
         fixed = [(x, y)] * plan.grad_accum
 
-        ref_ema = tr.ema.full_master_state_dict()
+        ref_ema = tr.ema.full_master_state_dict(dst=None)
         losses = []
         for _ in range(12):
             tr.micro_step = 0  # same t, eps and label dropout every step: a deterministic objective
@@ -63,40 +73,44 @@ def main(out_dir: str, data: str) -> None:
                 tr.train_step(iter(fixed))
             with counter.phase("record"):
                 losses.append(tr.record()["loss"])
-            master = tr.ema.full_master_state_dict()
+            master = tr.ema.full_master_state_dict(dst=None)
             ref_ema = {k: 0.5 * ref_ema[k] + 0.5 * master[k] for k in master}
-        ema_err = max_diff(tr.ema.full_state_dict(), ref_ema)
+        ema_err = max_diff(tr.ema.full_state_dict(dst=None), ref_ema)
+        on_rank0 = tr.ema.full_state_dict()  # the checkpoint's gather: rank 0 only, nothing elsewhere
+        assert (max_diff(on_rank0, ref_ema) <= 1e-7) if rank == 0 else on_rank0 == {}, (rank, list(on_rank0)[:3])
 
         bad_x = x.clone()
         if rank == 1:
             bad_x[0, 0, 0, 0] = float("nan")
-        before, ema_before = tr.ema.full_master_state_dict(), tr.ema.full_state_dict()
+        before, ema_before = tr.ema.full_master_state_dict(dst=None), tr.ema.full_state_dict(dst=None)
         tr.micro_step = 0
         tr.train_step(iter([(bad_x, y)] + fixed[1:]))
         nan_rec = tr.record()
-        nan_weights_diff = max_diff(before, tr.ema.full_master_state_dict())
-        nan_ema_diff = max_diff(ema_before, tr.ema.full_state_dict())
+        nan_weights_diff = max_diff(before, tr.ema.full_master_state_dict(dst=None))
+        nan_ema_diff = max_diff(ema_before, tr.ema.full_state_dict(dst=None))
         tr.micro_step = 0
         tr.train_step(iter(fixed))
         after_nan = tr.record()
 
         with counter.phase("save"):
             path = tr.save()
-        saved = {"master": tr.ema.full_master_state_dict(), "ema": tr.ema.full_state_dict(),
+        saved = {"master": tr.ema.full_master_state_dict(dst=None), "ema": tr.ema.full_state_dict(dst=None),
                  "counters": [tr.step, tr.micro_step, int(tr.log_stats.read()["skipped_steps"])]}
         tr.train_step(iter(fixed))
         next_rec = tr.record()
-        next_master = tr.ema.full_master_state_dict()
+        next_master = tr.ema.full_master_state_dict(dst=None)
         param_tensors = len(list(tr.engine.module.parameters()))
+        if stage == 3:  # distributed evaluation of the (partitioned) EMA: 2 ranks vs 1
+            results["eval"] = distributed_eval(plan, tr, rank)
         del tr
 
         tr2 = Trainer(plan, rank, resume_from=path)
-        loaded_master_diff = max_diff(saved["master"], tr2.ema.full_master_state_dict())
-        loaded_ema_diff = max_diff(saved["ema"], tr2.ema.full_state_dict())
+        loaded_master_diff = max_diff(saved["master"], tr2.ema.full_master_state_dict(dst=None))
+        loaded_ema_diff = max_diff(saved["ema"], tr2.ema.full_state_dict(dst=None))
         counters = [tr2.step, tr2.micro_step, int(tr2.log_stats.read()["skipped_steps"])]
         tr2.train_step(iter(fixed))
         resumed_rec = tr2.record()
-        resumed_master_diff = max_diff(next_master, tr2.ema.full_master_state_dict())
+        resumed_master_diff = max_diff(next_master, tr2.ema.full_master_state_dict(dst=None))
         del tr2
         results[f"zero{stage}"] = {
             "losses": losses, "ema_err": ema_err,
@@ -112,9 +126,49 @@ def main(out_dir: str, data: str) -> None:
             "sync_sites": {phase: counter.sites(phase) for phase in ("step", "record", "save")},
         }
         dist.barrier()
+    counter.uninstall()
+    results["bf16"] = bf16_policy(make_plan(1, precision="bf16", run_dir=os.path.join(out_dir, "bf16")), rank,
+                                  x, y, len(results["zero1"]["losses"]))
     if rank == 0:
         with open(os.path.join(out_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
+
+
+def distributed_eval(plan, tr, rank) -> dict:
+    """The trainer's evaluator on 2 ranks (each samples half the set) against 1 rank on the same model."""
+    evaluator = artefacts.make_evaluator(plan, rank, tr.device, tr.torch_threads)
+    model = artefacts.ema_model(plan, tr.ema, rank, tr.device, everywhere=True)
+    two = evaluator.evaluate(model, tr.step)
+    if rank != 0:
+        assert two is None, two  # only rank 0 gets the record
+        return {}
+    one = TrainingEvaluator((evaluator.ref_mu, evaluator.ref_sigma), plan.schedule, n_samples=evaluator.n_samples,
+                            rank=0, world=1, **evaluator.sample_kwargs).evaluate(model, tr.step)
+    return {"two_ranks": two, "one_rank": one, "shares": [len(evaluator.share(r)) for r in range(2)]}
+
+
+def bf16_policy(plan, rank, x, y, steps) -> dict:
+    """The GPU precision policy (bf16 autocast over fp32 weights) on CPU: dtypes seen inside the
+    model during a training forward, the data types DeepSpeed runs with, and the first losses."""
+    tr = Trainer(plan, rank)
+    block = tr.engine.module.blocks[0]
+    seen = {}
+    hooks = [block.register_forward_hook(lambda m, inp, out: seen.update(residual_in=str(inp[0].dtype),
+                                                                         residual_out=str(out.dtype))),
+             block.attn.register_forward_hook(lambda m, inp, out: seen.update(attn_out=str(out.dtype))),
+             block.attn.qkv.register_forward_hook(lambda m, inp, out: seen.update(qkv_out=str(out.dtype)))]
+    fixed = [(x, y)] * plan.grad_accum
+    losses = []
+    for _ in range(steps):
+        tr.micro_step = 0
+        tr.train_step(iter(fixed))
+        losses.append(tr.record()["loss"])
+    for h in hooks:
+        h.remove()
+    params = {str(p.dtype) for p in tr.engine.module.parameters()}
+    model_dtype, accum_dtype = tr.engine.get_data_types()
+    return {"losses": losses, "dtypes": seen, "param_dtypes": sorted(params), "model_dtype": str(model_dtype),
+            "grad_accum_dtype": str(accum_dtype), "autocast": tr.engine.torch_autocast_enabled()}
 
 
 if __name__ == "__main__":

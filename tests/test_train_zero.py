@@ -1,7 +1,8 @@
 """ZeRO-0/1/2/3 with 2 real DeepSpeed CPU ranks (one launched job, tests/ds_zero_worker.py):
 the loss falls on a fixed batch, the sharded EMA equals an EMA of the gathered weights, a NaN
-on one rank skips the update on all ranks, a checkpoint resumes bit-exactly, and the training
-package makes no host-device synchronisation per step."""
+on one rank skips the update on all ranks, a checkpoint resumes bit-exactly, the training
+package makes no host-device synchronisation per step, evaluation split over 2 ranks gives
+the one-rank Fréchet distance, and the bf16 policy keeps an fp32 residual stream."""
 
 import json
 import os
@@ -77,3 +78,28 @@ def test_no_host_sync_per_step_in_the_training_package(results, stage):
     assert syncs["record"].get("training", 0) == 12, sites["record"]  # one .tolist() per record
     assert syncs["step"].get("ops", 0) == 0, sites["step"]
     assert 1 <= syncs["save"].get("training", 0) <= 2 * results[stage]["param_tensors"] + 1, sites["save"]
+
+
+def test_distributed_evaluation_matches_one_rank(results):
+    ev = results["eval"]
+    assert ev["shares"] == [5, 5]  # 10 samples, half per rank
+    two, one = ev["two_ranks"]["fd_raw"], ev["one_rank"]["fd_raw"]
+    assert ev["two_ranks"]["eval_samples"] == ev["one_rank"]["eval_samples"] == 10
+    assert abs(two - one) <= 1e-6 * abs(one), (two, one)
+
+
+def test_bf16_policy_keeps_an_fp32_residual_stream_and_fp32_gradients(results):
+    r = results["bf16"]
+    assert r["autocast"] is True
+    assert r["param_dtypes"] == ["torch.float32"]  # master weights = the weights, fp32
+    assert r["model_dtype"] == "torch.float32" and r["grad_accum_dtype"] == "torch.float32"
+    assert r["dtypes"]["qkv_out"] == "torch.bfloat16" and r["dtypes"]["attn_out"] == "torch.bfloat16"  # bf16 matmuls
+    assert r["dtypes"]["residual_in"] == r["dtypes"]["residual_out"] == "torch.float32"
+
+
+def test_bf16_first_losses_are_close_to_fp32(results):
+    bf16, fp32 = results["bf16"]["losses"], results["zero1"]["losses"]
+    assert len(bf16) == len(fp32) == 12
+    rel = [abs(a - b) / b for a, b in zip(bf16, fp32)]
+    assert max(rel) < 0.02, rel  # bf16 matmuls: ~0.4% rounding per product
+    assert max(rel) > 0, rel  # and bf16 was really used

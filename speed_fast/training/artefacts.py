@@ -2,7 +2,7 @@
 `checkpoint.py` and `metrics.py`): config.json at the start, and at the end the EMA sample
 grid, the loss plot and the quality plot. Also the training-time evaluator's set-up (its
 reference set is drawn from the training data). Everything here runs on rank 0, except
-`ema_model`, which gathers the EMA and is collective.
+`ema_model`, which gathers the EMA, and the evaluator, which samples on every rank (both collective).
 """
 
 from __future__ import annotations
@@ -49,30 +49,36 @@ def versions() -> dict:
     return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "python": sys.version.split()[0]}
 
 
-def ema_model(plan: Plan, ema, is_main: bool, device) -> DiT | None:
-    """A plain fp32 DiT with the EMA weights on rank 0, None elsewhere (collective: every rank calls it)."""
-    sd = ema.full_state_dict()
-    if not is_main:
+def ema_model(plan: Plan, ema, rank: int, device, everywhere: bool = False) -> DiT | None:
+    """A plain fp32 DiT with the EMA weights, on `device`: on rank 0 only (None elsewhere), or on
+    every rank with `everywhere` (distributed evaluation). Collective: every rank calls it."""
+    sd = ema.full_state_dict(dst=None if everywhere else 0, device=device)
+    if not sd:
         return None
-    model = DiT(plan.dit)
+    model = DiT(plan.dit).to(device)
     model.load_state_dict(sd)
-    return model.to(device).eval()
+    return model.eval()
 
 
-def make_evaluator(plan: Plan, device, torch_threads: int):
-    """The training-time evaluator: a fixed-seed sample set against a reference set drawn from the
-    training data (max(4 x eval_samples, 2048) latents, at most the whole file)."""
-    from ..data import LatentLoader
+def make_evaluator(plan: Plan, rank: int, device, torch_threads: int):
+    """The training-time evaluator of one rank (every rank samples its share of the set, see
+    `TrainingEvaluator`): a fixed-seed sample set against a reference set drawn from the training
+    data on rank 0 (max(4 x eval_samples, 2048) latents, at most the whole file)."""
     from ..evaluation import TrainingEvaluator
 
     cfg = plan.cfg
-    n = min(plan.data_meta["num_samples"], max(4 * cfg.eval_samples, 2048))
-    ref_loader = LatentLoader(plan.data_path, n, seed=cfg.seed + 1, num_workers=1, drop_last=True,
-                              out_dtype=torch.float32)
-    reference = next(iter(ref_loader))[0].clone()
-    torch.set_num_threads(torch_threads)  # FFCV sets torch's thread count per epoch
+    reference = None
+    if rank == 0:
+        from ..data import LatentLoader
+
+        n = min(plan.data_meta["num_samples"], max(4 * cfg.eval_samples, 2048))
+        ref_loader = LatentLoader(plan.data_path, n, seed=cfg.seed + 1, num_workers=1, drop_last=True,
+                                  out_dtype=torch.float32)
+        reference = next(iter(ref_loader))[0].clone()
+        torch.set_num_threads(torch_threads)  # FFCV sets torch's thread count per epoch
     return TrainingEvaluator(reference, plan.schedule, n_samples=cfg.eval_samples, steps=cfg.eval_sampler,
-                             seed=cfg.seed, device=device, learn_sigma=plan.dit.learn_sigma)
+                             seed=cfg.seed, device=device, learn_sigma=plan.dit.learn_sigma,
+                             shape=tuple(plan.data_meta["shape"]), rank=rank, world=plan.world_size)
 
 
 def finish(plan: Plan, run_dir: str, model: DiT, device) -> list[str]:

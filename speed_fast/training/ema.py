@@ -9,7 +9,8 @@ communication per step and is consistent under every ZeRO stage:
   this rank's flat partition (`param._hp_mapping`: offset and length in the flattened parameter).
 * ZeRO-0 in fp32: the parameter itself, identical on every rank.
 
-`full_state_dict()` (a collective: every rank calls it) reassembles full fp32 tensors, and
+`full_state_dict()` (a collective: every rank calls it) reassembles full fp32 tensors on one
+rank (rank 0 by default; every rank's host holding a copy of a 5.4 GB model would not do), and
 `load_full_state_dict()` cuts a full state back into this rank's pieces, so a checkpoint's EMA
 is a plain state dict, independent of the stage and world size that wrote it. The same pieces
 give the full fp32 master weights (`full_master_state_dict`), which is how checkpoints store
@@ -102,24 +103,40 @@ class ShardedEMA:
 
     # ---- full tensors ------------------------------------------------------------------------
 
-    def _assemble(self, piece: _Piece, local: torch.Tensor) -> torch.Tensor:
-        """The full fp32 tensor of one parameter from every rank's local piece (collective)."""
+    def _ranks(self) -> tuple[int, int]:
+        if not dist.is_initialized():
+            return 0, 1
+        return dist.get_rank(self.group), dist.get_world_size(self.group)
+
+    def _assemble(self, piece: _Piece, local: torch.Tensor, dst: int | None) -> torch.Tensor | None:
+        """The full fp32 tensor of one parameter from every rank's local piece (collective): on every
+        rank when `dst` is None, else on rank `dst` of the group only (None on the others)."""
         p = piece.param
+        rank, world = self._ranks()
+        mine = dst is None or rank == dst
+        if world > 1 and dst is not None:
+            root = dst if self.group is None else dist.get_global_rank(self.group, dst)
         if piece.kind == "full":
-            return local.view(p.shape).clone()
+            return local.view(p.shape).clone() if mine else None
         if piece.kind == "fragment":
             buf = torch.zeros(p.numel(), dtype=torch.float32, device=local.device)
             buf.narrow(0, piece.start, piece.numel).copy_(local)
-            if dist.is_initialized() and dist.get_world_size(self.group) > 1:
-                dist.all_reduce(buf, group=self.group)  # fragments are disjoint: the sum assembles them
-            return buf.view(p.shape)
-        world = dist.get_world_size(self.group) if dist.is_initialized() else 1
-        parts = [torch.empty_like(local) for _ in range(world)]
-        if world > 1:
-            dist.all_gather(parts, local.contiguous(), group=self.group)
-        else:
+            if world > 1:  # fragments are disjoint: their sum assembles the tensor
+                if dst is None:
+                    dist.all_reduce(buf, group=self.group)
+                else:
+                    dist.reduce(buf, dst=root, group=self.group)
+            return buf.view(p.shape) if mine else None
+        local = local.contiguous()
+        if world == 1:
             parts = [local]
-        return torch.cat(parts)[: _full_numel(p)].view(_full_shape(p))
+        elif dst is None:
+            parts = [torch.empty_like(local) for _ in range(world)]
+            dist.all_gather(parts, local, group=self.group)
+        else:
+            parts = [torch.empty_like(local) for _ in range(world)] if mine else None
+            dist.gather(local, parts, dst=root, group=self.group)
+        return torch.cat(parts)[: _full_numel(p)].view(_full_shape(p)) if mine else None
 
     def _local_piece(self, piece: _Piece, full: torch.Tensor) -> torch.Tensor:
         """This rank's piece of a full tensor (the inverse of _assemble)."""
@@ -139,13 +156,23 @@ class ShardedEMA:
         padded[:n] = flat[:n]
         return padded[rank * size:(rank + 1) * size].clone()
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """{name: full fp32 CPU tensor} of the EMA (collective; every rank gets it)."""
-        return {piece.name: self._assemble(piece, s).cpu() for piece, s in zip(self.pieces, self.shadow)}
+    def _gather(self, tensors: list[torch.Tensor], dst: int | None, device) -> dict[str, torch.Tensor]:
+        out = {}
+        for piece, local in zip(self.pieces, tensors):
+            full = self._assemble(piece, local.float(), dst)
+            if full is not None:
+                out[piece.name] = full.to(device)
+        return out
 
-    def full_master_state_dict(self) -> dict[str, torch.Tensor]:
-        """{name: full fp32 CPU tensor} of the current master weights (collective)."""
-        return {piece.name: self._assemble(piece, s.float()).cpu() for piece, s in zip(self.pieces, self._sources())}
+    def full_state_dict(self, dst: int | None = 0, device="cpu") -> dict[str, torch.Tensor]:
+        """{name: full fp32 tensor} of the EMA, on `device` (collective: every rank calls it). Only
+        rank `dst` gets it ({} on the others), so a checkpoint holds one host copy, not one per
+        rank; dst=None gives it to every rank (e.g. on the training device, for evaluation)."""
+        return self._gather(self.shadow, dst, device)
+
+    def full_master_state_dict(self, dst: int | None = 0, device="cpu") -> dict[str, torch.Tensor]:
+        """{name: full fp32 tensor} of the current master weights (collective; as full_state_dict)."""
+        return self._gather(self._sources(), dst, device)
 
     @torch.no_grad()
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:

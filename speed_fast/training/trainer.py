@@ -81,7 +81,6 @@ class Trainer:
         self.is_main = self.rank == 0
         self.run_dir = cfg.run_dir
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
-        self.dtype = torch.bfloat16 if plan.precision == "bf16" else torch.float32
         if not plan.use_cuda and "OMP_NUM_THREADS" not in os.environ:
             # CPU ranks of one node share its cores (torch would give each rank all of them).
             local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
@@ -159,7 +158,8 @@ class Trainer:
             if i:
                 self.engine.step()  # DeepSpeed counts micro-batches in step(); it updates only at the boundary
             x, y = next(batches)
-            x = x.to(self.device, dtype=self.dtype, non_blocking=True)  # (B, C, H, W)
+            # fp32 latents in every precision: bf16 autocast casts them where a matmul reads them.
+            x = x.to(self.device, dtype=torch.float32, non_blocking=True)  # (B, C, H, W)
             y = y.to(self.device, non_blocking=True)  # (B,)
             m = self.micro_step
             terms = self.diffusion.training_losses(self.engine, x, y, self.fused, step=m, offset=self.offset,
@@ -301,8 +301,8 @@ class Trainer:
             artefacts.write_config(self.run_dir, self.plan, self.fused.backend, self._num_params())
         dist.barrier()
         logger = MetricsLogger(self.run_dir, resume_step=self.step) if self.is_main else None
-        evaluator = (artefacts.make_evaluator(self.plan, self.device, self.torch_threads)
-                     if (cfg.eval_every and self.is_main) else None)
+        evaluator = artefacts.make_evaluator(self.plan, self.rank, self.device, self.torch_threads) \
+            if cfg.eval_every else None
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         self.make_loader()
@@ -339,10 +339,12 @@ class Trainer:
                     if rec is not None and logger is not None:
                         logger.log(rec)
                     self._raise_nonfinite(int(sums["limit_step"]))
-                if evaluated:
-                    model = artefacts.ema_model(self.plan, self.ema, self.is_main, self.device)  # collective
-                    if evaluator is not None:
-                        rec.update({k: v for k, v in evaluator.evaluate(model, self.step).items() if k != "step"})
+                if evaluated:  # collective: every rank samples its share of the set
+                    model = artefacts.ema_model(self.plan, self.ema, self.rank, self.device, everywhere=True)
+                    result = evaluator.evaluate(model, self.step)
+                    if result is not None:
+                        rec.update({k: v for k, v in result.items() if k != "step"})
+                    del model
                 if rec is not None and logger is not None:
                     logger.log(rec)
                 if saved:
@@ -370,7 +372,7 @@ class Trainer:
 
     def finish(self) -> None:
         """End of run: the EMA sample grid and the plots on rank 0 (the EMA gather is collective)."""
-        model = artefacts.ema_model(self.plan, self.ema, self.is_main, self.device)
+        model = artefacts.ema_model(self.plan, self.ema, self.rank, self.device)
         if not self.is_main:
             return
         grid, plot, *quality = artefacts.finish(self.plan, self.run_dir, model, self.device)
