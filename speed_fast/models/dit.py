@@ -306,7 +306,9 @@ class DiT(nn.Module):
                 drop: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W), t int64 (B,), y int64 (B,), drop bool (B,) or None -> (B, C_out, H, W)."""
         x = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, N, D)
-        x = x + self.pos_embed.to(x.dtype)
+        # The residual stream takes pos_embed's dtype: fp32 under bf16 autocast (the patch embedding
+        # gives bf16, fp32 + bf16 is fp32, and every block adds its bf16 update to an fp32 stream).
+        x = x + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, drop)  # (B, D)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():

@@ -272,12 +272,26 @@ def deepspeed_config(cfg: TrainConfig, configs_dir: str, world_size: int, micro:
         if ds.get(key) and (key != "fp16" or ds[key].get("enabled")):
             raise ConfigError(f"DeepSpeed config {path}: {key!r} is set by the trainer (AdamW lr/weight decay "
                               f"flags, bf16/fp32 precision); remove it from the JSON")
+    # Precision policy (README "Running on GPUs"): the weights, gradients, their accumulation and
+    # the optimizer stay fp32 and the forward runs under bf16 autocast (DeepSpeed's torch_autocast),
+    # so matmuls are bf16 while the residual stream stays fp32. DeepSpeed's own bf16 mode would cast
+    # the whole model, residual stream included, and is refused.
     bf16 = ds.setdefault("bf16", {})
-    if bf16.get("enabled", "auto") == "auto":
-        bf16["enabled"] = precision == "bf16"
-    elif bool(bf16["enabled"]) != (precision == "bf16"):
-        raise ConfigError(f"DeepSpeed config {path}: bf16.enabled = {bf16['enabled']!r} but precision is "
-                          f"{precision!r}")
+    if bf16.get("enabled", "auto") not in ("auto", False):
+        raise ConfigError(f"DeepSpeed config {path}: bf16.enabled = {bf16['enabled']!r}; the trainer keeps fp32 "
+                          f"weights and runs bf16 under autocast (--precision bf16), which needs DeepSpeed's "
+                          f"bf16 mode off: set it to \"auto\" or false")
+    bf16["enabled"] = False
+    autocast = ds.setdefault("torch_autocast", {})
+    if autocast.get("enabled", "auto") == "auto":
+        autocast["enabled"] = precision == "bf16"
+    elif bool(autocast["enabled"]) != (precision == "bf16"):
+        raise ConfigError(f"DeepSpeed config {path}: torch_autocast.enabled = {autocast['enabled']!r} but "
+                          f"precision is {precision!r}")
+    if autocast["enabled"]:
+        autocast.setdefault("dtype", "bfloat16")
+        # No module's gradients are communicated in bf16 unless the JSON lists them: fp32 all the way.
+        autocast.setdefault("lower_precision_safe_modules", [])
     zero = ds.setdefault("zero_optimization", {})
     stage = zero.setdefault("stage", cfg.zero_stage)
     if stage not in ZERO_STAGES:
@@ -317,9 +331,9 @@ def resolve(cfg: TrainConfig, world_size: int, configs_dir: str, cuda_available:
         raise ConfigError(f"--zero-stage must be one of {ZERO_STAGES}, got {cfg.zero_stage!r}")
     if cfg.resume not in ("auto", "must", "never"):
         raise ConfigError(f"--resume must be auto, must or never, got {cfg.resume!r}")
+    # bf16 = fp32 weights under bf16 autocast (see deepspeed_config); it also runs on CPU, where
+    # "auto" stays fp32 (faster there and exact to resume).
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda_available else "fp32")
-    if precision == "bf16" and not cuda_available:
-        raise ConfigError("--precision bf16 needs a CUDA device; on CPU the trainer runs fp32")
 
     # Batch arithmetic: global = world x micro x accumulation.
     if cfg.micro_batch is None:
