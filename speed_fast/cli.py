@@ -19,6 +19,7 @@ COMMANDS = {
     "write-latents": "write_latents",
     "sample": "sample",
     "eval": "evaluate",
+    "export-dit": "export_dit",
 }
 
 

@@ -15,6 +15,7 @@ every step, so the objective is deterministic):
     steps, in the log records and in the checkpoint save, by who made them;
   * under ZeRO-3, evaluates the EMA with the trainer's evaluator on both ranks (each samples half
     the fixed-seed set) and with a one-rank evaluator on rank 0;
+  * starts ZeRO-2 from a facebookresearch/DiT-format file (--init-from);
   * trains ZeRO-1 with --precision bf16 (the GPU policy: bf16 autocast over fp32 weights) and
     records the dtypes inside a block, DeepSpeed's data types and the first losses.
 Rank 0 writes OUT/results.json; the test asserts on it.
@@ -31,6 +32,7 @@ from sync_counter import SyncCounter
 
 from speed_fast.data.digits import digits_arrays
 from speed_fast.evaluation import TrainingEvaluator
+from speed_fast.models import DiT
 from speed_fast.training import artefacts
 from speed_fast.training.config import TrainConfig, resolve
 from speed_fast.training.trainer import Trainer
@@ -127,6 +129,7 @@ def main(out_dir: str, data: str) -> None:
         }
         dist.barrier()
     counter.uninstall()
+    results["init_from"] = init_from(make_plan, out_dir, rank)
     results["bf16"] = bf16_policy(make_plan(1, precision="bf16", run_dir=os.path.join(out_dir, "bf16")), rank,
                                   x, y, len(results["zero1"]["losses"]))
     if rank == 0:
@@ -145,6 +148,28 @@ def distributed_eval(plan, tr, rank) -> dict:
     one = TrainingEvaluator((evaluator.ref_mu, evaluator.ref_sigma), plan.schedule, n_samples=evaluator.n_samples,
                             rank=0, world=1, **evaluator.sample_kwargs).evaluate(model, tr.step)
     return {"two_ranks": two, "one_rank": one, "shares": [len(evaluator.share(r)) for r in range(2)]}
+
+
+def init_from(make_plan, out_dir, rank) -> dict:
+    """--init-from a facebookresearch/DiT-format file (written here from a perturbed model): the
+    partitioned (ZeRO-2) weights and the EMA start at the file's weights on every rank."""
+    path = os.path.join(out_dir, "dit-format.pt")
+    plan = make_plan(2)
+    torch.manual_seed(123)
+    source = DiT(plan.dit)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    if rank == 0:
+        sd = {("x_embedder.proj." + k.split(".")[1] if k.startswith("x_embedder.") else k): v
+              for k, v in source.state_dict().items()}
+        sd["pos_embed"] = source.pos_embed.clone()
+        torch.save(sd, path)
+    dist.barrier()
+    tr = Trainer(make_plan(2, init_from=path, run_dir=os.path.join(out_dir, "init")), rank)
+    want = source.state_dict()
+    return {"master_diff": max_diff(tr.ema.full_master_state_dict(dst=None), want),
+            "ema_diff": max_diff(tr.ema.full_state_dict(dst=None), want)}
 
 
 def bf16_policy(plan, rank, x, y, steps) -> dict:

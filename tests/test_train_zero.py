@@ -103,3 +103,7 @@ def test_bf16_first_losses_are_close_to_fp32(results):
     rel = [abs(a - b) / b for a, b in zip(bf16, fp32)]
     assert max(rel) < 0.02, rel  # bf16 matmuls: ~0.4% rounding per product
     assert max(rel) > 0, rel  # and bf16 was really used
+
+
+def test_init_from_a_dit_checkpoint_sets_weights_and_ema(results):
+    assert results["init_from"] == {"master_diff": 0.0, "ema_diff": 0.0}

@@ -73,7 +73,8 @@ class TrainConfig:
     max_nonfinite: int = 5               # consecutive non-finite steps before the run stops
     num_workers: int = 2
     grad_checkpointing: bool = False
-    compile: bool = False
+    compile: bool | None = None          # None: torch.compile the model on CUDA, eager on CPU
+    init_from: str | None = None         # a facebookresearch/DiT checkpoint to start from (fine-tuning)
     backend: str = "auto"                # fused SpeeD ops: auto | torch | cpp | triton
     attn_backend: str = "auto"
     run_dir: str | None = None           # default runs/<preset>-<strategy>-seed<seed>
@@ -147,7 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=S,
                    help="random horizontal flips of the latents (the ImageNet presets flip)")
     g.add_argument("--grad-checkpointing", action="store_true", default=S)
-    g.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=S,
+                   help="torch.compile the model (default: on with CUDA, off on CPU)")
+    g.add_argument("--init-from", default=S, metavar="PATH",
+                   help="start from the weights of a facebookresearch/DiT checkpoint (e.g. DiT-XL-2-256x256.pt, "
+                        "or `speed-fast export-dit` output); the EMA starts there too")
     g.add_argument("--attn-backend", default=S, choices=("auto", "sdpa", "xformers"))
     g.add_argument("--num-workers", type=int, default=S, help="data loader threads per rank")
     g = p.add_argument_group("SpeeD / time-step strategy")
@@ -209,6 +214,7 @@ class Plan:
     ds_config: dict
     use_cuda: bool
     precision: str
+    compile: bool = False
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
@@ -393,7 +399,14 @@ def resolve(cfg: TrainConfig, world_size: int, configs_dir: str, cuda_available:
     except (ValueError, RuntimeError) as exc:
         raise ConfigError(f"--backend {cfg.backend!r}: {exc}") from None
 
+    if cfg.init_from is not None and not os.path.isfile(cfg.init_from):
+        raise ConfigError(f"--init-from {cfg.init_from!r}: no such file (expected a facebookresearch/DiT "
+                          f"checkpoint such as DiT-XL-2-256x256.pt)")
+    if cfg.compile not in (None, True, False):
+        raise ConfigError(f"compile must be true, false or null (auto: on with CUDA), got {cfg.compile!r}")
+
     ds = deepspeed_config(cfg, configs_dir, world_size, micro, accum, precision)
     return Plan(cfg=cfg, world_size=world_size, micro_batch=micro, grad_accum=accum, data_path=data_path,
                 data_meta=meta, dit=dit, schedule=schedule, strategy=strategy, ds_config=ds,
-                use_cuda=cuda_available, precision=precision)
+                use_cuda=cuda_available, precision=precision,
+                compile=cuda_available if cfg.compile is None else cfg.compile)

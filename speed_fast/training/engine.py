@@ -2,8 +2,8 @@
 
     engine, optimizer = build_engine(plan, device)
 
-Every rank builds the same initial weights (seeded with the run's seed) before ZeRO partitions
-them; the optimizer is a torch AdamW that ZeRO wraps (DeepSpeed's own optimizers are not used,
+Every rank builds the same initial weights (seeded with the run's seed, or read from a
+facebookresearch/DiT checkpoint with --init-from) before ZeRO partitions them; the optimizer is a torch AdamW that ZeRO wraps (DeepSpeed's own optimizers are not used,
 so the update is the same under every stage).
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..models.dit import DiT
+from ..models.interop import load_dit_state_dict
 from .config import Plan
 
 
@@ -30,16 +31,21 @@ class SkippableAdamW(torch.optim.AdamW):
         self.found_inf = flag.float().reshape(())  # read by torch.optim.AdamW.step (fused path)
 
 
-def build_engine(plan: Plan, device: torch.device):
-    """(DeepSpeed engine, the optimizer it wraps) for `plan`, on `device` (collective: every rank)."""
+def build_engine(plan: Plan, device: torch.device, init: bool = True):
+    """(DeepSpeed engine, the optimizer it wraps) for `plan`, on `device` (collective: every rank).
+    init=False skips --init-from (a resumed run's weights come from its checkpoint)."""
     import deepspeed
 
     cfg = plan.cfg
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = DiT(plan.dit).to(device)  # before the optimizer: fused AdamW checks its params' device
+    model = DiT(plan.dit)
+    if cfg.init_from is not None and init:
+        # Memory-mapped: the ranks of a node share the file's pages instead of each reading a copy.
+        load_dit_state_dict(model, torch.load(cfg.init_from, map_location="cpu", weights_only=True, mmap=True))
+    model = model.to(device)  # before the optimizer: fused AdamW checks its params' device
     optimizer = SkippableAdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
                                weight_decay=cfg.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=plan.ds_config)
-    if cfg.compile:
+    if plan.compile:
         engine.compile()
     return engine, optimizer

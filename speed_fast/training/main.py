@@ -17,7 +17,7 @@ from .config import ConfigError, Plan, TrainConfig, parse_args, resolve
 
 # Keys whose change makes a checkpoint's continuation a different run.
 _IDENTITY = ("model", "dit", "data", "flip", "schedule", "strategy", "strategy_params", "global_batch", "micro_batch",
-             "seed", "zero_stage", "precision")
+             "seed", "zero_stage", "precision", "init_from")
 
 
 def _dist_env(local_rank_flag: int | None) -> tuple[int, int, int]:

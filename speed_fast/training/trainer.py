@@ -87,7 +87,7 @@ class Trainer:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
         self.torch_threads = torch.get_num_threads()
 
-        self.engine, self.optimizer = build_engine(plan, self.device)
+        self.engine, self.optimizer = build_engine(plan, self.device, init=resume_from is None)
         self.ema = ShardedEMA(self.engine.module, cfg.ema_decay)
         self.fused = FusedSpeeD(plan.schedule, plan.strategy, device=self.device, backend=cfg.backend, seed=cfg.seed)
         self.diffusion = GaussianDiffusion(plan.schedule, device=self.device, learn_sigma=plan.dit.learn_sigma)
