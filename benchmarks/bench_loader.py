@@ -1,7 +1,9 @@
 """Latents/s of the project's LatentLoader against the two loaders it replaces, on the same bytes, in one run.
 
   latent_loader   speed_fast.data.LatentLoader: FFCV pipeline, rank 0 of world_size (default 2: the
-                  sharded order), random flip, bf16 view; what the trainer uses
+                  sharded order), random flip, bf16 view, read as the trainer reads it (forever():
+                  epochs streamed through one producer)
+  latent_loader_noflip  the same without the flip (the work bare FFCV does per sample)
   ffcv_bare       FFCV's own Loader, RANDOM order, default decoder, no sharding or flip (reference)
   memmap_gather   random-index gather from one memory-mapped int16 .npy: numpy fancy indexing in
                   one thread, and np.take split over `workers` threads (it releases the GIL); the
@@ -127,14 +129,17 @@ def memmap_epochs(paths, batch, threads, epochs, seed):
         yield one_epoch()
 
 
-def latent_loader_epochs(paths, batch, workers, epochs, seed, world_size):
+def latent_loader_epochs(paths, batch, workers, epochs, seed, world_size, flip=True):
+    """The trainer's stream (LatentLoader.forever()), cut into epochs of len(loader) batches."""
+    import itertools
+
     from speed_fast.data import LatentLoader
 
-    ld = LatentLoader(paths["beton"], batch, seed=seed, rank=0, world_size=world_size, flip=True,
+    ld = LatentLoader(paths["beton"], batch, seed=seed, rank=0, world_size=world_size, flip=flip,
                       num_workers=workers)
-    for epoch in range(epochs):
-        ld.set_epoch(epoch)
-        yield iter(ld)
+    stream = ld.forever()
+    for _ in range(epochs):
+        yield itertools.islice(stream, len(ld))
 
 
 def ffcv_bare_epochs(paths, batch, workers, epochs, seed):
@@ -166,7 +171,7 @@ def run_method(name, epoch_iters, check):
             count += x.shape[0]
         epoch_s.append(time.perf_counter() - t0)
         samples.append(count)
-        print(f"  {name:<16} epoch {e}: {count} latents in {epoch_s[-1]:.2f} s = {count / epoch_s[-1]:,.0f}/s")
+        print(f"  {name:<20} epoch {e}: {count} latents in {epoch_s[-1]:.2f} s = {count / epoch_s[-1]:,.0f}/s")
     steady = sum(samples[1:]) / sum(epoch_s[1:])
     return {"latents_per_s_first_epoch": samples[0] / epoch_s[0], "latents_per_s": steady,
             "epoch_s": epoch_s, "samples_per_epoch": samples[0],
@@ -222,9 +227,16 @@ def main() -> None:
         assert x.dtype == torch.bfloat16 and torch.equal(x.view(torch.int16), ref.view(torch.int16))
         assert torch.equal(y, labels[torch.from_numpy(idx0[:B])])
 
+    def check_noflip(x, y):
+        ref = src[torch.from_numpy(idx0[:B])]
+        assert x.dtype == torch.bfloat16 and torch.equal(x.view(torch.int16), ref.view(torch.int16))
+        assert torch.equal(y, labels[torch.from_numpy(idx0[:B])])
+
     methods = [
         ("latent_loader", "ffcv+speed_fast", lambda: latent_loader_epochs(paths, B, W, E, args.seed,
                                                                           args.world_size), check_ours),
+        ("latent_loader_noflip", "ffcv+speed_fast", lambda: latent_loader_epochs(
+            paths, B, W, E, args.seed, args.world_size, flip=False), check_noflip),
         ("ffcv_bare", "ffcv", lambda: ffcv_bare_epochs(paths, B, W, E, args.seed), rows_of),
         ("memmap_gather", "numpy", lambda: memmap_epochs(paths, B, 1, E, args.seed), rows_of),
         (f"memmap_gather_{W}t", "numpy+threads", lambda: memmap_epochs(paths, B, W, E, args.seed), rows_of),
@@ -253,10 +265,10 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
     ours = by["latent_loader"]
-    print(f"\n{'method':<16} {'first epoch/s':>14} {'steady/s':>12} {'p50 ms':>8} {'x per-file':>11} "
+    print(f"\n{'method':<20} {'first epoch/s':>14} {'steady/s':>12} {'p50 ms':>8} {'x per-file':>11} "
           f"{'of memmap*':>10} {'DiT-XL/2 GPUs':>14}")
     for r in results:
-        print(f"{r['name']:<16} {r['latents_per_s_first_epoch']:>14,.0f} {r['latents_per_s']:>12,.0f} "
+        print(f"{r['name']:<20} {r['latents_per_s_first_epoch']:>14,.0f} {r['latents_per_s']:>12,.0f} "
               f"{r['ms_p50']:>8.3f} {r['speedup_vs_eager']:>10.1f}x {r['fraction_of_memmap_gather']:>9.0%} "
               f"{r['dit_xl2_gpus_fed']:>14.0f}")
     print("* of the faster memmap gather")

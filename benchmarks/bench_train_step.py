@@ -1,6 +1,7 @@
-"""Training-step benchmark: what SpeeD costs per step, against the reference implementation's uniform step.
+"""Training-step benchmark: what SpeeD costs per step on CPU, and img/s, ms per step and MFU on a GPU.
 
     python benchmarks/bench_train_step.py --out train_step.json [--threads 2] [--rounds 40] [--quick]
+    python benchmarks/bench_train_step.py --out train_step_gpu.json --gpu-batches 32   # on a CUDA machine
 
 Same model, same batch, same AdamW, one process, variants timed round-robin (one step of each per
 round, so load from other processes shifts them alike):
@@ -12,16 +13,21 @@ round, so load from other processes shifts them alike):
                   eager noising, loss = w[t] * mse + VB.
   fused-speed     this project's step: FusedSpeeD (alias draw + counter-RNG noise in one pass, fused
                   weighted MSE), GaussianDiffusion.training_losses, label dropout from (seed, step)
-                  as the trainer does.
+                  as the trainer draws it (LabelDropout).
+  fused-speed-compiled (CPU, with --cpu-compile) the same with the model under torch.compile.
 
-Two tiers: "step" (forward, backward and optimizer step of the model) and "objective" (the same
-without the model: a fixed leaf tensor stands in for its output, so only the diffusion machinery
-is timed, VB term included). SpeeD's overhead is (fused-speed - eager-uniform) / eager-uniform of
-the step; the objective tier measures the same difference with much less noise.
+Two tiers on CPU: "step" (forward, backward and optimizer step of the model) and "objective"
+(the same without the model: a fixed leaf tensor stands in for its output, so only the diffusion
+machinery is timed, VB term included). SpeeD's overhead is (fused-speed - eager-uniform) /
+eager-uniform of the step; the objective tier measures the same difference with much less noise.
 
 CPU: the digits preset (train/configs/digits.json: its DiT on 1x8x8, batch 128, float32).
-CUDA (when present): DiT-XL/2 at 256px latents (4x32x32), bf16 autocast, fused AdamW, batches 128
-and 256: img/s and MFU at 712 GFLOP per image per training step (DiT-XL/2's 118.6 GMAC forward x 6).
+CUDA (when present): DiT-XL/2 at 256px latents (4x32x32) with the trainer's GPU set-up: fp32
+weights, the model's forward under bf16 autocast (fp32 residual stream), torch.compile of the
+model (--no-compile: eager), SDPA attention, fused AdamW, the triton SpeeD ops; micro-batch 32
+by default (--gpu-batches). Reported per variant: ms per step, img/s, and MFU = img/s x 712
+GFLOP (DiT-XL/2's 118.6 GMAC forward x 2 FLOP x 3 for forward and backward) / the card's dense
+bf16 peak (by name, or --peak-tflops), plus the peak memory allocated.
 
 Before timing, the fused objective is checked against the eager formula on the same t and noise.
 """
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -48,7 +55,7 @@ from speed_fast.ops import noise_ref  # noqa: E402
 from speed_fast.schedule import NoiseSchedule  # noqa: E402
 from speed_fast.timesteps import make_strategy  # noqa: E402
 from speed_fast.training.config import load_preset  # noqa: E402
-from speed_fast.training.label_dropout import label_drop_mask  # noqa: E402
+from speed_fast.training.label_dropout import LabelDropout  # noqa: E402
 
 CONFIGS = os.path.join(ROOT, "train", "configs")
 # Dense bf16 peak (FLOP/s) by device name, for MFU.
@@ -62,19 +69,23 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=40, help="timed rounds per tier")
     p.add_argument("--max-seconds", type=float, default=120.0, help="time limit per tier")
     p.add_argument("--quick", action="store_true", help="a few rounds: a smoke test of the script")
+    p.add_argument("--cpu-compile", action="store_true", help="CPU: also time the fused step with a compiled model")
     p.add_argument("--no-gpu", action="store_true", help="skip the CUDA section even when CUDA is present")
-    p.add_argument("--compile", action="store_true", help="CUDA section: torch.compile the model")
+    p.add_argument("--no-compile", action="store_true", help="CUDA section: eager model (default: torch.compile)")
+    p.add_argument("--gpu-batches", default="32", help="CUDA section: comma-separated micro-batch sizes")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: by name)")
     return p.parse_args(argv)
 
 
 class Step:
-    """The three step variants on one model, optimizer, schedule and batch."""
+    """The step variants on one model, optimizer, schedule and batch. `autocast`: the model's forward
+    (only) runs under bf16 autocast, as DeepSpeed's torch_autocast does in the trainer."""
 
-    def __init__(self, model, x0, y, schedule, device, with_model=True, seed=0):
+    def __init__(self, model, x0, y, schedule, device, with_model=True, seed=0, autocast=False):
         self.model, self.x0, self.y = model, x0, y
         self.device = torch.device(device)
         self.with_model = with_model
+        self.autocast = autocast
         self.T = schedule.T
         self.diffusion = GaussianDiffusion(schedule, device=device)
         self.speed = make_strategy("speed", schedule, k=5.0, tau=700, lam=0.6)
@@ -86,16 +97,20 @@ class Step:
         self.seed = seed
         self.step_id = 0
         B, C = x0.shape[:2]
+        self.label_drop = LabelDropout(seed, 0.1, B, device=device)
         if with_model:
-            self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0,
-                                         **({"fused": True} if self.device.type == "cuda" else {}))
+            self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
         else:  # the model's output, fixed: only the diffusion objective is timed
             self.out = (0.5 * torch.randn(B, 2 * C, *x0.shape[2:], device=device)).requires_grad_()
+
+    def _model(self, x_t, t, y, drop=None):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self.model(x_t, t, y, drop) if drop is not None else self.model(x_t, t, y)
 
     def _forward(self, x_t, t, drop=None):
         if not self.with_model:
             return self.out
-        return self.model(x_t, t, self.y, drop) if drop is not None else self.model(x_t, t, self.y)
+        return self._model(x_t, t, self.y, drop)
 
     def _finish(self, loss):
         if self.with_model:
@@ -128,8 +143,8 @@ class Step:
 
     def fused_speed(self):
         self.step_id += 1
-        drop = label_drop_mask(self.seed, self.step_id, 0.1, self.x0.shape[0], device=self.device)
-        model = self.model if self.with_model else (lambda x_t, t, y, d=None: self.out)
+        drop = self.label_drop(self.step_id)
+        model = self._model if self.with_model else (lambda x_t, t, y, d=None: self.out)
         terms = self.diffusion.training_losses(model, self.x0, self.y, self.fused, step=self.step_id, drop=drop)
         return self._finish(terms["loss"])
 
@@ -155,11 +170,6 @@ def check_fused_against_eager(schedule, device) -> float:
     return err
 
 
-def time_tier(step: Step, device, rounds: int, max_seconds: float, warmup: int) -> dict:
-    fns = {"eager-uniform": step.eager_uniform, "eager-speed": step.eager_speed, "fused-speed": step.fused_speed}
-    return time_round_robin(fns, device, warmup=warmup, iters=rounds, max_seconds=max_seconds)
-
-
 def cpu_section(args) -> tuple[list[dict], dict]:
     preset = load_preset("digits", CONFIGS)
     cfg = DiTConfig(input_size=8, in_channels=1, num_classes=10, **preset.dit)
@@ -175,7 +185,16 @@ def cpu_section(args) -> tuple[list[dict], dict]:
     per_tier = {}
     for tier, with_model in (("step", True), ("objective", False)):
         step = Step(model, x0, y0, schedule, "cpu", with_model=with_model)
-        times = time_tier(step, "cpu", rounds, args.max_seconds, warmup=1 if args.quick else 5)
+        fns = {"eager-uniform": step.eager_uniform, "eager-speed": step.eager_speed, "fused-speed": step.fused_speed}
+        if with_model and args.cpu_compile:
+            torch.manual_seed(0)
+            compiled = Step(torch.compile(DiT(cfg)), x0, y0, schedule, "cpu")
+            start = time.perf_counter()
+            compiled.fused_speed()  # compiles
+            extra["cpu_compile_s"] = time.perf_counter() - start
+            fns["fused-speed-compiled"] = compiled.fused_speed
+        times = time_round_robin(fns, "cpu", warmup=1 if args.quick else 5, iters=rounds,
+                                 max_seconds=args.max_seconds)
         per_tier[tier] = {k: percentiles_ms(v) for k, v in times.items()}
         base = per_tier[tier]["eager-uniform"]["ms_p50"]
         for name, pct in per_tier[tier].items():
@@ -194,6 +213,7 @@ def cpu_section(args) -> tuple[list[dict], dict]:
 
 
 def gpu_section(args) -> tuple[list[dict], dict]:
+    """DiT-XL/2 with the trainer's GPU set-up (see the module docstring): ms/step, img/s, MFU."""
     device = torch.device("cuda")
     name = torch.cuda.get_device_name()
     peak = args.peak_tflops * 1e12 if args.peak_tflops else next(
@@ -201,22 +221,33 @@ def gpu_section(args) -> tuple[list[dict], dict]:
     cfg = DiTConfig.named("DiT-XL/2", input_size=32, in_channels=4, num_classes=1000)
     flops = flops_per_image(cfg)["train_gflops"] * 1e9
     schedule = NoiseSchedule.make("linear")
-    rows, extra = [], {"gpu": name, "peak_bf16_flops": peak, "train_flops_per_image": flops}
-    for B in ((8,) if args.quick else (128, 256)):
+    compiled = not args.no_compile
+    rows, extra = [], {"gpu": name, "peak_bf16_flops": peak, "train_flops_per_image": flops, "compiled": compiled,
+                       "precision": "fp32 weights, bf16 autocast forward", "attention": "sdpa"}
+    batches = [8] if args.quick else [int(b) for b in args.gpu_batches.split(",")]
+    for B in batches:
         torch.manual_seed(0)
         model = DiT(cfg).to(device)
-        if args.compile:
-            model = torch.compile(model)
+        if compiled:
+            model.compile(fullgraph=True)
         x0 = torch.randn(B, 4, 32, 32, device=device)
         y = torch.randint(0, 1000, (B,), device=device)
-        step = Step(model, x0, y, schedule, device, with_model=True)
+        step = Step(model, x0, y, schedule, device, with_model=True, autocast=True)
+        fns = {"eager-uniform": step.eager_uniform, "fused-speed": step.fused_speed}
+        torch.cuda.reset_peak_memory_stats()
         try:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                times = time_tier(step, device, 3 if args.quick else 20, args.max_seconds, warmup=3)
+            start = time.perf_counter()
+            for fn in fns.values():  # the first calls compile (timed apart)
+                fn()
+            torch.cuda.synchronize()
+            extra[f"first_steps_s_b{B}"] = time.perf_counter() - start
+            times = time_round_robin(fns, device, warmup=3, iters=3 if args.quick else 20,
+                                     max_seconds=args.max_seconds)
         except torch.OutOfMemoryError as exc:
             rows.append({"name": f"DiT-XL/2 b{B}", "variant": "oom", "error": str(exc).splitlines()[0]})
             continue
         finally:
+            peak_mem = torch.cuda.max_memory_allocated() / 2**30
             del step, model
             torch.cuda.empty_cache()
         base = percentiles_ms(times["eager-uniform"])["ms_p50"]
@@ -226,7 +257,7 @@ def gpu_section(args) -> tuple[list[dict], dict]:
             rows.append({"name": f"DiT-XL/2 b{B}", "variant": variant, "backend": "triton" if "fused" in variant
                          else "torch", "shape": [B, 4, 32, 32], "dtype": "bf16-autocast", **pct,
                          "speedup_vs_eager": base / pct["ms_p50"], "img_per_s": img_s,
-                         "mfu": img_s * flops / peak if peak else None})
+                         "mfu": img_s * flops / peak if peak else None, "peak_mem_gib": peak_mem})
     return rows, extra
 
 
@@ -253,6 +284,10 @@ def main(argv=None) -> int:
           f"(objective-only difference: {extra['speed_overhead_objective_pct_of_step']:+.2f}% of the step); "
           f"the reference implementation's SpeeD step: {extra['reference_speed_overhead_step_pct']:+.2f}%")
     print(f"GPU: {extra['gpu']}")
+    for r in rows:
+        if r.get("mfu") is not None:
+            print(f"{r['name']} {r['variant']}: {r['ms_p50']:.1f} ms/step, {r['img_per_s']:.0f} img/s, "
+                  f"MFU {100 * r['mfu']:.1f}%, peak memory {r['peak_mem_gib']:.1f} GiB")
     write_json(args.out, info, rows)
     return 0
 

@@ -168,6 +168,33 @@ def test_mid_epoch_restart_yields_the_same_remaining_batches(data, flip_loader):
     assert torch.equal(tail_y, full_y[12 * 16:])
 
 
+def test_forever_streams_the_same_batches_as_epoch_by_epoch(data, monkeypatch):
+    """forever() queues several epochs to one FFCV producer; batches, flips and positions are those
+    of the epochs read one by one, across epoch boundaries and producer restarts, from mid-epoch on."""
+    import speed_fast.data.loader as loader_mod
+
+    path, x, _, _ = data
+    ld = LatentLoader(path, 16, seed=5, rank=1, world_size=2, flip=True, drop_last=True, num_workers=2)
+    per_epoch = len(ld)  # 6 batches of 16 of 203 samples over 2 ranks
+    monkeypatch.setattr(loader_mod, "EPOCH_SPAN_SAMPLES", 2 * per_epoch * 16)  # a new producer every 2 epochs
+    ld.set_epoch(2, start_batch=3)
+    want = [collect(ld) for _ in range(4)]  # the rest of epoch 2, then epochs 3, 4, 5
+    want_y = torch.cat([y for _, y in want])
+    want_x = torch.cat([x for x, _ in want])
+    ld.set_epoch(2, start_batch=3)
+    got_x, got_y, positions = [], [], []
+    for x_b, y_b in ld.forever():
+        got_x.append(x_b.clone())
+        got_y.append(y_b.clone())
+        positions.append((ld.epoch, ld.batch))
+        if len(got_y) == want_y.shape[0] // 16:
+            break
+    assert torch.equal(torch.cat(got_y), want_y)
+    assert torch.equal(bits(torch.cat(got_x)), bits(want_x))
+    first = [(2, b) for b in range(4, per_epoch)] + [(3, 0)]
+    assert positions[:len(first)] == first and positions[-1] == (6, 0)
+
+
 def test_process_cache_mode_gives_the_same_batches(data):
     # os_cache=False: FFCV loads pages into process memory, planned from record ids without the flip bit.
     path, x, _, _ = data

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from speed_fast.models import DiT, DiTConfig, flops_per_image
-from speed_fast.models.dit import DIT_SIZES, PATCH_SIZES, sincos_pos_embed_2d
+from speed_fast.models.dit import DIT_SIZES, PATCH_SIZES, probe_attention, sincos_pos_embed_2d
 
 
 def tiny(**kw):
@@ -136,3 +136,21 @@ def test_torch_compile_captures_the_model():
     drop = torch.tensor([False, True, False])
     compiled = torch.compile(model, backend="eager", fullgraph=True)  # graph capture, no codegen
     torch.testing.assert_close(compiled(x, t, y, drop), model(x, t, y, drop), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_probe_fails_early_with_the_reason():
+    probe_attention("sdpa", "cpu")  # the default needs no probe
+    probe_attention("auto", "cpu")
+    with pytest.raises(ValueError, match="attn_backend 'xformers' needs a CUDA device, got cpu"):
+        probe_attention("xformers", "cpu")
+
+    def broken(q, k, v):  # what a wheel built for another torch does at its first call
+        raise RuntimeError("No operator found for `memory_efficient_attention_forward`")
+
+    with pytest.raises(ValueError, match="does not run here .*torch .*RuntimeError: No operator found"):
+        probe_attention("xformers", "cpu", dtype=torch.float32, attention=broken)
+    with pytest.raises(ValueError, match="gives wrong results here"):
+        probe_attention("xformers", "cpu", dtype=torch.float32, attention=lambda q, k, v: q)
+    probe_attention("xformers", "cpu", dtype=torch.float32,  # a correct implementation passes
+                    attention=lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+                        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2))

@@ -41,6 +41,7 @@ import torch
 from .latents import LABEL_FIELD, LATENT_FIELD, STORE_DTYPES, keep_torch_threads, read_latent_meta
 
 _ID_BITS = 48  # sample ids below 2**48; bit 48 asks the decoder to mirror the latent along W
+EPOCH_SPAN_SAMPLES = 1 << 20  # forever(): epochs queued to one producer cover at least this many samples
 _ID_MASK = (1 << _ID_BITS) - 1
 
 
@@ -352,27 +353,52 @@ class LatentLoader:
     # ---- iteration ------------------------------------------------------------------------
 
     def __iter__(self):
-        if self._active is not None:
-            self._shutdown(self._active)
-        epoch, start = self._epoch, self._batch
-        ids = self._ffcv_ids(epoch, start)
-        # FFCV's producer thread sets numba's (thread-local) pool size to num_workers itself.
-        it = self._iter_cls(self._ffcv, ids)
-        self._active = it
-        return self._batches(it, epoch, start)
+        """One epoch's batches from the current position (its remaining batches after a resume)."""
+        return self._iterate(max_epochs=1)
 
-    def _batches(self, it, epoch: int, start: int):
+    def forever(self):
+        """Batches epoch after epoch from the current position, endlessly (the trainer's stream).
+
+        With drop_last every epoch holds whole batches, so the orders of several epochs (at least
+        EPOCH_SPAN_SAMPLES samples) are handed to one FFCV producer: its pipeline does not drain
+        and restart at each epoch boundary (a restart costs ~15 ms: the order, a new thread and
+        buffers, the first batches' latency, which is a tenth of a 50k-sample epoch here). The
+        batches, their order and the position (`state_dict`) are the same as epoch by epoch."""
+        return self._iterate(max_epochs=None)
+
+    def _iterate(self, max_epochs: int | None):
+        epochs_done = 0
+        while max_epochs is None or epochs_done < max_epochs:
+            epoch, start = self._epoch, self._batch
+            span = 1 if not self.drop_last else max(1, -(-EPOCH_SPAN_SAMPLES // (self._len * self.batch_size)))
+            if max_epochs is not None:
+                span = min(span, max_epochs - epochs_done)
+            segments = [(epoch + k, start if k == 0 else 0) for k in range(span)]  # (epoch, first batch)
+            if self._active is not None:
+                self._shutdown(self._active)
+            ids = np.concatenate([self._ffcv_ids(e, b) for e, b in segments])
+            threads = torch.get_num_threads()
+            # FFCV's producer thread sets numba's (thread-local) pool size to num_workers itself.
+            it = self._iter_cls(self._ffcv, ids)
+            if torch.get_num_threads() != threads:  # FFCV may set torch's thread count: the caller's is kept
+                torch.set_num_threads(threads)
+            self._active = it
+            yield from self._batches(it, segments)
+            epochs_done += span
+
+    def _batches(self, it, segments):
         try:
-            for b in range(start, self._len):
-                x, y = self._next(it, epoch, b)
-                x = x.view(self._stored) if self._stored != torch.float32 else x
-                if self.out_dtype is not None and self.out_dtype != x.dtype:
-                    x = x.to(self.out_dtype)
-                y = y.view(-1)
-                # Position of the next batch, updated before handing this one out, so a checkpoint
-                # taken while training on batch b resumes at b + 1.
-                self._epoch, self._batch = (epoch + 1, 0) if b + 1 == self._len else (epoch, b + 1)
-                yield x, y
+            for epoch, start in segments:
+                for b in range(start, self._len):
+                    x, y = self._next(it, epoch, b)
+                    x = x.view(self._stored) if self._stored != torch.float32 else x
+                    if self.out_dtype is not None and self.out_dtype != x.dtype:
+                        x = x.to(self.out_dtype)
+                    y = y.view(-1)
+                    # Position of the next batch, updated before handing this one out, so a checkpoint
+                    # taken while training on batch b resumes at b + 1.
+                    self._epoch, self._batch = (epoch + 1, 0) if b + 1 == self._len else (epoch, b + 1)
+                    yield x, y
         finally:
             self._shutdown(it)
 

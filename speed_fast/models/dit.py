@@ -14,7 +14,10 @@ each block starts as the identity) -> a final adaLN layer initialised to zero ->
 unpatchify. Class conditioning has one extra "null" class (index num_classes) that
 label dropout substitutes; classifier-free guidance (`speed_fast.sampling`) calls the
 model with it.
-Attention goes through torch SDPA, or xformers on CUDA when it is installed.
+Attention goes through torch SDPA ("auto" and "sdpa"), or through xformers' memory-efficient
+attention only when asked for ("xformers", CUDA only); `probe_attention` makes one real call of
+the chosen backend at start-up, so a missing or mismatched xformers wheel fails before training
+with a message saying so, not at the first step.
 """
 
 from __future__ import annotations
@@ -161,41 +164,64 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.backend = backend
 
-    def _use_xformers(self, x: torch.Tensor) -> bool:
-        if self.backend == "sdpa" or x.device.type != "cuda":
-            if self.backend == "xformers" and x.device.type != "cuda":
-                raise ValueError(f"attn_backend 'xformers' needs CUDA tensors, got device {x.device}")
-            return False
-        ok = _xformers() is not None
-        if self.backend == "xformers" and not ok:
-            raise ValueError("attn_backend 'xformers' requested but xformers is not installed")
-        return ok
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         H = self.num_heads
         qkv = self.qkv(x).view(B, N, 3, H, D // H)  # (B, N, 3, H, Dh)
-        if self._use_xformers(x):
+        if self.backend == "xformers":
+            if x.device.type != "cuda":
+                raise ValueError(f"attn_backend 'xformers' needs CUDA tensors, got device {x.device}")
             q, k, v = qkv.unbind(2)  # (B, N, H, Dh) each
-            out = _xformers().memory_efficient_attention(q, k, v)  # (B, N, H, Dh)
+            out = _xformers_ops().memory_efficient_attention(q, k, v)  # (B, N, H, Dh)
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh) each
             out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (B, N, H, Dh)
         return self.proj(out.reshape(B, N, D))
 
 
-_XFORMERS: list = []
+def _xformers_ops():
+    try:
+        import xformers.ops as xops
+    except ImportError as exc:
+        raise ValueError(f"attn_backend 'xformers' requested but xformers cannot be imported ({exc}); install a "
+                         "wheel built for this torch, or use the default SDPA attention") from None
+    return xops
 
 
-def _xformers():
-    """xformers.ops, or None when it is not installed (probed once)."""
-    if not _XFORMERS:
-        try:
-            import xformers.ops as xops
-        except ImportError:
-            xops = None
-        _XFORMERS.append(xops)
-    return _XFORMERS[0]
+def probe_attention(backend: str, device, head_dim: int = 64, dtype=torch.bfloat16, attention=None) -> None:
+    """One real attention call of `backend` on `device`, checked against SDPA; raises ValueError with
+    the reason when it cannot run (no CUDA, xformers missing, a wheel built for another torch or
+    GPU, wrong results). SDPA ("auto", "sdpa") needs no probe. `attention(q, k, v)` replaces the
+    backend's function (tests)."""
+    if backend not in ATTN_BACKENDS:
+        raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {backend!r}")
+    if backend != "xformers":
+        return
+    device = torch.device(device)
+    if attention is None:
+        if device.type != "cuda":
+            raise ValueError(f"attn_backend 'xformers' needs a CUDA device, got {device}")
+        xops = _xformers_ops()
+        attention = xops.memory_efficient_attention
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(2, 16, 2, head_dim, generator=g).to(device, dtype) for _ in range(3))  # (B, N, H, Dh)
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("xformers")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    where = f"xformers {version}, torch {torch.__version__}, CUDA {torch.version.cuda}, device {device}"
+    try:
+        out = attention(q, k, v).float()
+    except Exception as exc:  # a wheel for another torch/GPU fails in many ways; name it, whatever it is
+        raise ValueError(f"attn_backend 'xformers' does not run here ({where}): {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}; install a wheel built for this torch "
+                         "or use the default SDPA attention") from exc
+    ref = F.scaled_dot_product_attention(*(t.transpose(1, 2).float() for t in (q, k, v))).transpose(1, 2)
+    err = (out - ref).abs().max().item()
+    if not err <= 2e-2:
+        raise ValueError(f"attn_backend 'xformers' gives wrong results here ({where}): max |out - SDPA| = {err:.3g}")
 
 
 class Mlp(nn.Module):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.dit import DiT
+from ..models.dit import DiT, probe_attention
 from ..models.interop import load_dit_state_dict
 from .config import Plan
 
@@ -37,6 +37,7 @@ def build_engine(plan: Plan, device: torch.device, init: bool = True):
     import deepspeed
 
     cfg = plan.cfg
+    probe_attention(plan.dit.attn_backend, device, head_dim=plan.dit.hidden_size // plan.dit.num_heads)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = DiT(plan.dit)
     if cfg.init_from is not None and init:
@@ -47,5 +48,9 @@ def build_engine(plan: Plan, device: torch.device, init: bool = True):
                                weight_decay=cfg.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=plan.ds_config)
     if plan.compile:
-        engine.compile()
+        # The whole forward as one graph where DeepSpeed adds no hooks to it (ZeRO-3 gathers
+        # weights in module hooks, which break the graph). The SpeeD ops outside the model are
+        # single kernels already (custom ops, traceable but with nothing left to fuse).
+        stage = plan.ds_config["zero_optimization"]["stage"]
+        engine.compile(compile_kwargs={"fullgraph": stage < 3})
     return engine, optimizer

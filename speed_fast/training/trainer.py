@@ -123,10 +123,7 @@ class Trainer:
 
     def batches(self):
         """Endless (x, y) micro-batches for this rank, epoch after epoch, from the loader's position."""
-        while True:
-            it = iter(self.loader)
-            torch.set_num_threads(self.torch_threads)  # FFCV sets torch's thread count per epoch
-            yield from it
+        return self.loader.forever()
 
     def lr_at(self, step: int) -> float:
         w = self.cfg.warmup_steps
