@@ -23,10 +23,16 @@ from .schedule import NoiseSchedule
 
 STRATEGIES = ("uniform", "speed", "p2", "min_snr", "lognormal", "clts")
 
-# Every numeric strategy parameter and its type, across strategies (command-line flags are built
-# from it; make_strategy rejects the ones a strategy does not take). `dual` is SpeeD's one flag.
-STRATEGY_PARAMS = {"k": float, "tau": int, "r": float, "lam": float, "gamma": float,
+# Every strategy parameter and its type, across strategies (command-line flags are built from it;
+# make_strategy rejects the ones a strategy does not take). `dual` is SpeeD's one flag.
+STRATEGY_PARAMS = {"k": float, "tau": int, "r": float, "lam": float, "weighting": str, "gamma": float,
                    "p_mean": float, "p_std": float, "mu": float, "sigma": float, "ramp_steps": int}
+
+#: SpeeD's change-aware weighting rules. "official": the authors' code (w rescales d/dt Psi into
+#: [1 - lam, lam] below tau, w = 1 from tau on; what produced the paper's tables). "paper": the rule
+#: as Sec. 2.6 states it, the same rescaling over all t (no special case at tau). "none": w = 1
+#: (asymmetric sampling alone, for ablations).
+SPEED_WEIGHTINGS = ("official", "paper", "none")
 
 
 def _real(name: str, value, lo=None, hi=None, lo_open=False, hi_open=False) -> float:
@@ -125,7 +131,7 @@ class SpeeD(TimestepStrategy):
     name = "speed"
 
     def __init__(self, schedule, k: float = 5.0, tau: int | None = None, lam: float = 0.6,
-                 r: float | None = None, dual: bool = False):
+                 r: float | None = None, dual: bool = False, weighting: str = "official"):
         super().__init__(schedule)
         self.k = _real("k", k, lo=1.0)
         self.lam = _real("lam", lam, lo=0.5, hi=1.0)
@@ -141,11 +147,18 @@ class SpeeD(TimestepStrategy):
         if not isinstance(dual, bool):
             raise ValueError(f"dual must be a bool, got {dual!r}")
         self.dual = dual
+        if weighting not in SPEED_WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {SPEED_WEIGHTINGS}, got {weighting!r}")
+        self.weighting = weighting
         g = np.gradient(1.0 - _np(schedule.alphas_cumprod))
         span = g.max() - g.min()
         scaled = (g - g.min()) / span if span > 0 else np.zeros_like(g)
+        rescaled = (1.0 - self.lam) + (2.0 * self.lam - 1.0) * scaled  # d/dt Psi mapped into [1 - lam, lam]
         w = np.ones(self.T)
-        w[: self.tau] = (1.0 - self.lam) + (2.0 * self.lam - 1.0) * scaled[: self.tau]
+        if weighting == "official":
+            w[: self.tau] = rescaled[: self.tau]
+        elif weighting == "paper":
+            w = rescaled
         self.weights = torch.from_numpy(w)
         # The reference code's "meaningful step" m: 1 + first t where d sqrt(1 - abar)/dt < 1e-4.
         gs = np.gradient(np.sqrt(1.0 - _np(schedule.alphas_cumprod)))
@@ -167,7 +180,7 @@ class SpeeD(TimestepStrategy):
         return torch.cat([t, (t - self.dual_m).abs()])[:n]
 
     def params(self):
-        out = {"k": self.k, "tau": self.tau, "lam": self.lam, "dual": self.dual}
+        out = {"k": self.k, "tau": self.tau, "lam": self.lam, "dual": self.dual, "weighting": self.weighting}
         if self.r is not None:
             out["r"] = self.r
         return out

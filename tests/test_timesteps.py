@@ -42,6 +42,26 @@ def test_speed_matches_reference_rule(lin):
     assert w.min() >= 0.4 - 1e-12 and w.max() <= 0.6 + 1e-12
 
 
+def test_speed_weighting_rules(lin):
+    # "paper" (Sec. 2.6): d/dt Psi rescaled into [1 - lam, lam] over all t; "official" keeps that below
+    # tau and sets w = 1 from tau on; "none" is w = 1 (asymmetric sampling alone). P(t) is the same.
+    g = np.gradient(1 - np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))
+    rescaled = 0.4 + 0.2 * (g - g.min()) / (g.max() - g.min())
+    official = make_strategy("speed", lin, k=5.0, tau=700, lam=0.6)
+    paper = make_strategy("speed", lin, k=5.0, tau=700, lam=0.6, weighting="paper")
+    none = make_strategy("speed", lin, k=5.0, tau=700, lam=0.6, weighting="none")
+    np.testing.assert_allclose(paper.weights.numpy(), rescaled, rtol=1e-12)
+    assert paper.weights.min() == pytest.approx(0.4) and paper.weights.max() == pytest.approx(0.6)
+    assert float(paper.weights[999]) < 0.41  # the convergence area is down-weighted, unlike the code's w = 1
+    assert torch.equal(paper.weights[:700], official.weights[:700])
+    assert bool((none.weights == 1).all())
+    for st in (paper, none):
+        assert torch.equal(st.probs(), official.probs())
+        assert st.describe()["weighting"] == st.weighting
+    again = make_strategy("speed", lin, **{k: v for k, v in paper.describe().items() if k != "name"})
+    assert torch.equal(again.weights, paper.weights)
+
+
 def test_speed_from_magnitude(lin):
     assert make_strategy("speed", lin, r=140).tau == 700
     assert make_strategy("speed", lin).tau == 700  # default magnitude
@@ -106,6 +126,7 @@ def test_clts_ramps_and_never_goes_negative(lin):
     ("speed", dict(tau=700, r=140), "tau or r"),
     ("speed", dict(r=1.0), "r must be"),
     ("speed", dict(dual="yes"), "dual"),
+    ("speed", dict(weighting="linear"), "weighting must be one of"),
     ("p2", dict(gamma=-1.0), "gamma"),
     ("p2", dict(k=0.0), "k must be"),
     ("min_snr", dict(gamma=0.0), "gamma"),
