@@ -15,6 +15,12 @@ rank (rank 0 by default; every rank's host holding a copy of a 5.4 GB model woul
 is a plain state dict, independent of the stage and world size that wrote it. The same pieces
 give the full fp32 master weights (`full_master_state_dict`), which is how checkpoints store
 the model for inference.
+
+Warm-up (`warmup=True`): the n-th update (n = 0, 1, ...) uses decay min(d, (1 + n) / (10 + n)), so
+early in a run the average follows the weights instead of holding on to the random
+initialisation (at d = 0.99 without it, the initial weights still make up 55% of the EMA after
+60 steps). `num_updates` is the count of applied updates; the trainer restores it on resume
+(steps minus skipped steps), so a resumed run averages exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -59,14 +65,19 @@ def _full_numel(p: torch.nn.Parameter) -> int:
 class ShardedEMA:
     """EMA of the fp32 master weights of `module` (the engine's module, after deepspeed.initialize)."""
 
-    def __init__(self, module: torch.nn.Module, decay: float, group=None):
+    def __init__(self, module: torch.nn.Module, decay: float, group=None, warmup: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay!r}")
+        if not isinstance(warmup, bool):
+            raise ValueError(f"EMA warmup must be a bool, got {warmup!r}")
         self.module = module
         self.decay = float(decay)
+        self.warmup = warmup
         self.group = group
         self.refresh()
         self.shadow = [s.detach().clone().float() for s in self._sources()]  # EMA starts at the weights
+        device = self.shadow[0].device if self.shadow else torch.device("cpu")
+        self._updates = torch.zeros((), dtype=torch.float64, device=device)  # exact counts up to 2^53
 
     def refresh(self) -> None:
         """Re-read where the master weights live (after deepspeed's load_checkpoint)."""
@@ -85,21 +96,45 @@ class ShardedEMA:
     def _sources(self) -> list[torch.Tensor]:
         return [self._source(piece) for piece in self.pieces]
 
+    def _decay(self, device) -> torch.Tensor:
+        """The decay of the next update as a float32 device scalar (computed there: no host copy)."""
+        decay = torch.full((), self.decay, dtype=torch.float32, device=device)  # a fill, not a host copy
+        if self.warmup:
+            n = self._updates.to(device=device, dtype=torch.float32)
+            decay = torch.minimum(decay, (1.0 + n) / (10.0 + n))
+        return decay
+
+    def current_decay(self) -> float:
+        """The decay the next update uses (d, or the warm-up's smaller value early on); reads the device."""
+        return float(self._decay(self._updates.device))
+
+    @property
+    def num_updates(self) -> int:
+        """Updates applied so far (a host read of the device counter: for checkpoints and tests)."""
+        return int(self._updates)
+
+    @num_updates.setter
+    def num_updates(self, n: int) -> None:
+        self._updates.fill_(int(n))
+
     @torch.no_grad()
     def update(self, skip: torch.Tensor | None = None) -> None:
-        """shadow = d * shadow + (1 - d) * weights (DiT's update, d = decay), on the local pieces.
+        """shadow = d * shadow + (1 - d) * weights (DiT's update, d = decay or its warm-up value), on the
+        local pieces.
 
         skip: a bool device scalar; where it is set d = 1 and the EMA stays as it was (the step's
-        update was cancelled), decided on the device without a host read."""
+        update was cancelled, and it does not count as an update), decided on the device without a
+        host read."""
         src = [s.float() for s in self._sources()]
         if not self.shadow:
             return
         device = self.shadow[0].device
-        decay = torch.full((), self.decay, dtype=torch.float32, device=device)  # a fill, not a host copy
+        decay = self._decay(device)
         if skip is not None:
             decay = torch.where(skip.reshape(()), 1.0, decay)
         torch._foreach_mul_(self.shadow, decay)
         torch._foreach_add_(self.shadow, torch._foreach_mul(src, 1.0 - decay))
+        self._updates += 1 if skip is None else (~skip.reshape(())).to(self._updates.dtype)
 
     # ---- full tensors ------------------------------------------------------------------------
 
