@@ -5,7 +5,10 @@
     speed-fast eval --gen samples.npz --ref ref.npz --features inception --inception PATH   # FID
 
 --gen is a .npy/.npz array (see `speed_fast.evaluation.load_array`) or a run directory, which is
-sampled like `speed-fast sample` (--ema, --steps, --method, --cfg, --seed, --vae). --ref is an
+sampled like `speed-fast sample` (--ema, --steps, --method, --cfg, --seed, --vae); unless given,
+--steps, --method and --clip-denoised are the run's own evaluator settings
+(`speed_fast.evaluation.eval_sampling`: DDIM-25, x0 clipped on pixel data), so a run's logged
+quality and this command measure the same thing. --ref is an
 array file, a latent .beton (e.g. the run's training data; at most --n-ref samples), or `digits`
 (the embedded default dataset, 1797 images in [-1, 1]).
 """
@@ -32,6 +35,10 @@ def add_arguments(p) -> None:
     p.add_argument("--max-dim", type=int, default=512, help="raw features: project above this many dims")
     p.add_argument("--n", type=int, default=1000, help="samples to draw when --gen is a run directory")
     add_sampling_arguments(p)
+    p.add_argument("--no-clip-denoised", dest="clip_denoised", action="store_false",
+                   help="do not clip the predicted x0 (default for a run: its evaluator's setting)")
+    # None: take the run's evaluator settings (see run_sampling_defaults).
+    p.set_defaults(steps=None, method=None, clip_denoised=None)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -48,6 +55,25 @@ def read_array(path: str, what: str):
         return load_array(path)
     except (EOFError, OSError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{what} {path!r} is not a readable .npy/.npz array ({type(exc).__name__}: {exc})") from None
+
+
+def run_sampling_defaults(args, run_dir: str) -> None:
+    """Fill --steps/--method/--clip-denoised that were not given from the run's evaluator settings."""
+    from ..evaluation import eval_sampling
+
+    path = os.path.join(run_dir, "config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+        train, meta = config["train"], config["data_meta"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--gen {run_dir!r}: not a run directory with a readable config.json "
+                         f"({type(exc).__name__}: {exc})") from None
+    chosen = eval_sampling(meta, args.steps or train.get("eval_sampler", "ddim25"),
+                           train.get("eval_clip") if args.clip_denoised is None else args.clip_denoised)
+    args.steps = chosen["steps"]
+    args.method = args.method or chosen["method"]
+    args.clip_denoised = chosen["clip_denoised"]
 
 
 def load_reference(spec: str, n_ref: int = 10000):
@@ -80,6 +106,10 @@ def run(args) -> int:
     if os.path.isdir(args.gen):
         from .sample import generate
 
+        run_dir = args.gen
+        if os.path.isfile(os.path.join(run_dir, "state.json")):  # a checkpoint inside a run
+            run_dir = os.path.dirname(os.path.dirname(os.path.abspath(run_dir)))
+        run_sampling_defaults(args, run_dir)
         check_sampling_arguments(args, args.n)
         generated = generate(args, n=args.n)
         source = f"{args.n} samples of {args.gen}"
