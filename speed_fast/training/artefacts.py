@@ -49,10 +49,12 @@ def versions() -> dict:
     return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "python": sys.version.split()[0]}
 
 
-def ema_model(plan: Plan, ema, rank: int, device, everywhere: bool = False) -> DiT | None:
-    """A plain fp32 DiT with the EMA weights, on `device`: on rank 0 only (None elsewhere), or on
-    every rank with `everywhere` (distributed evaluation). Collective: every rank calls it."""
-    sd = ema.full_state_dict(dst=None if everywhere else 0, device=device)
+def ema_model(plan: Plan, ema, rank: int, device, everywhere: bool = False, online: bool = False) -> DiT | None:
+    """A plain fp32 DiT with the EMA weights (online=True: the raw master weights), on `device`: on
+    rank 0 only (None elsewhere), or on every rank with `everywhere` (distributed evaluation).
+    Collective: every rank calls it."""
+    gather = ema.full_master_state_dict if online else ema.full_state_dict
+    sd = gather(dst=None if everywhere else 0, device=device)
     if not sd:
         return None
     model = DiT(plan.dit).to(device)
@@ -64,7 +66,7 @@ def make_evaluator(plan: Plan, rank: int, device, torch_threads: int):
     """The training-time evaluator of one rank (every rank samples its share of the set, see
     `TrainingEvaluator`): a fixed-seed sample set against a reference set drawn from the training
     data on rank 0 (max(4 x eval_samples, 2048) latents, at most the whole file)."""
-    from ..evaluation import TrainingEvaluator
+    from ..evaluation import TrainingEvaluator, eval_sampling
 
     cfg = plan.cfg
     reference = None
@@ -76,9 +78,9 @@ def make_evaluator(plan: Plan, rank: int, device, torch_threads: int):
                                   out_dtype=torch.float32)
         reference = next(iter(ref_loader))[0].clone()
         torch.set_num_threads(torch_threads)  # FFCV sets torch's thread count per epoch
-    return TrainingEvaluator(reference, plan.schedule, n_samples=cfg.eval_samples, steps=cfg.eval_sampler,
-                             seed=cfg.seed, device=device, learn_sigma=plan.dit.learn_sigma,
-                             shape=tuple(plan.data_meta["shape"]), rank=rank, world=plan.world_size)
+    return TrainingEvaluator(reference, plan.schedule, n_samples=cfg.eval_samples, seed=cfg.seed, device=device,
+                             learn_sigma=plan.dit.learn_sigma, shape=tuple(plan.data_meta["shape"]), rank=rank,
+                             world=plan.world_size, **eval_sampling(plan.data_meta, cfg.eval_sampler, cfg.eval_clip))
 
 
 def finish(plan: Plan, run_dir: str, model: DiT, device) -> list[str]:

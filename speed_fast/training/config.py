@@ -58,6 +58,7 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float = 0.0               # 0: no clipping
     ema_decay: float = 0.9999
+    ema_warmup: bool = False             # decay min(d, (1 + n) / (10 + n)) at the n-th update (short runs)
     zero_stage: int = 1
     deepspeed_config: str | None = None  # a DeepSpeed JSON; default train/configs/deepspeed/zero<stage>.json
     precision: str = "auto"              # auto: bf16 on CUDA, fp32 on CPU
@@ -67,7 +68,9 @@ class TrainConfig:
     keep_ckpts: int = 2
     eval_every: int = 0                  # 0: no training-time evaluation
     eval_samples: int = 256
-    eval_sampler: str = "ddim25"
+    eval_sampler: str = "ddim25"         # respacing; "ddimN" samples with DDIM, "N" with DDPM (learned sigma)
+    eval_clip: bool | None = None        # clip predicted x0 to [-1, 1]; None: on pixel data only
+    eval_online: bool = False            # also evaluate the raw (non-EMA) weights, logged as online_<key>
     sample_steps: str = "250"            # end-of-run sample grid (DDPM, respaced)
     sample_cfg: float = 1.0
     max_nonfinite: int = 5               # consecutive non-finite steps before the run stops
@@ -137,7 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, default=S, help="evaluate (Frechet distance of EMA samples) every "
                    "N steps on rank 0; 0 disables")
     g.add_argument("--eval-samples", type=int, default=S)
-    g.add_argument("--eval-sampler", default=S, help="respacing of the evaluation sampler (DDIM), e.g. ddim25")
+    g.add_argument("--eval-sampler", default=S, help="respacing of the evaluation sampler: ddimN (DDIM) or N "
+                   "(DDPM with the learned sigma); default ddim25")
+    g.add_argument("--eval-clip", action=argparse.BooleanOptionalAction, default=S,
+                   help="clip the predicted x0 to [-1, 1] while sampling for evaluation (default: on for "
+                        "pixel data, off for latents)")
+    g.add_argument("--eval-online", action=argparse.BooleanOptionalAction, default=S,
+                   help="also evaluate the raw (non-EMA) weights, logged as online_<metric>")
     g.add_argument("--sample-steps", default=S, help="respacing of the end-of-run DDPM sample grid, e.g. 250")
     g.add_argument("--sample-cfg", type=float, default=S, help="classifier-free guidance scale of the grid")
     g.add_argument("--max-nonfinite", type=int, default=S, help="stop after this many non-finite steps in a row")
@@ -171,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, default=S)
     g.add_argument("--grad-clip", type=float, default=S)
     g.add_argument("--ema-decay", type=float, default=S)
+    g.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=S,
+                   help="EMA decay min(d, (1 + n) / (10 + n)) at the n-th update (on in short-run presets)")
     g.add_argument("--zero-stage", type=int, default=S, choices=ZERO_STAGES)
     g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=S,
                    help="DeepSpeed JSON (default train/configs/deepspeed/zero<stage>.json); batch sizes, "
@@ -322,6 +333,11 @@ def resolve(cfg: TrainConfig, world_size: int, configs_dir: str, cuda_available:
         _positive_int(f"--{name.replace('_', '-')}", getattr(cfg, name))
     for name in ("seed", "warmup_steps", "eval_every"):
         _positive_int(f"--{name.replace('_', '-')}", getattr(cfg, name), minimum=0)
+    for name in ("ema_warmup", "eval_online"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ConfigError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
+    if cfg.eval_clip is not None and not isinstance(cfg.eval_clip, bool):
+        raise ConfigError(f"eval_clip must be true, false or null (auto: clip on pixel data), got {cfg.eval_clip!r}")
     _real("--lr", cfg.lr, 0.0, 1.0, lo_open=True)
     _real("--weight-decay", cfg.weight_decay, 0.0, 1.0)
     _real("--ema-decay", cfg.ema_decay, 0.0, 1.0, hi_open=True)

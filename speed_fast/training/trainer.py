@@ -88,7 +88,7 @@ class Trainer:
         self.torch_threads = torch.get_num_threads()
 
         self.engine, self.optimizer = build_engine(plan, self.device, init=resume_from is None)
-        self.ema = ShardedEMA(self.engine.module, cfg.ema_decay)
+        self.ema = ShardedEMA(self.engine.module, cfg.ema_decay, warmup=cfg.ema_warmup)
         self.fused = FusedSpeeD(plan.schedule, plan.strategy, device=self.device, backend=cfg.backend, seed=cfg.seed)
         self.diffusion = GaussianDiffusion(plan.schedule, device=self.device, learn_sigma=plan.dit.learn_sigma)
         self.label_drop = LabelDropout(cfg.seed, plan.dit.class_dropout_prob, plan.micro_batch, self.rank,
@@ -261,6 +261,7 @@ class Trainer:
         self.window_start = window.pop("start")
         self.log_stats.load({**window, "skipped_steps": state["skipped_steps"],
                              "nonfinite_streak": state["nonfinite_streak"], "limit_step": -1})
+        self.ema.num_updates = self.step - state["skipped_steps"]  # one EMA update per applied step
         self._loader_state = state["loader"]
         self.last_ckpt = path
 
@@ -342,6 +343,13 @@ class Trainer:
                     if result is not None:
                         rec.update({k: v for k, v in result.items() if k != "step"})
                     del model
+                    if cfg.eval_online:  # the raw (non-EMA) weights through the same evaluator
+                        model = artefacts.ema_model(self.plan, self.ema, self.rank, self.device, everywhere=True,
+                                                    online=True)
+                        result = evaluator.evaluate(model, self.step)
+                        if result is not None:
+                            rec.update({f"online_{k}": v for k, v in result.items() if k != "step"})
+                        del model
                 if rec is not None and logger is not None:
                     logger.log(rec)
                 if saved:
