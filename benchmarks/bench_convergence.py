@@ -1,38 +1,48 @@
 """Convergence benchmark: does SpeeD reach the baseline's sample quality in fewer steps?
 
-    python benchmarks/bench_convergence.py --dataset digits --strategies uniform,speed,min_snr,p2 \
-        --steps 1000 --seeds 3 --eval-every 100 --out convergence.json
+    python benchmarks/bench_convergence.py --dataset digits --steps 3000 --eval-every 250 \
+        --arms uniform,speed,speed_dual,asym_only:3,weight_only:3,speed_paper_w:3,min_snr:3,p2:3,lognormal:3 \
+        --seeds 8 --jobs 2 --out benchmarks/results/convergence_digits.json
 
-For every seed and strategy it trains with the project's trainer (`train/main.py --preset
-digits --strategy S --max-steps N --seed K --run-dir D --data PATH.beton --eval-every E`, one
-subprocess each, so every strategy starts from the same init, data order and noise stream for
-a given seed). The trainer evaluates the EMA model every E steps on rank 0
-(`speed_fast.evaluation.TrainingEvaluator`: a fixed-seed DDIM sample set vs the training data,
-Fréchet distance on the raw data, "fd_raw", lower is better) and logs it to metrics.jsonl.
+Arms (`ARMS`; the first listed is the baseline): uniform; SpeeD as the authors' code runs it without
+and with the dual trick (`speed`, `speed_dual`; the configs behind the paper's tables use dual);
+asymmetric sampling alone (`asym_only`: k = 5, w = 1); change-aware weighting alone (`weight_only`:
+k = 1); the weighting as the paper states it (`speed_paper_w`: w rescaled into [1 - lam, lam] over
+all t instead of w = 1 from tau on); min_snr, p2 and lognormal. `name:S` runs S seeds instead of --seeds.
 
-Reported:
-* quality vs step per strategy (mean over seeds, min-max band) -> JSON and a PNG;
-* acceleration ratio vs the baseline (first strategy, normally uniform): target = the
-  baseline's final seed-mean quality; ratio = steps the baseline needs to first reach it /
-  steps the strategy needs, both linearly interpolated between evaluations
-  (`speed_fast.evaluation.acceleration_ratio`). "not reached" when the strategy never gets
-  there within the run; per-seed ratios are listed too;
-* per-area losses (acceleration / deceleration / convergence, `speed_fast.theory.area_index`
-  with SpeeD's tau): the unweighted eps-MSE of each final EMA model on the whole dataset with t
-  uniform inside each area and a fixed noise draw (the same t and noise for every strategy),
-  plus the training log's per-area MSE over the last 10% of steps.
+A seed fixes the initial weights, the data order, the label dropout and the noise stream, so the
+arms of one seed are paired. Each (arm, seed) is one run of the project's trainer (`train/main.py
+--preset P --strategy ... --seed K --eval-every E --eval-online`) in its own directory under
+--work-dir; a finished run is reused and an interrupted one resumes from its last checkpoint, so the
+benchmark can be stopped and restarted at any time. The trainer evaluates every E steps (the EMA and
+the raw weights) with `speed_fast.evaluation.eval_sampling`'s settings (DDIM-25, x0 clipped on
+pixel data): Fréchet distance of a fixed-seed sample set to the data ("fd_raw", lower is better).
 
---dataset digits uses the embedded digits .beton; an .npy/.npz of images or latents
-([N, C, H, W], [N, H, W] or NHWC; uint8 images are mapped to [-1, 1]; labels from an "labels"
-or "y" array in an .npz, else one class) is written once with `speed_fast.data.write_latents`.
-Runs already complete in --work-dir (same strategy, seed, steps) are reused, so an interrupted
-benchmark continues where it stopped.
+Reported, per arm, against the baseline on the seeds both ran:
+* quality vs step: seed mean with a 95% bootstrap band;
+* acceleration ratio at several thresholds: the target is the baseline's (seed-mean) quality at
+  50%, 75% and 100% of its steps; ratio = steps the baseline needs to first reach it / steps the arm
+  needs (linear interpolation between evaluations; an arm that never reaches it counts as ratio 0);
+* log-AUC: the mean of log(quality) over the run (trapezoid over steps); the paired difference
+  arm - baseline (< 0: the arm's curve is lower);
+* 95% intervals from a paired bootstrap over seeds (the same resampled seeds for both arms), and
+  a verdict from each interval: "faster" (ratio interval above 1 / log-AUC interval below 0),
+  "slower" (the other way) or "no significant difference" (none with fewer than 3 paired seeds;
+  with 3 to 4 the percentile intervals are coarse and read as indicative only);
+* per-area held-out eps-MSE of each final EMA model (t uniform within the acceleration /
+  deceleration / convergence areas, the same t and noise for every run);
+* the metric's floor: the distance between two disjoint real subsets of the evaluation's size.
+
+--dataset digits uses the embedded digits .beton; otherwise a .beton written by
+`speed_fast.data.write_latents` (e.g. `speed-fast write-latents` or the CIFAR-10 pixel data of
+`scripts/gpu_convergence.sh`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -45,119 +55,175 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from speed_fast.evaluation import acceleration_ratio, load_array, read_quality  # noqa: E402
+from speed_fast.evaluation import read_quality, steps_to_reach  # noqa: E402
 from speed_fast.theory import AREAS  # noqa: E402
+
+_SPEED = {"k": 5.0, "tau": 700, "lam": 0.6}
+#: name -> (strategy, parameters) of every arm the benchmark knows.
+ARMS = {
+    "uniform": ("uniform", {}),
+    "speed": ("speed", dict(_SPEED)),
+    "speed_dual": ("speed", {**_SPEED, "dual": True}),
+    "asym_only": ("speed", {**_SPEED, "weighting": "none"}),
+    "weight_only": ("speed", {**_SPEED, "k": 1.0}),
+    "speed_paper_w": ("speed", {**_SPEED, "weighting": "paper"}),
+    "min_snr": ("min_snr", {}),
+    "p2": ("p2", {}),
+    "lognormal": ("lognormal", {}),
+}
+FRACTIONS = (0.5, 0.75, 1.0)
+QUALITY = "fd_raw"
+
+
+def parse_arms(spec: str, default_seeds: int) -> dict[str, int]:
+    """{arm: seeds} from "a,b:3,c" (arms without ':S' get default_seeds), in the given order."""
+    arms = {}
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        name, _, seeds = item.partition(":")
+        if name not in ARMS:
+            raise ValueError(f"unknown arm {name!r}; known: {sorted(ARMS)}")
+        if name in arms:
+            raise ValueError(f"arm {name!r} listed twice")
+        try:
+            n = int(seeds) if seeds else default_seeds
+        except ValueError:
+            raise ValueError(f"arm {item!r}: seeds after ':' must be an integer") from None
+        if n < 1:
+            raise ValueError(f"arm {item!r}: needs at least 1 seed")
+        arms[name] = n
+    if len(arms) < 2:
+        raise ValueError(f"--arms needs a baseline and at least one more arm, got {list(arms)}")
+    return arms
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="digits", help="'digits' or an .npy/.npz array of images or latents")
-    p.add_argument("--strategies", default="uniform,speed,min_snr,p2", help="comma-separated; the first is the baseline")
-    p.add_argument("--steps", type=int, default=1000, help="training steps per run")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1 per strategy")
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--eval-samples", type=int, default=256)
-    p.add_argument("--eval-sampler", default="ddim25")
-    p.add_argument("--ema-decay", type=float, default=0.99,
-                   help="EMA decay of the evaluated model (the preset's 0.999 lags ~1000 steps behind short runs)")
+    p.add_argument("--dataset", default="digits", help="'digits' or a .beton written by speed_fast.data.write_latents")
+    p.add_argument("--arms", default="uniform,speed,speed_dual",
+                   help=f"comma-separated arms, optionally name:seeds; the first is the baseline. Known: {list(ARMS)}")
+    p.add_argument("--seeds", type=int, default=5, help="seeds 0..S-1 for arms without ':S'")
+    p.add_argument("--steps", type=int, default=3000, help="training steps per run")
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-samples", type=int, default=500)
     p.add_argument("--preset", default="digits")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each gets cores / jobs threads)")
+    p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples for the intervals")
     p.add_argument("--work-dir", default=None, help="run directories (default: <out without .json>.runs)")
     p.add_argument("--trainer-arg", action="append", default=[], help="extra flag for train/main.py (repeatable)")
+    p.add_argument("--launcher", default="python", choices=("python", "deepspeed"),
+                   help="python: one process per run; deepspeed: `deepspeed train/main.py` (one rank per GPU)")
     p.add_argument("--out", required=True, help="JSON output; the plot goes next to it as .png")
     p.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
     args = p.parse_args(argv)
-    args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    if len(args.strategies) < 2:
-        p.error(f"--strategies needs a baseline and at least one more strategy, got {args.strategies}")
-    for name in ("steps", "seeds", "eval_every", "eval_samples", "jobs"):
+    try:
+        args.arms = parse_arms(args.arms, args.seeds)
+    except ValueError as exc:
+        p.error(str(exc))
+    for name in ("steps", "seeds", "eval_every", "eval_samples", "jobs", "bootstrap"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.steps % args.eval_every:
         p.error(f"--steps ({args.steps}) must be a multiple of --eval-every ({args.eval_every})")
+    for f in FRACTIONS:
+        if round(f * args.steps) % args.eval_every:
+            p.error(f"{f:.0%} of --steps ({f * args.steps:g}) must fall on an evaluation (--eval-every "
+                    f"{args.eval_every})")
     return args
 
 
-def prepare_data(dataset: str, work_dir: str) -> tuple[str, torch.Tensor, torch.Tensor]:
-    """(.beton path, data [N, C, H, W], labels [N]) for 'digits' or an .npy/.npz file."""
-    if dataset == "digits":
-        from speed_fast.data import ensure_digits_beton
-        from speed_fast.data.digits import digits_arrays
-
-        x, y = digits_arrays()
-        return ensure_digits_beton(), torch.from_numpy(x), torch.from_numpy(y)
-    from speed_fast.data import read_latent_meta, write_latents
-    from speed_fast.data.latents import LatentFileError
-
-    x, y = load_array(dataset)
-    if y is None:
-        y = torch.zeros(x.shape[0], dtype=torch.int64)
-    path = os.path.join(work_dir, "data.beton")
-    source = {"dataset": os.path.abspath(dataset), "mtime": os.path.getmtime(dataset)}
-    try:
-        current = read_latent_meta(path).get("source") == source
-    except LatentFileError:
-        current = False
-    if not current:
-        num_classes = int(y.max()) + 1
-        write_latents(path, x, y.numpy(), class_names=[str(i) for i in range(num_classes)], store_dtype="float32",
-                      extra=source)
-    return path, x, y
+# ---------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------
 
 
-def run_dir_for(work_dir, strategy, seed):
-    return os.path.join(work_dir, f"{strategy}-seed{seed}")
+def prepare_data(dataset: str) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """(.beton path, data float32 [N, C, H, W], labels [N]) of 'digits' or a .beton."""
+    from speed_fast.data import LatentLoader, ensure_digits_beton, read_latent_meta
+
+    path = ensure_digits_beton() if dataset == "digits" else os.path.abspath(dataset)
+    n = read_latent_meta(path)["num_samples"]
+    x, y = next(iter(LatentLoader(path, n, seed=0, num_workers=1, drop_last=True, out_dtype=torch.float32)))
+    return path, x.clone(), y.clone()
 
 
-def is_done(run_dir: str, strategy: str, seed: int, steps: int) -> bool:
+def run_dir_for(work_dir: str, arm: str, seed: int) -> str:
+    return os.path.join(work_dir, f"{arm}-seed{seed}")
+
+
+def expected_train(args, arm: str, seed: int) -> dict:
+    strategy, params = ARMS[arm]
+    return {"strategy": strategy, "strategy_params": params, "seed": seed, "max_steps": args.steps,
+            "eval_every": args.eval_every, "eval_samples": args.eval_samples}
+
+
+def is_done(run_dir: str, want: dict) -> bool:
+    """Whether run_dir holds a finished run of exactly these settings (its last evaluation at max_steps)."""
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
             train = json.load(f)["train"]
-        _, s, _ = read_quality(os.path.join(run_dir, "metrics.jsonl"), "fd_raw")
+        _, s, _ = read_quality(os.path.join(run_dir, "metrics.jsonl"), QUALITY)
     except (OSError, ValueError, KeyError):
         return False
-    return train["strategy"] == strategy and train["seed"] == seed and train["max_steps"] == steps and s[-1] == steps
+    return all(train.get(k) == v for k, v in want.items()) and s[-1] == want["max_steps"]
 
 
-def trainer_command(args, beton, strategy, seed, run_dir):
-    return [sys.executable, os.path.join(ROOT, "train", "main.py"), "--preset", args.preset, "--strategy", strategy,
+def trainer_command(args, beton: str, arm: str, seed: int, run_dir: str) -> list[str]:
+    strategy, params = ARMS[arm]
+    flags = []
+    for k, v in params.items():
+        if v is True:
+            flags.append(f"--{k}")
+        else:
+            flags += [f"--{k.replace('_', '-')}", str(v)]
+    main = os.path.join(ROOT, "train", "main.py")
+    head = [sys.executable, main] if args.launcher == "python" else [
+        sys.executable, "-m", "deepspeed.launcher.runner", main]
+    return [*head, "--preset", args.preset, "--strategy", strategy, *flags,
             "--max-steps", str(args.steps), "--seed", str(seed), "--run-dir", run_dir, "--data", beton,
-            "--eval-every", str(args.eval_every), "--eval-samples", str(args.eval_samples),
-            "--eval-sampler", args.eval_sampler, "--ema-decay", str(args.ema_decay), "--ckpt-every",
-            str(args.steps), "--sample-steps", "50", "--resume", "never", "--no-progress", *args.trainer_arg]
+            "--eval-every", str(args.eval_every), "--eval-samples", str(args.eval_samples), "--eval-online",
+            "--ckpt-every", str(args.eval_every), "--keep-ckpts", "1", "--sample-steps", "50", "--resume", "auto",
+            "--no-progress", *args.trainer_arg]
 
 
-def run_all(args, beton, work_dir) -> dict:
-    """Train every (strategy, seed) not already done, `args.jobs` at a time; returns wall seconds per run."""
-    todo = [(st, seed) for seed in range(args.seeds) for st in args.strategies
-            if not is_done(run_dir_for(work_dir, st, seed), st, seed, args.steps)]
+def schedule(args) -> list[tuple[str, int]]:
+    """(arm, seed) in run order: seed by seed, so the first seeds of every arm finish first."""
+    return [(arm, seed) for seed in range(max(args.arms.values())) for arm, n in args.arms.items() if seed < n]
+
+
+def run_all(args, beton: str, work_dir: str) -> dict:
+    """Train every (arm, seed) not already done, `args.jobs` at a time; returns wall seconds per run."""
+    todo = [(arm, seed) for arm, seed in schedule(args)
+            if not is_done(run_dir_for(work_dir, arm, seed), expected_train(args, arm, seed))]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     running, walls = [], {}
+    print(f"[bench] {len(todo)} of {len(schedule(args))} runs to do, {args.jobs} at a time", flush=True)
     while todo or running:
         while todo and len(running) < args.jobs:
-            st, seed = todo.pop(0)
-            rd = run_dir_for(work_dir, st, seed)
+            arm, seed = todo.pop(0)
+            rd = run_dir_for(work_dir, arm, seed)
             os.makedirs(rd, exist_ok=True)
-            cmd = trainer_command(args, beton, st, seed, rd)
-            log = open(os.path.join(rd, "train.log"), "w")
-            print(f"[bench] start {st} seed {seed}: {' '.join(cmd[1:])}", flush=True)
-            running.append((st, seed, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                       cwd=ROOT), log, time.perf_counter()))
+            cmd = trainer_command(args, beton, arm, seed, rd)
+            log = open(os.path.join(rd, "train.log"), "a")
+            print(f"[bench] start {arm} seed {seed}", flush=True)
+            running.append((arm, seed, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                        cwd=ROOT), log, time.perf_counter()))
         time.sleep(1.0)
         for item in list(running):
-            st, seed, proc, log, t0 = item
+            arm, seed, proc, log, t0 = item
             if proc.poll() is None:
                 continue
             running.remove(item)
             log.close()
-            walls[f"{st}-seed{seed}"] = time.perf_counter() - t0
+            walls[f"{arm}-seed{seed}"] = time.perf_counter() - t0
             if proc.returncode != 0:
                 for _, _, other, _, _ in running:
                     other.terminate()
-                tail = open(os.path.join(run_dir_for(work_dir, st, seed), "train.log")).read()[-3000:]
-                raise SystemExit(f"[bench] {st} seed {seed} failed (exit {proc.returncode}):\n{tail}")
-            print(f"[bench] done  {st} seed {seed} in {walls[f'{st}-seed{seed}']:.0f} s", flush=True)
+                tail = open(os.path.join(run_dir_for(work_dir, arm, seed), "train.log")).read()[-3000:]
+                raise SystemExit(f"[bench] {arm} seed {seed} failed (exit {proc.returncode}):\n{tail}")
+            print(f"[bench] done  {arm} seed {seed} in {walls[f'{arm}-seed{seed}']:.0f} s", flush=True)
     return walls
 
 
@@ -165,14 +231,21 @@ def run_all(args, beton, work_dir) -> dict:
 def heldout_area_mse(run_dir: str, data: torch.Tensor, labels: torch.Tensor, draws: int = 2,
                      seed: int = 1234) -> dict:
     """Unweighted eps-MSE of the run's final EMA model per area, t uniform within each area,
-    the same (t, noise) for every run (fixed generator)."""
+    the same (t, noise) for every run (fixed generator). Cached in the run directory."""
     from speed_fast.diffusion import GaussianDiffusion
     from speed_fast.theory import area_index
-    from speed_fast.training.checkpoint import load_for_inference
+    from speed_fast.training.checkpoint import find_latest, load_for_inference
 
-    model, _, schedule, _ = load_for_inference(run_dir, ema=True, device="cpu")
-    diffusion = GaussianDiffusion(schedule, "cpu", learn_sigma=model.config.learn_sigma)
-    areas = area_index(schedule)  # (T,) SpeeD's tau for this schedule
+    cache = os.path.join(run_dir, "area_mse.json")
+    ckpt = find_latest(os.path.join(run_dir, "checkpoints"))
+    if os.path.isfile(cache):
+        with open(cache) as f:
+            doc = json.load(f)
+        if doc.get("checkpoint") == os.path.basename(ckpt or ""):
+            return doc["area_mse"]
+    model, _, schedule_, _ = load_for_inference(run_dir, ema=True, device="cpu")
+    diffusion = GaussianDiffusion(schedule_, "cpu", learn_sigma=model.config.learn_sigma)
+    areas = area_index(schedule_)  # (T,) SpeeD's tau for this schedule
     out = {}
     for a, name in enumerate(AREAS):
         steps_in = torch.nonzero(areas == a).flatten()
@@ -187,6 +260,8 @@ def heldout_area_mse(run_dir: str, data: torch.Tensor, labels: torch.Tensor, dra
                 total += ((pred - eps) ** 2).mean(dim=(1, 2, 3)).sum().item()
                 count += x0.shape[0]
         out[name] = total / count
+    with open(cache, "w") as f:
+        json.dump({"checkpoint": os.path.basename(ckpt or ""), "area_mse": out}, f)
     return out
 
 
@@ -201,95 +276,218 @@ def train_area_loss(run_dir: str, steps: int) -> dict:
     return out
 
 
-def summarize(results: list[dict], strategies: list[str]) -> dict:
-    """Seed statistics of each strategy's quality curve and its acceleration vs strategies[0]."""
-    baseline = strategies[0]
-    by = {st: [r for r in results if r["strategy"] == st] for st in strategies}
+def real_floor(data: torch.Tensor, n: int, repeats: int = 5) -> dict:
+    """The metric between two disjoint real subsets of n samples each (its floor at this sample size)."""
+    from speed_fast.evaluation import frechet_between
+
+    if data.shape[0] < 2 * n:
+        n = data.shape[0] // 2
+    values = []
+    for r in range(repeats):
+        perm = torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(r))
+        values.append(frechet_between(data[perm[:n]], data[perm[n:2 * n]]))
+    return {"n": n, "repeats": repeats, "values": values, "mean": float(np.mean(values)),
+            "std": float(np.std(values, ddof=1))}
+
+
+# ---------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------
+
+
+def _reach(steps, curve, target) -> float:
+    s = steps_to_reach(steps, curve, target)
+    return math.inf if s is None else s
+
+
+def ratios_at(steps, base: np.ndarray, arm: np.ndarray) -> list[float]:
+    """Acceleration ratio at each of FRACTIONS for seed-mean curves base and arm (ratio 0: never reached)."""
+    out = []
+    for f in FRACTIONS:
+        target = float(base[steps.index(round(f * steps[-1]))])
+        out.append(_reach(steps, base, target) / _reach(steps, arm, target))
+    return out
+
+
+def log_auc(steps, curve: np.ndarray) -> float:
+    """Mean of log(quality) over the run: trapezoid of log(curve) over steps / the steps it spans."""
+    s = np.asarray(steps, dtype=np.float64)
+    return float(np.trapezoid(np.log(curve), s) / (s[-1] - s[0]))
+
+
+MIN_SEEDS = 3  # fewer paired seeds give no usable bootstrap interval
+
+
+def verdict(low: float, high: float, neutral: float, higher_is_faster: bool, seeds: int) -> str:
+    if seeds < MIN_SEEDS:
+        return f"too few seeds (< {MIN_SEEDS})"
+    if low > neutral:
+        return "faster" if higher_is_faster else "slower"
+    if high < neutral:
+        return "slower" if higher_is_faster else "faster"
+    return "no significant difference"
+
+
+def _interval(samples: np.ndarray) -> list[float]:
+    return [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))]
+
+
+def compare(steps, base: np.ndarray, arm: np.ndarray, resamples: int, seed: int = 0) -> dict:
+    """Paired comparison of an arm's curves [S, E] with the baseline's on the same S seeds."""
+    S = base.shape[0]
+    rng = np.random.default_rng(seed)
+    point = ratios_at(steps, base.mean(0), arm.mean(0))
+    auc_b = np.array([log_auc(steps, c) for c in base])
+    auc_a = np.array([log_auc(steps, c) for c in arm])
+    boot_r = np.empty((resamples, len(FRACTIONS)))
+    boot_auc = np.empty(resamples)
+    for i in range(resamples):
+        idx = rng.integers(0, S, S)
+        boot_r[i] = ratios_at(steps, base[idx].mean(0), arm[idx].mean(0))
+        boot_auc[i] = (auc_a[idx] - auc_b[idx]).mean()
+    out = {"seeds": S, "thresholds": {}}
+    for j, f in enumerate(FRACTIONS):
+        ci = _interval(boot_r[:, j])
+        per_seed = ratios_at_seeds(steps, base, arm, j)
+        out["thresholds"][f"{int(f * 100)}%"] = {
+            "target": float(base.mean(0)[steps.index(round(f * steps[-1]))]), "ratio": point[j], "ci95": ci,
+            "per_seed": per_seed, "not_reached_frac": float((boot_r[:, j] == 0).mean()),
+            "verdict": verdict(ci[0], ci[1], 1.0, higher_is_faster=True, seeds=S)}
+    diff = auc_a - auc_b
+    ci = _interval(boot_auc)
+    out["log_auc"] = {"baseline": float(auc_b.mean()), "arm": float(auc_a.mean()), "diff": float(diff.mean()),
+                      "ci95": ci, "per_seed": diff.tolist(), "quality_ratio": float(math.exp(diff.mean())),
+                      "verdict": verdict(ci[0], ci[1], 0.0, higher_is_faster=False, seeds=S)}
+    out["verdict"] = out["log_auc"]["verdict"]
+    return out
+
+
+def ratios_at_seeds(steps, base: np.ndarray, arm: np.ndarray, j: int) -> list[float | None]:
+    """Per-seed ratio at FRACTIONS[j], each seed against its own baseline curve (None: never reached)."""
+    out = []
+    for b, a in zip(base, arm):
+        r = ratios_at(steps, b, a)[j]
+        out.append(None if r == 0 else r)
+    return out
+
+
+def curve_band(q: np.ndarray, resamples: int, seed: int = 0) -> tuple[list[float], list[float]]:
+    """95% bootstrap band of the seed mean of curves q [S, E]."""
+    rng = np.random.default_rng(seed)
+    S = q.shape[0]
+    means = np.stack([q[rng.integers(0, S, S)].mean(0) for _ in range(min(resamples, 2000))])
+    return np.percentile(means, 2.5, axis=0).tolist(), np.percentile(means, 97.5, axis=0).tolist()
+
+
+def summarize(results: list[dict], arms: dict[str, int], resamples: int) -> dict:
+    """Per-arm curve statistics and paired comparisons against the first arm."""
+    baseline = next(iter(arms))
+    by = {arm: sorted((r for r in results if r["arm"] == arm), key=lambda r: r["seed"]) for arm in arms}
     steps = by[baseline][0]["steps"]
-    for st, rs in by.items():
+    for arm, rs in by.items():
         for r in rs:
             if r["steps"] != steps:
-                raise ValueError(f"{st} seed {r['seed']} was evaluated at {r['steps']}, baseline at {steps}")
+                raise ValueError(f"{arm} seed {r['seed']} was evaluated at {r['steps']}, baseline at {steps}")
     summary = {}
-    for st, rs in by.items():
+    for arm, rs in by.items():
         q = np.array([r["quality"] for r in rs])  # (seeds, evals)
-        entry = {"steps": steps, "mean": q.mean(0).tolist(), "std": q.std(0).tolist(), "min": q.min(0).tolist(),
-                 "max": q.max(0).tolist(), "final_mean": float(q[:, -1].mean()), "final_std": float(q[:, -1].std()),
-                 "seeds": len(rs)}
+        low, high = curve_band(q, resamples)
+        entry = {"strategy": ARMS[arm][0], "params": ARMS[arm][1], "seeds": [r["seed"] for r in rs], "steps": steps,
+                 "mean": q.mean(0).tolist(), "band95": [low, high], "final_mean": float(q[:, -1].mean()),
+                 "final_ci95": [low[-1], high[-1]],
+                 "online_mean": np.array([r["online_quality"] for r in rs]).mean(0).tolist()}
         for key in ("area_mse_heldout", "area_loss_train"):
             entry[key] = {a: float(np.mean([r[key][a] for r in rs if r[key][a] is not None])) for a in AREAS}
-        summary[st] = entry
-    base_mean = summary[baseline]["mean"]
-    for st in strategies[1:]:
-        summary[st]["acceleration"] = acceleration_ratio(steps, base_mean, summary[st]["mean"])
-        per_seed = []
-        for r in by[st]:
-            b = next(x for x in by[baseline] if x["seed"] == r["seed"])
-            per_seed.append(acceleration_ratio(steps, b["quality"], r["quality"])["ratio"])
-        summary[st]["per_seed_ratio"] = per_seed
+        summary[arm] = entry
+    base_by_seed = {r["seed"]: r for r in by[baseline]}
+    for arm in list(arms)[1:]:
+        pairs = [(base_by_seed[r["seed"]], r) for r in by[arm] if r["seed"] in base_by_seed]
+        base = np.array([b["quality"] for b, _ in pairs])
+        other = np.array([a["quality"] for _, a in pairs])
+        summary[arm]["vs_baseline"] = compare(steps, base, other, resamples)
     return summary
 
 
-def plot(summary: dict, strategies: list[str], path: str, title: str) -> str:
+# ---------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------
+
+
+def plot(summary: dict, arms: list[str], path: str, title: str, floor: dict) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for st in strategies:
-        s = summary[st]
-        line, = ax.plot(s["steps"], s["mean"], marker="o", ms=3, label=f"{st} (n={s['seeds']})")
-        ax.fill_between(s["steps"], s["min"], s["max"], color=line.get_color(), alpha=0.2)
-    target = summary[strategies[0]]["final_mean"]
-    ax.axhline(target, color="gray", ls="--", lw=1, label=f"{strategies[0]} final")
+    fig, (ax, rx, bx) = plt.subplots(1, 3, figsize=(18, 5))
+    for arm in arms:
+        s = summary[arm]
+        line, = ax.plot(s["steps"], s["mean"], marker="o", ms=3, label=f"{arm} (n={len(s['seeds'])})")
+        ax.fill_between(s["steps"], *s["band95"], color=line.get_color(), alpha=0.15)
+    ax.axhline(floor["mean"], color="black", ls=":", lw=1, label=f"real vs real floor ({floor['n']} each)")
     ax.set_yscale("log")
     ax.set_xlabel("training step")
-    ax.set_ylabel("fd_raw of EMA samples (lower is better)")
-    ax.set_title(title)
+    ax.set_ylabel(f"{QUALITY} of EMA samples (lower is better)")
+    ax.set_title(f"{title}\nseed mean, 95% bootstrap band")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    width = 0.8 / len(strategies)
+    ax.legend(fontsize=7)
+    others = arms[1:]
+    width = 0.8 / len(FRACTIONS)
+    x = np.arange(len(others))
+    for j, f in enumerate(FRACTIONS):
+        key = f"{int(f * 100)}%"
+        r = [summary[a]["vs_baseline"]["thresholds"][key] for a in others]
+        val = np.array([t["ratio"] for t in r])
+        lo = np.array([t["ci95"][0] for t in r])
+        hi = np.array([t["ci95"][1] for t in r])
+        rx.bar(x + j * width, val, width, yerr=[val - lo, hi - val], capsize=2,
+               label=f"target: {arms[0]} at {key} of its steps")
+    rx.axhline(1.0, color="gray", lw=1)
+    rx.set_xticks(x + width * (len(FRACTIONS) - 1) / 2, others, rotation=30, ha="right", fontsize=8)
+    rx.set_ylabel(f"acceleration vs {arms[0]} (steps ratio)")
+    rx.set_title("acceleration ratio, paired bootstrap 95% CI")
+    rx.legend(fontsize=7)
+    rx.grid(True, axis="y", alpha=0.3)
+    width = 0.8 / len(arms)
     x = np.arange(len(AREAS))
-    for i, st in enumerate(strategies):
-        bx.bar(x + i * width, [summary[st]["area_mse_heldout"][a] for a in AREAS], width, label=st)
-    bx.set_xticks(x + width * (len(strategies) - 1) / 2, AREAS)
+    for i, arm in enumerate(arms):
+        bx.bar(x + i * width, [summary[arm]["area_mse_heldout"][a] for a in AREAS], width, label=arm)
+    bx.set_xticks(x + width * (len(arms) - 1) / 2, AREAS)
     bx.set_yscale("log")
     bx.set_ylabel("held-out eps MSE of the final EMA model")
     bx.set_title("per-area loss (t uniform within each area)")
-    bx.legend(fontsize=8)
+    bx.legend(fontsize=7)
     bx.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _fmt_ratio(acc: dict | None) -> str:
-    if acc is None:
-        return "baseline"
-    if not acc["reached"]:
-        return "not reached"
-    return f"{acc['ratio']:.2f}x ({acc['baseline_steps']:.0f}/{acc['method_steps']:.0f})"
+def _ci(ci, fmt="{:.2f}") -> str:
+    return f"[{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
 
 
-def print_table(summary: dict, strategies: list[str]) -> None:
-    base = strategies[0]
-    print(f"\nquality = fd_raw of EMA samples (lower is better); target = {base}'s final "
-          f"{summary[base]['final_mean']:.4g}")
-    head = (f"{'strategy':<10} {'final (mean ± std)':>20} {'acceleration vs ' + base:>28} {'per-seed ratios':>22}  "
-            f"{'held-out MSE acc / dec / conv':>30}  {'train MSE acc / dec / conv':>28}")
-    print(head)
-    print("-" * len(head))
-    for st in strategies:
-        s = summary[st]
-        per_seed = ", ".join("n/r" if r is None else f"{r:.2f}" for r in s.get("per_seed_ratio", [])) or "-"
-        ho = " / ".join(f"{s['area_mse_heldout'][a]:.4f}" for a in AREAS)
-        tr = " / ".join("nan" if s["area_loss_train"][a] is None else f"{s['area_loss_train'][a]:.4f}"
-                        for a in AREAS)
-        print(f"{st:<10} {s['final_mean']:>11.4g} ± {s['final_std']:<7.3g} {_fmt_ratio(s.get('acceleration')):>28} "
-              f"{per_seed:>22}  {ho:>30}  {tr:>28}")
+def table(summary: dict, arms: list[str]) -> str:
+    """The README's Markdown table."""
+    base = arms[0]
+    head = ["arm", "seeds", f"final {QUALITY} (95% CI)"] + [f"ratio at {base}'s {int(f * 100)}%" for f in FRACTIONS] \
+        + ["log-AUC diff (95% CI)", "verdict"]
+    rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for arm in arms:
+        s = summary[arm]
+        cells = [arm, str(len(s["seeds"])), f"{s['final_mean']:.3g} {_ci(s['final_ci95'], '{:.3g}')}"]
+        if arm == base:
+            cells += ["baseline"] * len(FRACTIONS) + ["-", "-"]
+        else:
+            v = s["vs_baseline"]
+            for f in FRACTIONS:
+                t = v["thresholds"][f"{int(f * 100)}%"]
+                cells.append(f"{t['ratio']:.2f}x {_ci(t['ci95'])}")
+            cells += [f"{v['log_auc']['diff']:+.3f} {_ci(v['log_auc']['ci95'], '{:+.3f}')}", v["verdict"]]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def machine() -> dict:
@@ -303,38 +501,54 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def collect(args, work_dir: str, data, labels, walls: dict) -> list[dict]:
+    results = []
+    for arm, seed in schedule(args):
+        rd = run_dir_for(work_dir, arm, seed)
+        metrics = os.path.join(rd, "metrics.jsonl")
+        _, steps, quality = read_quality(metrics, QUALITY)
+        _, online_steps, online = read_quality(metrics, f"online_{QUALITY}")
+        if online_steps != steps:
+            raise ValueError(f"{rd}: online evaluations at {online_steps}, EMA at {steps}")
+        results.append({"arm": arm, "seed": seed, "run_dir": os.path.relpath(rd, ROOT), "steps": steps,
+                        "quality": quality, "online_quality": online, "final": quality[-1],
+                        "wall_s": walls.get(f"{arm}-seed{seed}"),
+                        "area_mse_heldout": heldout_area_mse(rd, data, labels),
+                        "area_loss_train": train_area_loss(rd, args.steps)})
+    return results
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = os.path.abspath(args.out)
-    work_dir = os.path.abspath(args.work_dir or (out[:-5] if out.endswith(".json") else out) + ".runs")
+    stem = out[:-5] if out.endswith(".json") else out
+    work_dir = os.path.abspath(args.work_dir or stem + ".runs")
     os.makedirs(work_dir, exist_ok=True)
     start = time.perf_counter()
-    beton, data, labels = prepare_data(args.dataset, work_dir)
+    beton, data, labels = prepare_data(args.dataset)
     walls = run_all(args, beton, work_dir)
-    results = []
-    for seed in range(args.seeds):
-        for st in args.strategies:
-            rd = run_dir_for(work_dir, st, seed)
-            _, steps, quality = read_quality(os.path.join(rd, "metrics.jsonl"), "fd_raw")
-            results.append({"strategy": st, "seed": seed, "run_dir": rd, "steps": steps, "quality": quality,
-                            "final": quality[-1], "wall_s": walls.get(f"{st}-seed{seed}"),
-                            "area_mse_heldout": heldout_area_mse(rd, data, labels),
-                            "area_loss_train": train_area_loss(rd, args.steps)})
-    summary = summarize(results, args.strategies)
-    png = args.plot or (out[:-5] if out.endswith(".json") else out) + ".png"
-    plot(summary, args.strategies, png, f"{args.dataset}: {args.steps} steps, {args.seeds} seeds")
+    results = collect(args, work_dir, data, labels, walls)
+    summary = summarize(results, args.arms, args.bootstrap)
+    floor = real_floor(data, args.eval_samples)
+    arms = list(args.arms)
+    png = args.plot or stem + ".png"
+    plot(summary, arms, png, f"{args.dataset}: {args.steps} steps", floor)
     doc = {"meta": {"command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]) if argv is None
-                    else " ".join(argv), "dataset": args.dataset, "beton": beton, "strategies": args.strategies,
-                    "baseline": args.strategies[0], "steps": args.steps, "seeds": args.seeds,
-                    "eval_every": args.eval_every, "eval_samples": args.eval_samples,
-                    "eval_sampler": args.eval_sampler, "ema_decay": args.ema_decay, "preset": args.preset,
-                    "trainer_args": args.trainer_arg, "jobs": args.jobs, "machine": machine(),
-                    "wall_s": time.perf_counter() - start, "plot": png, "quality_key": "fd_raw"},
-           "summary": summary, "results": results}
+                    else " ".join(argv), "dataset": args.dataset, "arms": {a: {"seeds": n, "strategy": ARMS[a][0],
+                                                                               "params": ARMS[a][1]}
+                                                                           for a, n in args.arms.items()},
+                    "baseline": arms[0], "steps": args.steps, "eval_every": args.eval_every,
+                    "eval_samples": args.eval_samples, "preset": args.preset, "trainer_args": args.trainer_arg,
+                    "jobs": args.jobs, "bootstrap": args.bootstrap, "fractions": list(FRACTIONS),
+                    "machine": machine(), "wall_s": time.perf_counter() - start, "plot": os.path.relpath(png, ROOT),
+                    "quality_key": QUALITY, "real_floor": floor},
+           "seeds": {a: summary[a]["seeds"] for a in arms}, "summary": summary, "results": results,
+           "table": table(summary, arms)}
     with open(out, "w") as f:
         json.dump(doc, f, indent=1)
-    print_table(summary, args.strategies)
-    print(f"\nwrote {out} and {png} ({doc['meta']['wall_s'] / 60:.1f} min)")
+    print(doc["table"])
+    print(f"\nreal-vs-real floor ({floor['n']} vs {floor['n']}): {floor['mean']:.4g} ± {floor['std']:.2g}")
+    print(f"wrote {out} and {png} ({doc['meta']['wall_s'] / 60:.1f} min)")
     return 0
 
 

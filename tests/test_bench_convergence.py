@@ -1,0 +1,86 @@
+"""The convergence benchmark's statistics (benchmarks/bench_convergence.py) on synthetic curves:
+acceleration ratios at several thresholds, the paired bootstrap intervals and the verdicts."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_convergence.py"
+_spec = importlib.util.spec_from_file_location("bench_convergence", _PATH)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+STEPS = [250 * i for i in range(1, 13)]  # 250 .. 3000
+AREAS = {"acceleration": 1.0, "deceleration": 0.5, "convergence": 0.25}
+
+
+def curve(speed: float, noise: np.ndarray) -> np.ndarray:
+    """A quality curve falling as 1 / (speed * step), with multiplicative seed noise."""
+    return 1000.0 / (speed * np.asarray(STEPS, dtype=np.float64)) * np.exp(noise)
+
+
+def runs(arm, speed, seeds, rng, spread=0.05):
+    out = []
+    for s in range(seeds):
+        q = curve(speed, rng.normal(0, spread) + rng.normal(0, spread / 5, len(STEPS)))
+        out.append({"arm": arm, "seed": s, "steps": STEPS, "quality": q.tolist(), "online_quality": q.tolist(),
+                    "area_mse_heldout": AREAS, "area_loss_train": AREAS})
+    return out
+
+
+def test_ratios_at_thresholds_on_exact_curves():
+    base, fast = curve(1.0, np.zeros(12)), curve(2.0, np.zeros(12))
+    # A curve that is the baseline at half the steps reaches each target in half the steps.
+    # (75%: the crossing at 1125 lies between two evaluations; linear interpolation of a 1/step curve)
+    assert bench.ratios_at(STEPS, base, fast) == [2.0, pytest.approx(2.0, rel=0.02), 2.0]
+    assert bench.ratios_at(STEPS, base, base) == [1.0, 1.0, 1.0]
+    slow = curve(0.5, np.zeros(12))  # never reaches the baseline's final value: ratio 0 there
+    r = bench.ratios_at(STEPS, base, slow)
+    assert r[0] == pytest.approx(0.5) and r[2] == 0.0
+
+
+def test_paired_bootstrap_verdicts():
+    rng = np.random.default_rng(0)
+    base = runs("uniform", 1.0, 8, rng)
+    # "same": the baseline's own curves with the seeds rotated, so the paired differences sum to 0.
+    same = [{**r, "arm": "same", "seed": (r["seed"] + 1) % 8} for r in base]
+    results = base + runs("fast", 2.0, 8, rng) + same + runs("slow", 0.6, 3, rng)
+    bench.ARMS.update({"fast": ("speed", {}), "same": ("uniform", {}), "slow": ("p2", {})})
+    try:
+        summary = bench.summarize(results, {"uniform": 8, "fast": 8, "same": 8, "slow": 3}, resamples=2000)
+    finally:
+        for k in ("fast", "same", "slow"):
+            bench.ARMS.pop(k)
+    fast = summary["fast"]["vs_baseline"]
+    assert fast["seeds"] == 8 and fast["verdict"] == "faster"
+    for key in ("50%", "75%", "100%"):
+        t = fast["thresholds"][key]
+        assert t["ci95"][0] > 1.0 and t["verdict"] == "faster" and t["ratio"] == pytest.approx(2.0, rel=0.15)
+        assert len(t["per_seed"]) == 8
+    assert fast["log_auc"]["ci95"][1] < 0 and fast["log_auc"]["quality_ratio"] == pytest.approx(0.5, rel=0.1)
+    same = summary["same"]["vs_baseline"]
+    assert same["verdict"] == "no significant difference"
+    assert same["log_auc"]["ci95"][0] < 0 < same["log_auc"]["ci95"][1]
+    slow = summary["slow"]["vs_baseline"]
+    assert slow["seeds"] == 3 and slow["verdict"] == "slower"  # paired on the 3 seeds both arms ran
+    assert slow["thresholds"]["100%"]["ratio"] == 0.0 and slow["thresholds"]["100%"]["per_seed"] == [None] * 3
+    band = summary["uniform"]["band95"]
+    assert all(lo <= m <= hi for lo, m, hi in zip(band[0], summary["uniform"]["mean"], band[1]))
+    table = bench.table(summary, ["uniform", "fast", "same", "slow"])
+    assert "| fast | 8 |" in table and "faster" in table and "no significant difference" in table
+
+
+def test_arm_specs_and_schedule():
+    assert bench.parse_arms("uniform,speed_dual:3,p2", 8) == {"uniform": 8, "speed_dual": 3, "p2": 8}
+    for bad, needle in (("uniform", "at least one more"), ("uniform,nope", "unknown arm"),
+                        ("uniform,p2,p2", "twice"), ("uniform,p2:x", "integer"), ("uniform,p2:0", "at least 1")):
+        with pytest.raises(ValueError, match=needle):
+            bench.parse_arms(bad, 5)
+    args = bench.parse_args(["--arms", "uniform,speed,p2:1", "--seeds", "2", "--out", "x.json"])
+    assert bench.schedule(args) == [("uniform", 0), ("speed", 0), ("p2", 0), ("uniform", 1), ("speed", 1)]
+    cmd = bench.trainer_command(args, "d.beton", "speed_dual", 3, "rd")
+    assert cmd[cmd.index("--strategy") + 1] == "speed" and "--dual" in cmd and "--eval-online" in cmd
+    cmd = bench.trainer_command(args, "d.beton", "asym_only", 0, "rd")
+    assert cmd[cmd.index("--weighting") + 1] == "none"
