@@ -17,6 +17,7 @@ COMMANDS = {
     "env": "env",
     "encode": "encode",
     "write-latents": "write_latents",
+    "write-pixels": "write_pixels",
     "sample": "sample",
     "eval": "evaluate",
     "export-dit": "export_dit",
