@@ -117,8 +117,10 @@ class NoiseSchedule:
             "sqrt_recipm1_alphas_cumprod": (1.0 / abar - 1.0).sqrt(),
             "snr": abar / (1.0 - abar),
             "posterior_variance": post_var,
-            # posterior_variance[0] is 0; DiT/IDDPM clip the log with the next entry.
-            "posterior_log_variance_clipped": torch.log(torch.cat([post_var[1:2], post_var[1:]])),
+            # posterior_variance[0] is 0; DiT/IDDPM clip the log with the next entry. A one-step
+            # schedule (e.g. sampling respaced to 1 step) has none: beta_0 stands in (no noise is
+            # added at t = 0, so the value only has to be finite).
+            "posterior_log_variance_clipped": torch.log(torch.cat([post_var[1:2] if self.T > 1 else b[:1], post_var[1:]])),
             "posterior_mean_coef1": b * abar_prev.sqrt() / (1.0 - abar),
             "posterior_mean_coef2": (1.0 - abar_prev) * alphas.sqrt() / (1.0 - abar),
         }

@@ -140,7 +140,8 @@ def test_ddpm_1000_steps_equals_the_unrespaced_chain(schedule):
     torch.testing.assert_close(got, x, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("method,steps", [("ddim", "ddim50"), ("ddim", 1000), ("ddpm", 250), ("ddim", "7")])
+@pytest.mark.parametrize("method,steps", [("ddim", "ddim50"), ("ddim", 1000), ("ddpm", 250), ("ddim", "7"),
+                                          ("ddpm", 1)])  # a one-step chain too
 def test_single_point_data_is_reached_exactly(schedule, method, steps):
     torch.manual_seed(0)
     points = torch.rand(4, 4, 5, 5) * 2 - 1  # 3 classes + null, 4 channels
