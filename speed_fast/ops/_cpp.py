@@ -2,7 +2,7 @@
 
 The sources ship inside the package (`speed_fast.csrc`, editable or wheel install)
 and are compiled with torch's extension API on first use, into a cache directory
-keyed by the sources, flags, torch and Python versions:
+keyed by the sources, their location, flags, torch and Python versions:
 
     $SPEED_FAST_BUILD_DIR, else $TORCH_EXTENSIONS_DIR/speed_fast_cpu_<key>,
     else ~/.cache/speed_fast/speed_fast_cpu_<key>
@@ -68,6 +68,9 @@ def build_dir() -> Path:
     for name in SOURCES + HEADERS:
         h.update(name.encode())
         h.update((src / name).read_bytes())
+    # The checkout's own path too: torch's build.ninja names the sources by absolute path, so two
+    # checkouts sharing one build directory would rebuild it in turn at every first use.
+    h.update(str(src.resolve()).encode())
     h.update(repr((CFLAGS, LDFLAGS, torch.__version__, sys.version_info[:2], platform.machine())).encode())
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "speed_fast")
     return Path(root) / f"{EXTENSION}_{h.hexdigest()[:16]}"
