@@ -11,7 +11,7 @@ def test_warmup_follows_the_weights_early_and_reaches_the_decay():
     with torch.no_grad():
         lin.weight.zero_()
     plain, warm = ShardedEMA(lin, 0.99), ShardedEMA(lin, 0.99, warmup=True)
-    assert warm.current_decay() == pytest.approx(0.1) and plain.current_decay() == 0.99
+    assert warm.current_decay() == pytest.approx(0.1) and plain.current_decay() == pytest.approx(0.99)
     expect = torch.zeros(2, 3, dtype=torch.float64)
     for n in range(1000):  # (1 + n) / (10 + n) passes 0.99 at n = 891
         with torch.no_grad():
@@ -21,7 +21,7 @@ def test_warmup_follows_the_weights_early_and_reaches_the_decay():
         expect = d * expect + (1 - d) * 1.0
         warm.update()
         plain.update()
-    assert warm.num_updates == 1000 and warm.current_decay() == 0.99
+    assert warm.num_updates == 1000 and warm.current_decay() == pytest.approx(0.99)
     w = warm.full_state_dict()["weight"]
     torch.testing.assert_close(w.double(), expect, rtol=1e-5, atol=1e-6)
     # After 60 updates, the plain EMA still holds 0.99^60 = 55% of the initial zeros; with warm-up ~0.
@@ -41,3 +41,19 @@ def test_warmup_follows_the_weights_early_and_reaches_the_decay():
 def test_warmup_must_be_a_bool():
     with pytest.raises(ValueError, match="warmup"):
         ShardedEMA(torch.nn.Linear(2, 2), 0.9, warmup="yes")
+
+
+def test_a_skipped_update_changes_nothing_and_does_not_count():
+    lin = torch.nn.Linear(2, 2)
+    ema = ShardedEMA(lin, 0.9, warmup=True)
+    before = ema.full_state_dict()
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    ema.update(skip=torch.tensor(True))
+    assert ema.num_updates == 0
+    for name, t in ema.full_state_dict().items():
+        assert torch.equal(t, before[name])
+    ema.update(skip=torch.tensor(False))
+    assert ema.num_updates == 1 and ema.current_decay() == pytest.approx(2 / 11)
+    ema.num_updates = 890  # as a resume restores it
+    assert ema.current_decay() == pytest.approx(0.9)

@@ -92,3 +92,29 @@ def test_cli_errors_name_the_value(tmp_path, capsys):
     assert cli_main(["write-pixels", str(tmp_path / "imgs"), "--out", str(tmp_path / "x.beton"),
                      "--no-progress"]) == 0
     assert "3 images" in capsys.readouterr().out
+
+
+def test_cifar10_preset_trains_a_few_cpu_steps(tmp_path):
+    """The cifar10 preset (DiT-S/2 on 32x32x3 pixels) end to end on a tiny pixel file: 2 steps, 1 process."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    make_tree(tmp_path / "imgs", size=32, per_class=2, classes=("cat", "dog"))
+    beton = str(tmp_path / "px.beton")
+    write_pixels(str(tmp_path / "imgs"), beton, progress=False)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(root, "train", "main.py"), "--preset", "cifar10", "--data", beton,
+           "--max-steps", "2", "--global-batch", "4", "--run-dir", str(run_dir), "--eval-every", "0",
+           "--sample-steps", "1", "--num-workers", "1", "--no-progress"]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["dit_config"]["hidden_size"] == 384 and config["dit_config"]["depth"] == 12
+    assert config["dit_config"]["input_size"] == 32 and config["dit_config"]["in_channels"] == 3
+    assert config["train"]["ema_warmup"] is True and config["strategy"]["dual"] is True
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
+    assert (run_dir / "samples.png").is_file()

@@ -59,7 +59,7 @@ def test_invalid_values_are_named_and_nothing_starts(tmp_path, data, two_ranks, 
 
 def test_unknown_preset_and_bad_deepspeed_json(tmp_path, data, two_ranks, capsys):
     assert main(["--preset", "nosuch"], CONFIGS) == 2
-    assert "--preset 'nosuch': no such preset; available: ['digits', 'imagenet-dit-s2', 'imagenet-dit-xl2']" \
+    assert "--preset 'nosuch': no such preset; available: ['cifar10', 'digits', 'imagenet-dit-s2', 'imagenet-dit-xl2']" \
         in capsys.readouterr().err
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_batch_size": 32, "zero_optimization": {"stage": 2}}))
