@@ -125,9 +125,13 @@ def main(out_dir: str, data: str) -> None:
             "resumed_master_diff": resumed_master_diff, "checkpoint": path,
             "param_tensors": param_tensors,
             "syncs": {phase: counter.counts(phase) for phase in ("step", "record", "save")},
+            "uploads": counter.counts("step", kind="h2d"),
             "sync_sites": {phase: counter.sites(phase) for phase in ("step", "record", "save")},
         }
         dist.barrier()
+    counter.events.clear()
+    results["clts"] = clts_syncs(make_plan(0, strategy="clts", strategy_params={"ramp_steps": 100},
+                                           run_dir=os.path.join(out_dir, "clts")), rank, x, y, counter)
     counter.uninstall()
     results["init_from"] = init_from(make_plan, out_dir, rank)
     results["bf16"] = bf16_policy(make_plan(1, precision="bf16", run_dir=os.path.join(out_dir, "bf16")), rank,
@@ -148,6 +152,18 @@ def distributed_eval(plan, tr, rank) -> dict:
     one = TrainingEvaluator((evaluator.ref_mu, evaluator.ref_sigma), plan.schedule, n_samples=evaluator.n_samples,
                             rank=0, world=1, **evaluator.sample_kwargs).evaluate(model, tr.step)
     return {"two_ranks": two, "one_rank": one, "shares": [len(evaluator.share(r)) for r in range(2)]}
+
+
+def clts_syncs(plan, rank, x, y, counter) -> dict:
+    """The same counts over 4 steps of a step-dependent P(t) (CLTS's ramp): the fused ops rebuild
+    its alias table on the host and copy it to the device at every step (counted as theirs)."""
+    tr = Trainer(plan, rank)
+    fixed = [(x, y)] * plan.grad_accum
+    for _ in range(4):
+        with counter.phase("step"):
+            tr.train_step(iter(fixed))
+    return {"syncs": counter.counts("step"), "uploads": counter.counts("step", kind="h2d"),
+            "sites": counter.sites("step")}
 
 
 def init_from(make_plan, out_dir, rank) -> dict:

@@ -77,6 +77,8 @@ def test_no_host_sync_per_step_in_the_training_package(results, stage):
     assert syncs["step"].get("speed_fast", 0) == 0, sites["step"]  # diffusion objective, EMA, label dropout
     assert syncs["record"].get("training", 0) == 12, sites["record"]  # one .tolist() per record
     assert syncs["step"].get("ops", 0) == 0, sites["step"]
+    uploads = results[stage]["uploads"]  # blocking host-to-device copies in a step
+    assert uploads.get("training", 0) == 0 and uploads.get("speed_fast", 0) == 0, sites["step"]
     assert 1 <= syncs["save"].get("training", 0) <= 2 * results[stage]["param_tensors"] + 1, sites["save"]
 
 
@@ -107,3 +109,11 @@ def test_bf16_first_losses_are_close_to_fp32(results):
 
 def test_init_from_a_dit_checkpoint_sets_weights_and_ema(results):
     assert results["init_from"] == {"master_diff": 0.0, "ema_diff": 0.0}
+
+
+def test_clts_ramp_adds_no_sync_of_the_training_package(results):
+    """CLTS's P(t) changes every step of its ramp: the training package still reads nothing back;
+    the fused ops' own per-step alias-table upload is counted apart (theirs to remove)."""
+    r = results["clts"]
+    assert r["syncs"].get("training", 0) == 0 and r["uploads"].get("training", 0) == 0, r["sites"]
+    assert r["syncs"].get("speed_fast", 0) == 0 and r["uploads"].get("speed_fast", 0) == 0, r["sites"]
