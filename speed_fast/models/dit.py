@@ -179,13 +179,18 @@ class Attention(nn.Module):
         return self.proj(out.reshape(B, N, D))
 
 
+_XFORMERS_OPS: list = []  # xformers.ops once imported (a traced forward then only reads this list)
+
+
 def _xformers_ops():
-    try:
-        import xformers.ops as xops
-    except ImportError as exc:
-        raise ValueError(f"attn_backend 'xformers' requested but xformers cannot be imported ({exc}); install a "
-                         "wheel built for this torch, or use the default SDPA attention") from None
-    return xops
+    if not _XFORMERS_OPS:
+        try:
+            import xformers.ops as xops
+        except ImportError as exc:
+            raise ValueError(f"attn_backend 'xformers' requested but xformers cannot be imported ({exc}); install "
+                             "a wheel built for this torch, or use the default SDPA attention") from None
+        _XFORMERS_OPS.append(xops)
+    return _XFORMERS_OPS[0]
 
 
 def probe_attention(backend: str, device, head_dim: int = 64, dtype=torch.bfloat16, attention=None) -> None:
