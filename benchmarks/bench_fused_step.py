@@ -305,7 +305,7 @@ def main(argv=None) -> int:
             row["speedup_vs_compiled"] = compiled_p50 / row["ms_p50"] if compiled_p50 else None
             if on_gpu:
                 row["extra_peak_buffers"] = extra_peak_buffers(st, fns[name])
-            elif shape == shapes[0] and name != "triton":  # the interpreter is not worth measuring
+            elif shape == shapes[0] and name != "triton" and not args.quick:  # not the interpreter
                 row["extra_peak_buffers"] = cpu_extra_peak_buffers(name, shape, args.threads)
             results.append(row)
     if on_gpu:

@@ -45,15 +45,17 @@ class Result:
     spills: int | None = None  # bytes of local memory per thread (STACK + LOCAL)
     shared: int | None = None  # bytes per program
     instructions: int | None = None  # SASS instructions of the kernel (NOP padding excluded)
-    per_element: float | None = None
-    mix: dict = field(default_factory=dict)  # per element: mufu, imad_wide, convert
+    per_element: float | None = None  # per `unit` (element, or draw) that one thread handles
+    unit: str = "elem"
+    mix: dict = field(default_factory=dict)  # per unit: mufu, imad_wide, convert
 
     def line(self) -> str:
         name = f"{self.op} {self.dtype} {self.variant}".strip()
         if not self.ok:
             return f"  {name:<38} sm_{self.arch}  FAILED  {self.error}"
-        per = (f"{self.per_element:6.1f} instr/elem (mufu {self.mix['mufu']:.2f}, imad.wide {self.mix['imad_wide']:.2f})"
-               if self.per_element is not None else f"{self.instructions:6d} instr")
+        per = (f"{self.per_element:6.1f} instr/{self.unit} (mufu {self.mix['mufu']:.2f}, "
+               f"imad.wide {self.mix['imad_wide']:.2f})" if self.per_element is not None
+               else f"{self.instructions:6d} instr")
         return (f"  {name:<38} sm_{self.arch}  ok  {self.registers:3d} regs  spills {self.spills} B  "
                 f"shared {self.shared:5d} B  {per}")
 
@@ -129,7 +131,7 @@ def compile_case(case, arch: int) -> Result:
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
 
-    result = Result(case.op, case.dtype, case.variant, arch, ok=False)
+    result = Result(case.op, case.dtype, case.variant, arch, ok=False, unit=case.unit)
     try:
         target = GPUTarget("cuda", arch, 32)
         backend = make_backend(target)

@@ -69,7 +69,8 @@ class Pointer:
 class Case:
     """One compiled variant of a kernel, as a launch would bind it (see `speed_fast.kernels.aot`):
     `args` maps the kernel's non-constexpr parameters to values (tensors as Pointer), `elements` is
-    what one program covers per loop iteration (None when per-element counts mean nothing)."""
+    what one program covers per loop iteration (None when per-element counts mean nothing), in
+    `unit`s (elements, or draws for the time-step kernel)."""
 
     op: str
     dtype: str
@@ -79,6 +80,7 @@ class Case:
     constexprs: dict = field(default_factory=dict)
     num_warps: int = NUM_WARPS
     elements: int | None = None
+    unit: str = "elem"
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

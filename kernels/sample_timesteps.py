@@ -46,4 +46,4 @@ def compile_cases() -> list[launch.Case]:
     args = dict(t_ptr=launch.Pointer(torch.int64), prob_ptr=launch.Pointer(torch.float32),
                 alias_ptr=launch.Pointer(torch.int32), T=1000, n=256)
     return [launch.Case("sample_timesteps", "-", "", _sample_timesteps_kernel, args, dict(BLOCK=BLOCK), NUM_WARPS,
-                        BLOCK)]
+                        BLOCK, unit="draw")]

@@ -1,0 +1,275 @@
+#!/usr/bin/env bash
+# The first thing to run on a GPU machine (one H100/H200; at most 8 minutes once installed).
+#
+#   bash scripts/gpu_smoke.sh                 # prints a PASS/FAIL table; JSON under $OUT when set
+#   OUT=/tmp/smoke bash scripts/gpu_smoke.sh
+#   bash scripts/gpu_smoke.sh --rehearse      # the same steps on a CPU machine (no GPU), scaled down
+#   bash scripts/gpu_smoke.sh --only train,resume   # some of the steps (resume needs train)
+#
+# Steps, each with its own time limit (their sum is 8 minutes), each run even if an earlier one
+# failed:
+#   env       speed-fast env: the triton backend is active (its test launch matched the reference)
+#   compile   speed-fast env --compile for this GPU's architecture: every kernel variant compiles
+#   tests     the fused-op tests with triton on CUDA against the torch reference
+#   bench     benchmarks/bench_fused_step.py: step times, and the kernels' GB/s against the peak
+#   train     DiT-XL/2 on synthetic latents, deepspeed --num_gpus 1, bf16, 60 steps: finite, falling
+#             loss, step time, peak GPU memory, a checkpoint
+#   resume    the same command to step 70: resumes from that checkpoint and continues
+# Installation (scripts/install.sh, when .venv is missing) happens before the clock starts.
+# --rehearse: TRITON_INTERPRET=1 for env/tests, sm_90 compile, bench --quick, DiT-S/2 on 8x8
+# latents for 6 + 2 steps on the CPU, time limits x6: checks the script itself without a GPU.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+ROOT="$(pwd)"
+
+REHEARSE=0
+ONLY="env,compile,tests,bench,train,resume"
+STEP=""  # internal: run one step (the script calls itself under `timeout`, which needs a program)
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --rehearse) REHEARSE=1 ;;
+        --only) ONLY="${2:-}"; shift ;;
+        --step) STEP="${2:-}"; shift ;;
+        -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+        *) echo "gpu_smoke.sh: unknown argument '$1' (expected --rehearse, --only STEPS or --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+for name in ${ONLY//,/ }; do
+    case "$name" in
+        env|compile|tests|bench|train|resume) ;;
+        *) echo "gpu_smoke.sh: --only takes env,compile,tests,bench,train,resume; got '$name'" >&2; exit 2 ;;
+    esac
+done
+
+if [ -z "$STEP" ] && [ ! -x .venv/bin/python ]; then
+    echo "[smoke] no .venv: installing first (not counted in the smoke time)"
+    bash scripts/install.sh ffcv,dev || { echo "[smoke] installation failed" >&2; exit 1; }
+fi
+PY="$ROOT/.venv/bin/python"
+
+if [ "$REHEARSE" = 1 ]; then
+    ARCH=sm_90
+    MODEL="DiT-S/2"; LATENT=8; SAMPLES=64; BATCH=8; STEPS=6; MORE=2; PRECISION=auto
+    BENCH_ARGS=(--quick --no-compile)
+    TEST_ENV=(TRITON_INTERPRET=1)
+    export CUDA_VISIBLE_DEVICES=""
+else
+    if [ -z "$STEP" ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+        echo "[smoke] torch sees no CUDA device (use --rehearse to check the script without a GPU)" >&2
+        exit 1
+    fi
+    ARCH="${SMOKE_ARCH:-}"
+    MODEL="DiT-XL/2"; LATENT=32; SAMPLES=1024; BATCH=64; STEPS=60; MORE=10; PRECISION=bf16
+    BENCH_ARGS=(--iters 20 --no-compile)
+    TEST_ENV=()
+fi
+JOBS="$(nproc 2>/dev/null || echo 2)"
+WORKERS=$((JOBS < 4 ? JOBS : 4))  # loader threads: at most the cores (numba's pool)
+
+# run_step NAME SECONDS: runs step_NAME (this script with --step NAME) with a time limit (timeout
+# signals the step's whole process group), logs to $WORK/logs/NAME.log, records PASS/FAIL, the
+# seconds taken and a detail: the last "RESULT:" line the step printed.
+run_step() {
+    local name="$1" limit="$2"
+    case ",$ONLY," in *",$name,"*) ;; *) return 0 ;; esac
+    local log="$WORK/logs/$name.log" start end status detail
+    local flags=()
+    # A small CPU is not the target: rehearsal limits are 6x (SMOKE_LIMIT_SCALE to change).
+    [ "$REHEARSE" = 1 ] && flags=(--rehearse) && limit=$((limit * ${SMOKE_LIMIT_SCALE:-6}))
+    echo "[smoke] $name (limit ${limit}s) ..."
+    start=$(date +%s)
+    timeout --kill-after=10 "$limit" bash "$ROOT/scripts/gpu_smoke.sh" --step "$name" "${flags[@]}" > "$log" 2>&1
+    status=$?
+    end=$(date +%s)
+    detail="$(grep -a '^RESULT:' "$log" | tail -n 1 | cut -c9- | tr '\t' ' ')"
+    if [ "$status" -eq 0 ]; then
+        printf '%s\tPASS\t%s\t%s\n' "$name" "$((end - start))" "${detail:-ok}" >> "$RESULTS"
+    else
+        [ "$status" -eq 124 ] && detail="timed out after ${limit}s; ${detail}"
+        [ -z "$detail" ] && detail="exit $status: $(grep -a -v '^\s*$' "$log" | tail -n 1 | cut -c1-160 | tr '\t' ' ')"
+        printf '%s\tFAIL\t%s\t%s\n' "$name" "$((end - start))" "$detail" >> "$RESULTS"
+    fi
+    if [ -n "${OUT:-}" ]; then cp "$log" "$OUT/$name.log"; fi
+}
+
+step_env() {
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
+    env "${TEST_ENV[@]}" "$PY" -m speed_fast.cli env || return 1
+    env "${TEST_ENV[@]}" "$PY" - <<'EOF'
+import torch, triton
+from speed_fast.ops import backend_status
+ok, why = backend_status("triton")
+where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (interpreter)"
+print(f"RESULT: triton {triton.__version__}, torch {torch.__version__}, {where}: triton {'active' if ok else 'unavailable'}")
+raise SystemExit(0 if ok else f"triton backend unavailable: {why}")
+EOF
+}
+
+step_compile() {
+    env -u TRITON_INTERPRET "$PY" -m speed_fast.cli env --compile "$ARCH" --jobs "$JOBS" > "$WORK/compile.txt"
+    local status=$?
+    cat "$WORK/compile.txt"
+    echo "RESULT: $(head -n 1 "$WORK/compile.txt")"
+    return $status
+}
+
+step_tests() {
+    env "${TEST_ENV[@]}" "$PY" -m pytest -q -p no:cacheprovider -x -k "triton or launch or synchronise" \
+        tests/test_sample_timesteps.py tests/test_sample_and_noise.py tests/test_weighted_mse.py \
+        tests/test_launchers.py tests/test_backends.py > "$WORK/tests.txt" 2>&1
+    local status=$?
+    cat "$WORK/tests.txt"
+    echo "RESULT: $(grep -a -E '[0-9]+ (passed|failed)' "$WORK/tests.txt" | tail -n 1)"
+    return $status
+}
+
+step_bench() {
+    "$PY" benchmarks/bench_fused_step.py "${BENCH_ARGS[@]}" --out "$WORK/fused_step.json" || return 1
+    [ -n "${OUT:-}" ] && cp "$WORK/fused_step.json" "$OUT/fused_step.json"
+    "$PY" - "$WORK/fused_step.json" <<'EOF'
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1]))["results"] if r.get("gb_per_s")]
+best = {}
+for r in rows:
+    if r["gb_per_s"] > best.get(r["name"], {}).get("gb_per_s", 0):
+        best[r["name"]] = r
+parts = [f"{n.split()[1]} {r['gb_per_s']:.0f} GB/s ({100 * r['fraction_of_peak']:.0f}% of peak) at {r['shape']}"
+         if r.get("fraction_of_peak") else f"{n.split()[1]} {r['gb_per_s']:.0f} GB/s at {r['shape']}"
+         for n, r in best.items()]
+print("RESULT: " + ("; ".join(parts) if parts else "step times only (no GPU: no bandwidth rows)"))
+EOF
+}
+
+make_latents() {
+    "$PY" - "$WORK" "$SAMPLES" "$LATENT" <<'EOF'
+import sys
+import numpy as np
+work, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = np.random.default_rng(0)
+np.save(f"{work}/latents.npy", rng.standard_normal((n, 4, size, size), dtype=np.float32))
+np.save(f"{work}/labels.npy", np.arange(n) % 1000)  # every class of 1000 once n >= 1000
+EOF
+    "$PY" -m speed_fast.cli write-latents "$WORK/latents.npy" --labels "$WORK/labels.npy" \
+        --out "$WORK/synthetic.beton" --no-progress
+}
+
+train_cmd() {  # train_cmd MAX_STEPS
+    "$PY" -m deepspeed.launcher.runner --num_gpus 1 --master_port "$PORT" train/main.py \
+        --preset imagenet-dit-xl2 --model "$MODEL" --data "$WORK/synthetic.beton" --run-dir "$WORK/run" \
+        --global-batch "$BATCH" --max-steps "$1" --precision "$PRECISION" --log-every 1 \
+        --ckpt-every "$STEPS" --sample-steps 10 --num-workers "$WORKERS" --no-progress
+}
+
+# Peak GPU memory of the training job, sampled once a second (MiB), while the job runs.
+watch_memory() {
+    local peak=0 used
+    while kill -0 "$1" 2>/dev/null; do
+        used="$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null | head -n 1)"
+        case "$used" in ''|*[!0-9]*) ;; *) [ "$used" -gt "$peak" ] && peak="$used" ;; esac
+        echo "$peak" > "$WORK/peak_mib"
+        sleep 1
+    done
+}
+
+step_train() {
+    make_latents || return 1
+    echo 0 > "$WORK/peak_mib"
+    train_cmd "$STEPS" &
+    local job=$!
+    watch_memory "$job" &
+    local watcher=$!
+    wait "$job"
+    local status=$?
+    wait "$watcher"
+    [ "$status" -eq 0 ] || return "$status"
+    [ -n "${OUT:-}" ] && cp "$WORK/run/metrics.jsonl" "$OUT/train_metrics.jsonl"
+    "$PY" - "$WORK/run" "$STEPS" "$(cat "$WORK/peak_mib")" <<'EOF'
+import json, math, os, statistics, sys
+run, steps, peak = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+recs = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+losses = [r["loss"] for r in recs]
+assert [r["step"] for r in recs][-1] == steps, f"last logged step {recs[-1]['step']}, expected {steps}"
+assert all(math.isfinite(x) for x in losses), f"non-finite loss: {losses}"
+k = max(1, len(losses) // 5)
+first, last = statistics.mean(losses[:k]), statistics.mean(losses[-k:])
+assert last < first, f"loss did not fall: mean of the first {k} steps {first:.4f}, of the last {k} {last:.4f}"
+ckpt = os.path.join(run, "checkpoints", f"step-{steps:08d}")
+assert os.path.isdir(ckpt), f"no checkpoint at {ckpt}"
+step_s = statistics.median(r["step_s"] for r in recs[len(recs) // 2:])
+mem = f", peak GPU memory {peak / 1024:.1f} GiB" if peak else ""
+print(f"RESULT: loss {first:.3f} -> {last:.3f}, {step_s * 1e3:.0f} ms/step{mem}, checkpoint step {steps}")
+EOF
+}
+
+step_resume() {
+    train_cmd "$((STEPS + MORE))" || return 1
+    if ! grep -a -q "resuming from .*(step $STEPS)" "$WORK/logs/resume.log"; then
+        echo "RESULT: the run did not say it resumed from step $STEPS"
+        return 1
+    fi
+    "$PY" - "$WORK/run" "$STEPS" "$MORE" <<'EOF'
+import json, math, os, sys
+run, steps, more = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+recs = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+after = [r for r in recs if r["step"] > steps]
+assert [r["step"] for r in after] == list(range(steps + 1, steps + more + 1)), [r["step"] for r in recs]
+assert all(math.isfinite(r["loss"]) for r in after)
+assert os.path.isdir(os.path.join(run, "checkpoints", f"step-{steps + more:08d}"))
+print(f"RESULT: resumed at step {steps}, continued to {steps + more}, loss {after[-1]['loss']:.3f}")
+EOF
+}
+
+if [ -n "$STEP" ]; then  # one step, in the environment the main run exported
+    WORK="$SMOKE_WORK"
+    PORT="$SMOKE_PORT"
+    case "$STEP" in
+        env|compile|tests|bench|train|resume) "step_$STEP"; exit $? ;;
+        *) echo "gpu_smoke.sh: unknown step '$STEP'" >&2; exit 2 ;;
+    esac
+fi
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/speed_fast_smoke.XXXXXX")"
+mkdir -p "$WORK/logs"
+if [ -n "${OUT:-}" ]; then mkdir -p "$OUT"; fi
+RESULTS="$WORK/results.tsv"
+: > "$RESULTS"
+if [ "$REHEARSE" = 0 ]; then
+    ARCH="$("$PY" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'sm_{m}{n}')")"
+fi
+export SMOKE_WORK="$WORK" SMOKE_ARCH="$ARCH"
+SMOKE_PORT="$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")"
+export SMOKE_PORT
+START=$(date +%s)
+run_step env 45
+run_step compile 45
+run_step tests 150
+run_step bench 60
+run_step train 110
+run_step resume 70
+TOTAL=$(($(date +%s) - START))
+
+echo
+printf '%-8s %-5s %6s  %s\n' step result secs detail
+while IFS=$'\t' read -r name result secs detail; do
+    printf '%-8s %-5s %6s  %s\n' "$name" "$result" "$secs" "$detail"
+done < "$RESULTS"
+echo "total ${TOTAL}s; logs in $WORK/logs$([ -n "${OUT:-}" ] && echo ", copies and JSON in $OUT")"
+
+if [ -n "${OUT:-}" ]; then
+    "$PY" - "$RESULTS" "$OUT/gpu_smoke.json" "$TOTAL" "$REHEARSE" <<'EOF'
+import json, platform, sys
+import torch
+results, out, total, rehearse = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+steps = []
+for line in open(results):
+    name, result, secs, detail = line.rstrip("\n").split("\t", 3)
+    steps.append({"step": name, "result": result, "seconds": int(secs), "detail": detail})
+meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (rehearsal)",
+        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "rehearsal": rehearse, "total_seconds": total}
+json.dump({"meta": meta, "steps": steps}, open(out, "w"), indent=2)
+EOF
+fi
+! grep -q $'\tFAIL\t' "$RESULTS"
