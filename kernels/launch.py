@@ -7,8 +7,8 @@
   of a learned-sigma output, model_out[:, :C], is read in place); other layouts (channels-last,
   transposed) are copied to contiguous first, never read wrongly.
 * the noise kernels' tiling: program (b, p) of grid (B, P) handles Philox counters
-  p BLOCK_C .. (p + 1) BLOCK_C - 1 of sample b, 4 elements each (32 per thread with NUM_WARPS
-  warps). The batch is on axis 0 (up to 2^31 - 1 samples); axis 1 stops at 65535 programs and
+  p BLOCK_C .. (p + 1) BLOCK_C - 1 of sample b, 4 elements each, in one warp (two when the
+  sample is off counter boundaries). The batch is on axis 0 (up to 2^31 - 1 samples); axis 1 stops at 65535 programs and
   the kernels loop over the rest, so no program is entirely masked unless the sample's first
   element is not on a counter boundary (numel per sample not a multiple of 4).
 """
@@ -21,7 +21,9 @@ import triton
 from speed_fast.ops.validate import FLOAT_DTYPES, samples_contiguous
 
 BLOCK_C = 512  # Philox counters per program: 2048 elements
-NUM_WARPS = 2
+NUM_WARPS = 1  # 64 elements per thread: the per-program work (time step, addresses) spreads thin
+# Samples off counter boundaries take more registers per element: 32 per thread stay below 255.
+NUM_WARPS_UNALIGNED = 2
 MAX_GRID_1 = 65535
 MAX_BATCH = 2**31 - 1
 MAX_SAMPLE = 2**31 - 1 - 4 * BLOCK_C  # element indices within a sample stay in int32
@@ -45,6 +47,10 @@ def check_sizes(B: int, D: int, offset: int) -> None:
         raise ValueError(f"numel per sample must be <= {MAX_SAMPLE} for the triton backend, got {D}")
     if (offset + B) * D >= 2**63:
         raise ValueError(f"(offset + B) * numel_per_sample must be < 2^63, got offset={offset}, B={B}, D={D}")
+
+
+def num_warps(aligned: bool) -> int:
+    return NUM_WARPS if aligned else NUM_WARPS_UNALIGNED
 
 
 def grid(B: int, D: int, aligned: bool) -> tuple[int, int]:

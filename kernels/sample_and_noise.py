@@ -56,7 +56,7 @@ def _launch(x0, xt, t, prob, alias, sqrt_ab, sqrt_1mab, seed: int, step: int, of
     with launch.device_guard(x0):
         _sample_and_noise_fwd_kernel[launch.grid(B, D, aligned)](
             x0, xt, t, prob, alias, sqrt_ab, sqrt_1mab, sqrt_ab.numel(), D, x0.stride(0), seed, step, offset,
-            DRAW=draw, ALIGNED=aligned, BLOCK_C=launch.BLOCK_C, num_warps=launch.NUM_WARPS)
+            DRAW=draw, ALIGNED=aligned, BLOCK_C=launch.BLOCK_C, num_warps=launch.num_warps(aligned))
 
 
 def sample_and_noise_fwd(x0, prob, alias, sqrt_ab, sqrt_1mab, seed: int, step: int, offset: int):
@@ -100,5 +100,5 @@ def compile_cases() -> list[launch.Case]:
                 cases.append(launch.Case("sample_and_noise" if draw else "add_noise", launch.DTYPE_NAMES[dtype],
                                          "aligned" if aligned else "unaligned", _sample_and_noise_fwd_kernel, args,
                                          dict(DRAW=draw, ALIGNED=aligned, BLOCK_C=launch.BLOCK_C),
-                                         elements=4 * launch.BLOCK_C))
+                                         launch.num_warps(aligned), 4 * launch.BLOCK_C))
     return cases

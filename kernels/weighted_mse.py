@@ -39,7 +39,7 @@ def _weighted_mse_fwd_kernel(pred_ptr, grad_ptr, partial_ptr, t_ptr, w_ptr, T: t
     src = pred_ptr + b * stride_b
     dst = grad_ptr + b * D
     lane = tl.arange(0, 4)[None, :]  # (1, 4)
-    acc = tl.zeros((BLOCK_C, 4), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)  # per counter: 4 lanes summed in registers
     for blk in range(tl.program_id(1), tl.cdiv(D + phase, 4 * BLOCK_C), tl.num_programs(1)):
         c_ = blk * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,) counter within the sample
         eps = normal_quads(k0, k1, step, g0 // 4 + c_, 1.0, True)  # (BLOCK_C, 4)
@@ -50,8 +50,8 @@ def _weighted_mse_fwd_kernel(pred_ptr, grad_ptr, partial_ptr, t_ptr, w_ptr, T: t
         p = tl.load(src + i, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, p - eps, 0.0)
         tl.store(dst + i, (d * cw).to(grad_ptr.dtype.element_ty), mask=mask)
-        acc += d * d
-    tl.store(partial_ptr + b * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(acc, axis=1), axis=0))
+        acc += tl.sum(d * d, axis=1)
+    tl.store(partial_ptr + b * tl.num_programs(1) + tl.program_id(1), tl.sum(acc, axis=0))
 
 
 @triton.jit
@@ -96,7 +96,7 @@ def weighted_mse_fwd(pred: torch.Tensor, t: torch.Tensor, weights: torch.Tensor,
     with launch.device_guard(pred):
         _weighted_mse_fwd_kernel[grid](pred, grad, partial, t, weights, weights.numel(), D, pred.stride(0), c, seed,
                                        step, offset, ALIGNED=aligned, BLOCK_C=launch.BLOCK_C,
-                                       num_warps=launch.NUM_WARPS)
+                                       num_warps=launch.num_warps(aligned))
         _weighted_mse_reduce_kernel[(1,)](partial, t, weights, mse, loss, B, grid[1], D, weights.numel(),
                                           BLOCK_B=REDUCE_BLOCK_B, BLOCK_P=REDUCE_BLOCK_P,
                                           num_warps=REDUCE_NUM_WARPS)
@@ -115,7 +115,7 @@ def compile_cases() -> list[launch.Case]:
                         stride_b=D, c=1e-6)
             cases.append(launch.Case("weighted_mse", launch.DTYPE_NAMES[dtype], "aligned" if aligned else "unaligned",
                                      _weighted_mse_fwd_kernel, args, dict(ALIGNED=aligned, BLOCK_C=launch.BLOCK_C),
-                                     elements=4 * launch.BLOCK_C))
+                                     launch.num_warps(aligned), 4 * launch.BLOCK_C))
     args = dict(partial_ptr=launch.Pointer(torch.float32), t_ptr=launch.Pointer(torch.int64),
                 w_ptr=launch.Pointer(torch.float32), mse_ptr=launch.Pointer(torch.float32),
                 loss_ptr=launch.Pointer(torch.float32), B=256, P=2, D=4096, T=1000)
