@@ -8,9 +8,10 @@
   transposed) are copied to contiguous first, never read wrongly.
 * the noise kernels' tiling: program (b, p) of grid (B, P) handles Philox counters
   p BLOCK_C .. (p + 1) BLOCK_C - 1 of sample b, 4 elements each, in one warp (two when the
-  sample is off counter boundaries). The batch is on axis 0 (up to 2^31 - 1 samples); axis 1 stops at 65535 programs and
-  the kernels loop over the rest, so no program is entirely masked unless the sample's first
-  element is not on a counter boundary (numel per sample not a multiple of 4).
+  sample is off counter boundaries). The batch is on axis 0 (up to 2^31 - 1 samples); axis 1
+  stops at 65535 programs and the kernels loop over the rest, so no program is entirely masked
+  unless the sample's first element is not on a counter boundary (numel per sample not a
+  multiple of 4).
 """
 
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ def check_sizes(B: int, D: int, offset: int) -> None:
 
 
 def num_warps(aligned: bool) -> int:
+    """Warps per program of the noise kernels (aligned: numel per sample a multiple of 4)."""
     return NUM_WARPS if aligned else NUM_WARPS_UNALIGNED
 
 

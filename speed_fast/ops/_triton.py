@@ -129,7 +129,8 @@ def probe(device) -> None:
             raise RuntimeError(f"sample_and_noise's eps differs from the reference by {err:.3g} (allowed 1e-5)")
         loss, _, mse = weighted_mse_fwd(eps, t, ones.to(**on), seed, step, offset)
         if float(loss) != 0.0 or float(mse.abs().max()) != 0.0:
-            raise RuntimeError(f"weighted_mse of pred = eps is {float(loss):.3g}, not 0: the two kernels' noise differs")
+            raise RuntimeError(f"weighted_mse of pred = eps is {float(loss):.3g}, not 0: the two kernels' noise "
+                               "differs")
 
 
 def available() -> tuple[bool, str]:

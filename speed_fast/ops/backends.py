@@ -79,7 +79,8 @@ def resolve_backend(backend: str, device) -> str:
             return preferred
         if preferred not in _warned_fallback:
             _warned_fallback.add(preferred)
-            warnings.warn(f"speed_fast: {preferred} backend unavailable ({why}); using the torch reference", stacklevel=3)
+            warnings.warn(f"speed_fast: {preferred} backend unavailable ({why}); using the torch reference",
+                          stacklevel=3)
         return "torch"
     ok, why = backend_status(backend)
     if not ok:
