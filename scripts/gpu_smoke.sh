@@ -12,12 +12,12 @@
 #   compile   speed-fast env --compile for this GPU's architecture: every kernel variant compiles
 #   tests     the fused-op tests with triton on CUDA against the torch reference
 #   bench     benchmarks/bench_fused_step.py: step times, and the kernels' GB/s against the peak
-#   train     DiT-XL/2 on synthetic latents, deepspeed --num_gpus 1, bf16, 60 steps: finite, falling
-#             loss, step time, peak GPU memory, a checkpoint
+#   train     DiT-XL/2 on synthetic latents, deepspeed --num_gpus 1, bf16, 60 steps (eager: no
+#             torch.compile, no evaluation): finite, falling loss, step time, peak GPU memory, a checkpoint
 #   resume    the same command to step 70: resumes from that checkpoint and continues
 # Installation (scripts/install.sh, when .venv is missing) happens before the clock starts.
 # --rehearse: TRITON_INTERPRET=1 for env/tests, sm_90 compile, bench --quick, DiT-S/2 on 8x8
-# latents for 6 + 2 steps on the CPU, time limits x6: checks the script itself without a GPU.
+# latents for 30 + 4 steps on the CPU, time limits x6: checks the script itself without a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 ROOT="$(pwd)"
@@ -51,7 +51,7 @@ PY="$ROOT/.venv/bin/python"
 
 if [ "$REHEARSE" = 1 ]; then
     ARCH=sm_90
-    MODEL="DiT-S/2"; LATENT=8; SAMPLES=64; BATCH=8; STEPS=6; MORE=2; PRECISION=auto
+    MODEL="DiT-S/2"; LATENT=8; SAMPLES=256; BATCH=32; STEPS=30; MORE=4; PRECISION=auto
     BENCH_ARGS=(--quick --no-compile)
     TEST_ENV=(TRITON_INTERPRET=1)
     export CUDA_VISIBLE_DEVICES=""
@@ -88,7 +88,10 @@ run_step() {
         printf '%s\tPASS\t%s\t%s\n' "$name" "$((end - start))" "${detail:-ok}" >> "$RESULTS"
     else
         [ "$status" -eq 124 ] && detail="timed out after ${limit}s; ${detail}"
-        [ -z "$detail" ] && detail="exit $status: $(grep -a -v '^\s*$' "$log" | tail -n 1 | cut -c1-160 | tr '\t' ' ')"
+        # Else the last error message (e.g. "ValueError: ..." of a rank), else the last line.
+        [ -z "$detail" ] && detail="$(grep -a -E '(Error|error):' "$log" | tail -n 1 | cut -c1-200 | tr '\t' ' ')"
+        [ -z "$detail" ] && detail="$(grep -a -v '^\s*$' "$log" | tail -n 1 | cut -c1-200 | tr '\t' ' ')"
+        detail="exit $status: $detail"
         printf '%s\tFAIL\t%s\t%s\n' "$name" "$((end - start))" "$detail" >> "$RESULTS"
     fi
     if [ -n "${OUT:-}" ]; then cp "$log" "$OUT/$name.log"; fi
@@ -159,7 +162,7 @@ train_cmd() {  # train_cmd MAX_STEPS
     "$PY" -m deepspeed.launcher.runner --num_gpus 1 --master_port "$PORT" train/main.py \
         --preset imagenet-dit-xl2 --model "$MODEL" --data "$WORK/synthetic.beton" --run-dir "$WORK/run" \
         --global-batch "$BATCH" --max-steps "$1" --precision "$PRECISION" --log-every 1 \
-        --ckpt-every "$STEPS" --sample-steps 10 --num-workers "$WORKERS" --no-progress
+        --ckpt-every "$STEPS" --eval-every 0 --sample-steps 10 --no-compile --num-workers "$WORKERS" --no-progress
 }
 
 # Peak GPU memory of the training job, sampled once a second (MiB), while the job runs.

@@ -1,4 +1,5 @@
-"""Helpers for the trainer tests: launch real DeepSpeed jobs (2 CPU ranks) and read their runs."""
+"""Helpers for the trainer tests: launch real DeepSpeed jobs (2 CPU ranks, also where there is a GPU) and read
+their runs."""
 
 import json
 import os
@@ -19,6 +20,9 @@ def free_port() -> int:
 def env() -> dict:
     e = dict(os.environ)
     e["OMP_NUM_THREADS"] = "1"  # 2 ranks on a 2-core machine
+    # CPU ranks everywhere, also on a machine with one GPU: the jobs start 2 ranks, and they compare
+    # runs bit for bit (CPU arithmetic is deterministic; CUDA's atomics and kernel choices are not).
+    e["DS_ACCELERATOR"] = "cpu"
     e.pop("RANK", None), e.pop("WORLD_SIZE", None), e.pop("LOCAL_RANK", None)
     return e
 

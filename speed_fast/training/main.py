@@ -77,7 +77,8 @@ def main(argv: list[str], configs_dir: str) -> int:
         rank, world, local_rank = _dist_env(ns.local_rank)
         import torch
 
-        use_cuda = torch.cuda.is_available()
+        # DS_ACCELERATOR=cpu (DeepSpeed's own switch) keeps a run on the CPU of a GPU machine.
+        use_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
         plan = resolve(cfg, world, configs_dir, use_cuda)
         _check_device(local_rank, use_cuda)
         resume_from = _resume_path(cfg, plan)
