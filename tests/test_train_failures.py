@@ -5,14 +5,17 @@ not hang), and repeated non-finite losses stop the run with its last good checkp
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
 
 from ds_launch import MAIN, ROOT, deepspeed_cmd, env, metrics, run, tiny_preset
-from speed_fast.training.main import main
+from speed_fast.training.config import parse_args, resolve
+from speed_fast.training.main import _resume_path, main
 
 CONFIGS = os.path.join(ROOT, "train", "configs")
 
@@ -47,6 +50,13 @@ def two_ranks(monkeypatch):
     (["--model", "DiT-M/2"], "model must be one of"),
     (["--backend", "nope"], "--backend 'nope'"),
     (["--resume"], "--resume: no complete checkpoint under"),
+    # Found before any training time is spent (these used to fail after it, or deep inside a rank).
+    (["--sample-steps", "banana"], "--sample-steps 'banana': steps must be an integer, 'a,b,...' or 'ddimN'"),
+    (["--sample-steps", "2000"], "--sample-steps '2000': steps '2000': cannot take 2000 steps from a section of 1000"),
+    (["--eval-sampler", "banana"], "--eval-sampler 'banana': steps must be an integer"),
+    (["--eval-every", "10", "--eval-samples", "1"], "--eval-samples must be >= 2"),
+    (["--num-workers", "1000"], "--num-workers must be <= "),
+    (["--attn-backend", "xformers"], "--attn-backend xformers: attn_backend 'xformers' needs a CUDA device, got cpu"),
 ])
 def test_invalid_values_are_named_and_nothing_starts(tmp_path, data, two_ranks, capsys, args, message):
     preset = tiny_preset(str(tmp_path / "tiny.json"), data)
@@ -55,6 +65,54 @@ def test_invalid_values_are_named_and_nothing_starts(tmp_path, data, two_ranks, 
     assert rc == 2
     assert message in err, err
     assert not os.path.exists(tmp_path / "run")  # nothing was created
+
+
+@pytest.mark.parametrize("ds, message", [
+    ({"zero_optimization": "yes"}, "'zero_optimization' must be a JSON object"),
+    ({"bf16": "on"}, "'bf16' must be a JSON object"),
+    ({"bf16": {"enabled": "on"}}, "bf16.enabled must be true, false or \"auto\", got 'on'"),
+    ({"zero_optimization": {"stage": True}}, "zero_optimization.stage must be one of (0, 1, 2, 3), got True"),
+    ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage = 3 but --zero-stage is 2"),
+    ({"checkpoint": {"load_universal": True}}, "universal checkpoints"),
+])
+def test_deepspeed_json_values_are_checked(tmp_path, data, two_ranks, capsys, ds, message):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    preset = tiny_preset(str(tmp_path / "tiny.json"), data)
+    assert main(["--preset", preset, "--deepspeed_config", str(path), "--run-dir", str(tmp_path / "run")],
+                CONFIGS) == 2
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"max_steps": "100"}, "max_steps must be int, got '100' (str)"),
+    ({"lr": True}, "lr must be float, got True (bool)"),
+    ({"flip": 1}, "flip must be bool, got 1 (int)"),
+    ({"micro_batch": 4.0}, "micro_batch must be int | None, got 4.0 (float)"),
+    ({"sample_steps": 250}, "sample_steps must be str, got 250 (int)"),
+    ({"strategy_params": [5]}, "strategy_params must be dict, got [5] (list)"),
+    ({"dit": {"hidden_size": 32, "depth": 2, "num_heads": 2, "patch_size": 2, "learn_sigma": "yes"}},
+     "dit: learn_sigma must be bool, got 'yes' (str)"),
+])
+def test_preset_values_of_the_wrong_type_are_named(tmp_path, data, two_ranks, capsys, overrides, message):
+    preset = tiny_preset(str(tmp_path / "tiny.json"), data, **overrides)
+    assert main(["--preset", preset, "--run-dir", str(tmp_path / "run")], CONFIGS) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_data_changed_in_place_is_refused_before_training(tmp_path, two_ranks, capsys):
+    data = _constant_beton(str(tmp_path / "const.beton"))
+    preset = tiny_preset(str(tmp_path / "tiny.json"), data)
+    raw = open(data, "rb").read()
+    first = raw.find(b"\x02\x3f" * 64)
+    with open(data, "r+b") as f:  # zero two records: same size, FFCV's header and index intact
+        f.seek(first)
+        f.write(bytes(256))
+    assert main(["--preset", preset, "--run-dir", str(tmp_path / "run")], CONFIGS) == 2
+    err = capsys.readouterr().err
+    assert f"--data: {os.path.realpath(data)}: CRC32 is" in err and "changed or damaged" in err, err
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_unknown_preset_and_bad_deepspeed_json(tmp_path, data, two_ranks, capsys):
@@ -91,21 +149,28 @@ def _constant_beton(path, n=64):
 
 
 def _corrupt_with_nan(path, n=64):
-    """Overwrite every stored latent with NaN bit patterns in place (same size: the file still opens)."""
+    """Overwrite every stored latent with NaN bit patterns in place (same size, header and index) and
+    record the new CRC in the sidecar: a file that really holds NaN latents, as a broken encoder writes."""
     with open(path, "rb") as f:
         raw = f.read()
     sample = b"\x02\x3f" * 64
     assert raw.count(sample) == n
+    raw = raw.replace(sample, b"\xc0\x7f" * 64)
     with open(path, "wb") as f:
-        f.write(raw.replace(sample, b"\xc0\x7f" * 64))
+        f.write(raw)
+    with open(path + ".json") as f:
+        meta = json.load(f)
+    meta["crc32"] = zlib.crc32(raw)
+    with open(path + ".json", "w") as f:
+        json.dump(meta, f)
 
 
 def test_nonfinite_losses_stop_the_run_with_the_last_checkpoint_intact(tmp_path, monkeypatch, capsys):
     data = _constant_beton(str(tmp_path / "const.beton"))
-    preset = tiny_preset(str(tmp_path / "tiny.json"), data, ckpt_every=3)
+    preset = tiny_preset(str(tmp_path / "tiny.json"), "const.beton", ckpt_every=3)  # relative to tmp_path
     run_dir = str(tmp_path / "run")
     cmd = [sys.executable, MAIN, "--preset", preset, "--run-dir", run_dir]  # one process, no launcher
-    first = subprocess.run(cmd + ["--max-steps", "3"], env=env(), cwd=ROOT, capture_output=True, text=True,
+    first = subprocess.run(cmd + ["--max-steps", "3"], env=env(), cwd=tmp_path, capture_output=True, text=True,
                            timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt = os.path.join(run_dir, "checkpoints", "step-00000003")
@@ -114,12 +179,29 @@ def test_nonfinite_losses_stop_the_run_with_the_last_checkpoint_intact(tmp_path,
     # A different run cannot continue this one's checkpoint (checked before anything starts).
     for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
     assert main(["--preset", preset, "--run-dir", run_dir, "--seed", "1", "--zero-stage", "3"], CONFIGS) == 2
     assert "the run was started with different settings {'seed': '0 -> 1', 'zero_stage': '2 -> 3'}" \
         in capsys.readouterr().err
+    assert main(["--preset", preset, "--run-dir", run_dir, "--max-steps", "2"], CONFIGS) == 2
+    assert f"--max-steps 2 is below step 3 of the checkpoint {ckpt}" in capsys.readouterr().err
+    # The data file is the same file by content, however it is named; another file of that name is not.
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    shutil.copy(data, other / "copy.beton")
+    shutil.copy(data + ".json", other / "copy.beton.json")
+    for spelling in (data, os.path.relpath(data), str(other / "copy.beton")):
+        cfg, _ = parse_args(["--preset", preset, "--run-dir", run_dir, "--data", spelling], CONFIGS)
+        assert _resume_path(cfg, resolve(cfg, 1, CONFIGS, False), rank=0) == ckpt, spelling
+    _constant_beton(str(other / "const.beton"), n=80)
+    monkeypatch.chdir(other)  # the preset's relative "const.beton" now names another file
+    assert main(["--preset", preset, "--run-dir", run_dir], CONFIGS) == 2
+    assert (f"'data': \"'{os.path.realpath(data)}' -> '{os.path.realpath(other / 'const.beton')}' (another file"
+            in capsys.readouterr().err)
+    monkeypatch.chdir(tmp_path)
 
     _corrupt_with_nan(data)
-    second = subprocess.run(cmd + ["--max-steps", "50", "--max-nonfinite", "3"], env=env(), cwd=ROOT,
+    second = subprocess.run(cmd + ["--max-steps", "50", "--max-nonfinite", "3"], env=env(), cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert second.returncode == 3, second.stderr[-3000:]
     assert ("stopping at step 6: 3 consecutive steps with a non-finite loss (--max-nonfinite 3); no update was "

@@ -1,11 +1,15 @@
 """Exact resume through the real entry point: `deepspeed --num_gpus 2 train/main.py` (ZeRO-2, 2 CPU
 ranks, gradient accumulation 2) run straight for N steps, versus the same run stopped by SIGTERM
-(clean preemption: checkpoint, exit 0), resumed, killed with SIGKILL (no warning: resume from the
-last periodic checkpoint, half-written ones ignored), and resumed to N. Every logged loss and the
-final weights must be identical."""
+sent to the `deepspeed` command alone (the ranks notice, save and exit; nothing is left running),
+resumed, killed with SIGKILL (no warning), and resumed to N after its newest checkpoint was
+damaged (resume walks back to the one before; half-written ones are ignored). Every logged loss
+and the final weights must be identical. While the first leg runs, a second trainer on the same
+run directory is refused."""
 
 import os
 import signal
+import socket
+import sys
 import time
 
 import psutil
@@ -38,16 +42,27 @@ def runs(tmp_path_factory):
     a = run(deepspeed_cmd(MAIN, args + ["--run-dir", straight]), timeout=300)
     assert a.returncode == 0, a.stdout[-2000:] + a.stderr[-3000:]
 
-    # 1. SIGTERM to the whole job (as a cluster scheduler or Ctrl-C delivers it: every process; the
-    #    DeepSpeed launcher also forwards one to the ranks): they agree, save, exit 0.
+    # 1. SIGTERM to the `deepspeed` process alone (what `timeout` and many supervisors send): it
+    #    dies at once without telling its child launch.py; the ranks notice, agree, save, exit 0,
+    #    and launch.py ends with them. --max-steps is far away so only the signal can stop the job.
     log1 = str(base / "sigterm.log")
-    p = popen(deepspeed_cmd(MAIN, args + ["--run-dir", interrupted]), log1)
-    _wait_for_steps(p, interrupted, 5)
+    p = popen(deepspeed_cmd(MAIN, args[:-1] + ["100000", "--run-dir", interrupted]), log1)
+    _wait_for_steps(p, interrupted, 3)
     job = [p_ for p_ in psutil.Process(p.pid).children(recursive=True)]
-    os.killpg(p.pid, signal.SIGTERM)
-    p.wait(timeout=120)
+    rank0 = next(c for c in job if "--local_rank=0" in c.cmdline())
+    ranks = [c for c in job if "--local_rank=" in " ".join(c.cmdline())]
+    for r in ranks:  # paused (still holding the lock) while a second trainer tries the run directory
+        r.suspend()
+    second = run([sys.executable, MAIN] + args + ["--run-dir", interrupted], timeout=300)
+    for r in ranks:
+        r.resume()
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert (f"{interrupted} is in use by another trainer: host {socket.gethostname()}, pid {rank0.pid}"
+            in second.stderr), second.stderr[-3000:]
+    os.kill(p.pid, signal.SIGTERM)
+    assert p.wait(timeout=60) == -signal.SIGTERM  # the launcher itself is gone at once
     _, alive = psutil.wait_procs(job, timeout=120)
-    assert not alive
+    assert not alive, [a.cmdline() for a in alive]
     with open(log1) as f:
         sigterm_log = f.read()
     stopped_at = metrics(interrupted)[-1]["step"]
@@ -60,20 +75,35 @@ def runs(tmp_path_factory):
     p.wait(timeout=60)
     killed_at = metrics(interrupted)[-1]["step"]
 
-    # 3. Resume to the end (the same command; --resume makes a missing checkpoint an error).
+    # 3. Damage the newest checkpoint (a half-copied rank file), then resume to the end (the same
+    #    command; --resume makes a missing checkpoint an error): it walks back to the one before.
+    tags = sorted(t for t in os.listdir(os.path.join(interrupted, "checkpoints")) if t.startswith("step-"))
+    damaged, fallback = tags[-1], tags[-2]
+    rng1 = os.path.join(interrupted, "checkpoints", damaged, "rng-rank1.pt")
+    with open(rng1, "r+b") as f:
+        f.truncate(os.path.getsize(rng1) // 2)
     c = run(deepspeed_cmd(MAIN, args + ["--run-dir", interrupted, "--resume"]), timeout=300)
     assert c.returncode == 0, c.stdout[-2000:] + c.stderr[-3000:]
     return {"straight": straight, "interrupted": interrupted, "sigterm_log": sigterm_log,
-            "stopped_at": stopped_at, "killed_at": killed_at, "resume_log": c.stderr}
+            "stopped_at": stopped_at, "killed_at": killed_at, "resume_log": c.stderr,
+            "damaged": damaged, "fallback": fallback}
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(runs):
-    assert 5 <= runs["stopped_at"] < N
+def test_sigterm_to_the_launcher_saves_a_checkpoint_and_exits_cleanly(runs):
+    assert 3 <= runs["stopped_at"] < N
     # Printed by rank 0 after both ranks passed the checkpoint's final barrier.
-    assert f"stopped by signal at step {runs['stopped_at']}; checkpoint " in runs["sigterm_log"]
+    log = runs["sigterm_log"]
+    assert "stopped (the deepspeed launcher (pid " in log, log[-3000:]
+    assert f") is gone) at step {runs['stopped_at']}; checkpoint " in log, log[-3000:]
     assert f"step-{runs['stopped_at']:08d}" in runs["sigterm_log"]
     assert runs["killed_at"] > runs["stopped_at"]
-    assert "resuming from" in runs["resume_log"]
+
+
+def test_resume_walks_back_from_a_damaged_checkpoint(runs):
+    log = runs["resume_log"]
+    assert f"[speed_fast] skipping checkpoint {runs['damaged']}: " in log and "rng-rank1.pt is " in log, log[-3000:]
+    assert f"resuming from {os.path.join(runs['interrupted'], 'checkpoints', runs['fallback'])}" in log
+    assert f"[speed_fast] done: {N} steps" in log and "Traceback" not in log
 
 
 def test_every_step_after_resume_equals_the_uninterrupted_run(runs):

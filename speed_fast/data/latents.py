@@ -15,6 +15,7 @@ truncated, replaced or foreign file is refused with a message instead of decodin
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import uuid
@@ -41,6 +42,8 @@ _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # ~4.8 GB of fp32 table at DiT-XL's width, far past any class-conditional dataset (ImageNet-21k: 21841).
 MAX_CLASSES = 1 << 20
 _FFCV_MIN_PAGE = 1 << 21
+# FFCV's per-record metadata for our two fields: the latent's data pointer and the label.
+_RECORD_META = np.dtype([("", "<u8"), ("", "<i8")], align=True)
 
 
 @contextlib.contextmanager
@@ -362,14 +365,13 @@ def read_latent_meta(path: str | os.PathLike, *, verify: bool = False) -> dict:
     if tuple(field_shape) != shape:
         raise _bad(path, f"field {LATENT_FIELD!r} has shape {field_shape}, sidecar says {list(shape)}")
 
-    meta_type = np.dtype([("", "<u8"), ("", "<i8")], align=True)
-    meta_end = desc_end + n_rec * meta_type.itemsize
+    meta_end = desc_end + n_rec * _RECORD_META.itemsize
     table_ptr = int(header["alloc_table_ptr"])
     table_bytes = n_rec * ALLOC_TABLE_TYPE.itemsize
     if table_ptr < meta_end or table_ptr + table_bytes != size:
         raise _bad(path, f"allocation table at byte {table_ptr} with {n_rec} entries does not end the "
                          f"{size}-byte file (corrupted header)")
-    records = np.fromfile(path, dtype=meta_type, count=n_rec, offset=desc_end)
+    records = np.fromfile(path, dtype=_RECORD_META, count=n_rec, offset=desc_end)
     table = np.fromfile(path, dtype=ALLOC_TABLE_TYPE, count=n_rec, offset=table_ptr)
     record_bytes = int(np.prod(shape)) * want_dtype.itemsize
     ids = table["sample_id"].astype(np.int64)
@@ -394,3 +396,75 @@ def read_latent_meta(path: str | os.PathLike, *, verify: bool = False) -> dict:
         if crc != meta["crc32"]:
             raise _bad(path, f"CRC32 is {crc:#010x}, written as {meta['crc32']:#010x} (the data is corrupted)")
     return meta
+
+
+def fingerprint(path: str | os.PathLike, meta: dict) -> dict:
+    """What identifies a latent file without reading its data (`meta`: its read_latent_meta dict):
+    the resolved path, the size, and the SHA-256 of FFCV's header and field descriptors, of the
+    record index (per-record pointers and labels, allocation table) and of the sidecar's
+    provenance ("source": encoder, VAE, settings). Changed latent bytes are the CRC's job (check_crc)."""
+    with keep_torch_threads():
+        from ffcv.types import FieldDescType, HeaderType
+
+    path = os.path.realpath(os.fspath(path))
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    desc_end = HeaderType.itemsize + 2 * FieldDescType.itemsize
+    with open(path, "rb") as f:
+        head = f.read(desc_end)
+        index = hashlib.sha256(f.read(meta["num_records"] * _RECORD_META.itemsize))
+        f.seek(int(header["alloc_table_ptr"]))
+        index.update(f.read())
+    source = json.dumps(meta.get("source", {}), sort_keys=True).encode()
+    return {"path": path, "bytes": os.path.getsize(path), "header_sha256": hashlib.sha256(head).hexdigest(),
+            "index_sha256": index.hexdigest(), "source_sha256": hashlib.sha256(source).hexdigest()}
+
+
+def check_crc(path: str | os.PathLike, meta: dict, *, force: bool = False, cache_dir: str | None = None) -> bool:
+    """Check the whole file against the CRC32 its sidecar recorded, once per file version.
+
+    A file whose (size, mtime, inode) was verified before is not read again unless force=True;
+    the verified versions are kept in <cache_dir>/verified-latents.json (default: the speed_fast
+    cache, see speed_fast.data.digits.default_cache_dir), guarded by a lock so concurrent ranks
+    read the file once. Returns True when the file was read now; raises LatentFileError on a mismatch."""
+    import fcntl
+
+    from .digits import default_cache_dir
+
+    path = os.path.realpath(os.fspath(path))
+    st = os.stat(path)
+    version = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "crc32": meta["crc32"]}
+    cache_dir = cache_dir or default_cache_dir()
+    cache = os.path.join(cache_dir, "verified-latents.json")
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        lock = open(os.path.join(cache_dir, "verified-latents.lock"), "w")
+    except OSError:  # no writable cache: verify every time
+        lock = None
+    try:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with open(cache) as f:
+                known = json.load(f)
+            known = known if isinstance(known, dict) else {}
+        except (OSError, ValueError):
+            known = {}
+        if not force and known.get(path) == version:
+            return False
+        crc = _file_crc32(path)
+        if crc != meta["crc32"]:
+            raise _bad(path, f"CRC32 is {crc:#010x}, written as {meta['crc32']:#010x}: the data was changed or "
+                             "damaged after it was written (re-create the file)")
+        if lock is not None:
+            known[path] = version
+            tmp = f"{cache}.tmp-{os.getpid()}"
+            try:
+                with open(tmp, "w") as f:
+                    json.dump(known, f)
+                os.replace(tmp, cache)
+            except OSError:
+                pass
+        return True
+    finally:
+        if lock is not None:
+            lock.close()

@@ -17,7 +17,7 @@ import torch
 from ..models.dit import DiT
 from .checkpoint import write_atomic
 from .config import Plan
-from .metrics import plot_loss
+from .metrics import plot_loss, read_metrics
 
 
 def write_config(run_dir: str, plan: Plan, fused_backend: str, num_params: int) -> str:
@@ -103,8 +103,9 @@ def finish(plan: Plan, run_dir: str, model: DiT, device) -> list[str]:
     metrics = os.path.join(run_dir, "metrics.jsonl")
     paths = [grid, plot_loss(metrics, os.path.join(run_dir, "loss.png"),
                              title=f"{cfg.preset}: {plan.strategy.describe()['name']}")]
-    if cfg.eval_every:
-        from ..evaluation import plot_quality
+    if cfg.eval_every:  # a run shorter than --eval-every has no quality record to plot
+        from ..evaluation import QUALITY_KEYS, plot_quality
 
-        paths.append(plot_quality(metrics, os.path.join(run_dir, "quality.png")))
+        if any(key in rec for rec in read_metrics(metrics) for key in QUALITY_KEYS):
+            paths.append(plot_quality(metrics, os.path.join(run_dir, "quality.png")))
     return paths

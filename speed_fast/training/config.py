@@ -5,8 +5,10 @@
 
 `resolve` runs identically in every rank before the process group exists, so a bad value
 (unknown strategy, k < 1, a global batch that does not split into world size x micro batch
-x accumulation, a missing data file, a broken DeepSpeed JSON, ...) stops every rank with the
-same message instead of leaving some of them waiting in a collective.
+x accumulation, a missing or damaged data file, a broken DeepSpeed JSON, a sampler spec, a
+preset value of the wrong type, ...) stops every rank with the same message before any
+training time is spent, instead of leaving some of them waiting in a collective or failing
+at the end of the run.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class TrainConfig:
     sample_steps: str = "250"            # end-of-run sample grid (DDPM, respaced)
     sample_cfg: float = 1.0
     max_nonfinite: int = 5               # consecutive non-finite steps before the run stops
+    verify_data: bool = False            # CRC the whole --data file even when this version was verified before
     num_workers: int = 2
     grad_checkpointing: bool = False
     compile: bool | None = None          # None: torch.compile the model on CUDA, eager on CPU
@@ -95,9 +98,27 @@ class TrainConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+        check_types(cls, d, where)
         cfg = cls(**copy.deepcopy(d))
         cfg.adam_betas = tuple(cfg.adam_betas)
         return cfg
+
+
+# Annotation of a config field -> the JSON/Python types its value may have.
+_ANNOTATION_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,),
+                     "tuple": (list, tuple), "int | None": (int, type(None)), "str | None": (str, type(None))}
+
+
+def check_types(cls, values: dict, where: str) -> None:
+    """Each value in `values` has the type of the dataclass field of that name (bools are not
+    numbers here); raises ConfigError naming the key, the value and the expected type."""
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        allowed = _ANNOTATION_TYPES.get(fields.get(key))
+        if allowed is None:
+            continue
+        if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+            raise ConfigError(f"{where}: {key} must be {fields[key]}, got {value!r} ({type(value).__name__})")
 
 
 def preset_names(configs_dir: str) -> list[str]:
@@ -115,6 +136,8 @@ def load_preset(name: str, configs_dir: str) -> TrainConfig:
             d = json.load(f)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"preset {path} is not valid JSON: {exc}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"preset {path} must hold a JSON object, got {type(d).__name__}")
     d.setdefault("preset", os.path.basename(path)[:-5])
     return TrainConfig.from_dict(d, where=f"preset {path}")
 
@@ -164,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "or `speed-fast export-dit` output); the EMA starts there too")
     g.add_argument("--attn-backend", default=S, choices=("auto", "sdpa", "xformers"))
     g.add_argument("--num-workers", type=int, default=S, help="data loader threads per rank")
+    g.add_argument("--verify-data", action="store_true", default=S,
+                   help="CRC the whole --data file before training even if this version of it was verified "
+                        "before (it always is the first time it is used)")
     g = p.add_argument_group("SpeeD / time-step strategy")
     g.add_argument("--strategy", default=S, help=f"one of {STRATEGIES}")
     for name, typ in STRATEGY_PARAMS.items():
@@ -243,6 +269,15 @@ def _real(name: str, value, lo: float, hi: float, lo_open=False, hi_open=False) 
     return float(value)
 
 
+def _num_workers(n: int) -> None:
+    """The loader's worker threads come from numba's pool (NUMBA_NUM_THREADS, default: the CPU count)."""
+    import numba
+
+    if n > numba.config.NUMBA_NUM_THREADS:
+        raise ConfigError(f"--num-workers must be <= {numba.config.NUMBA_NUM_THREADS} (numba's thread pool, "
+                          f"NUMBA_NUM_THREADS), got {n}")
+
+
 def digits_path() -> str:
     """The embedded dataset's .beton, created once (a file lock keeps concurrent ranks from racing)."""
     import fcntl
@@ -285,10 +320,20 @@ def deepspeed_config(cfg: TrainConfig, configs_dir: str, world_size: int, micro:
         elif have != value:
             raise ConfigError(f"DeepSpeed config {path}: {key} = {have!r} but this run needs {value!r} "
                               f"(set it to \"auto\" to take the run's value)")
+    for key in ("zero_optimization", "bf16", "fp16", "torch_autocast", "checkpoint", "datastates"):
+        if key in ds and not isinstance(ds[key], dict):
+            raise ConfigError(f"DeepSpeed config {path}: {key!r} must be a JSON object (e.g. {{\"enabled\": true}}), "
+                              f"got {ds[key]!r}")
     for key in ("optimizer", "scheduler", "fp16"):
         if ds.get(key) and (key != "fp16" or ds[key].get("enabled")):
             raise ConfigError(f"DeepSpeed config {path}: {key!r} is set by the trainer (AdamW lr/weight decay "
                               f"flags, bf16/fp32 precision); remove it from the JSON")
+    # Checkpoints are the trainer's: written by DeepSpeed's torch engine, read back only through
+    # speed_fast.training.checkpoint's safe loader (other engines and universal checkpoints load unsafely).
+    ckpt_cfg, datastates = ds.get("checkpoint", {}), ds.get("datastates", {})
+    if ckpt_cfg.get("writer") or ckpt_cfg.get("load_universal") or datastates.get("enabled"):
+        raise ConfigError(f"DeepSpeed config {path}: checkpoint writers, universal checkpoints and datastates "
+                          "are not supported (the trainer writes and verifies its own checkpoints); remove them")
     # Precision policy (README "Running on GPUs"): the weights, gradients, their accumulation and
     # the optimizer stay fp32 and the forward runs under bf16 autocast (DeepSpeed's torch_autocast),
     # so matmuls are bf16 while the residual stream stays fp32. DeepSpeed's own bf16 mode would cast
@@ -300,6 +345,9 @@ def deepspeed_config(cfg: TrainConfig, configs_dir: str, world_size: int, micro:
                           f"bf16 mode off: set it to \"auto\" or false")
     bf16["enabled"] = False
     autocast = ds.setdefault("torch_autocast", {})
+    if autocast.get("enabled", "auto") not in ("auto", True, False):
+        raise ConfigError(f"DeepSpeed config {path}: torch_autocast.enabled must be true, false or \"auto\", "
+                          f"got {autocast['enabled']!r}")
     if autocast.get("enabled", "auto") == "auto":
         autocast["enabled"] = precision == "bf16"
     elif bool(autocast["enabled"]) != (precision == "bf16"):
@@ -311,11 +359,12 @@ def deepspeed_config(cfg: TrainConfig, configs_dir: str, world_size: int, micro:
         autocast.setdefault("lower_precision_safe_modules", [])
     zero = ds.setdefault("zero_optimization", {})
     stage = zero.setdefault("stage", cfg.zero_stage)
-    if stage not in ZERO_STAGES:
+    if isinstance(stage, bool) or stage not in ZERO_STAGES:
         raise ConfigError(f"DeepSpeed config {path}: zero_optimization.stage must be one of {ZERO_STAGES}, "
                           f"got {stage!r}")
-    if cfg.deepspeed_config is None and stage != cfg.zero_stage:
-        raise ConfigError(f"{path}: zero_optimization.stage = {stage} but --zero-stage is {cfg.zero_stage}")
+    if stage != cfg.zero_stage:  # what runs is what config.json records and resume compares
+        raise ConfigError(f"{path}: zero_optimization.stage = {stage} but --zero-stage is {cfg.zero_stage}; "
+                          "pass the same stage to both (or leave the stage out of the JSON)")
     # The trainer's AdamW (a torch optimizer) is what ZeRO partitions; silence DeepSpeed's step printouts.
     ds["zero_allow_untested_optimizer"] = True
     ds.setdefault("steps_per_print", 2**31 - 1)
@@ -326,7 +375,11 @@ def deepspeed_config(cfg: TrainConfig, configs_dir: str, world_size: int, micro:
 def resolve(cfg: TrainConfig, world_size: int, configs_dir: str, cuda_available: bool) -> Plan:
     """Validate `cfg` for a job of `world_size` ranks and derive the plan; raises ConfigError."""
     from ..data import read_latent_meta
+    from ..data.latents import check_crc, fingerprint
+    from ..sampling import space_timesteps
+    from ..theory import area_index
 
+    check_types(TrainConfig, dataclasses.asdict(cfg), "config")
     world_size = _positive_int("world size (WORLD_SIZE)", world_size)
     for name in ("global_batch", "max_steps", "log_every", "ckpt_every", "keep_ckpts", "max_nonfinite",
                  "num_workers", "eval_samples"):
@@ -353,6 +406,10 @@ def resolve(cfg: TrainConfig, world_size: int, configs_dir: str, cuda_available:
         raise ConfigError(f"--zero-stage must be one of {ZERO_STAGES}, got {cfg.zero_stage!r}")
     if cfg.resume not in ("auto", "must", "never"):
         raise ConfigError(f"--resume must be auto, must or never, got {cfg.resume!r}")
+    if cfg.eval_every and cfg.eval_samples < 2:
+        raise ConfigError(f"--eval-samples must be >= 2 (a Frechet distance needs a covariance), "
+                          f"got {cfg.eval_samples}")
+    _num_workers(cfg.num_workers)
     # bf16 = fp32 weights under bf16 autocast (see deepspeed_config); it also runs on CPU, where
     # "auto" stays fp32 (faster there and exact to resume).
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda_available else "fp32")
@@ -380,17 +437,28 @@ def resolve(cfg: TrainConfig, world_size: int, configs_dir: str, cuda_available:
         strategy = make_strategy(cfg.strategy, schedule, **cfg.strategy_params)
     except ValueError as exc:
         raise ConfigError(f"--strategy {cfg.strategy}: {exc}") from None
+    try:
+        area_index(schedule, strategy.area_tau())  # the per-area loss split the trainer logs
+    except ValueError as exc:
+        raise ConfigError(f"schedule {cfg.schedule} with --strategy {cfg.strategy}: {exc}") from None
+    for flag, spec in (("--sample-steps", cfg.sample_steps), ("--eval-sampler", cfg.eval_sampler)):
+        try:
+            space_timesteps(schedule.T, spec)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{flag} {spec!r}: {exc}") from None
 
     # Data: the file must exist and be a valid latent file before any rank starts waiting on others.
     if cfg.data == "digits":
         data_path = digits_path()
     else:
-        data_path = os.path.abspath(cfg.data)
+        data_path = os.path.realpath(cfg.data)  # what a resume compares, wherever it is started from
         if not os.path.isfile(data_path):
             raise ConfigError(f"--data {cfg.data!r}: no such file (expected an FFCV .beton of latents written "
                               f"by speed_fast.data.write_latents, or 'digits')")
     try:
         meta = read_latent_meta(data_path)
+        check_crc(data_path, meta, force=cfg.verify_data)
+        meta = {**meta, "fingerprint": fingerprint(data_path, meta)}
     except ValueError as exc:
         raise ConfigError(f"--data: {exc}") from None
     per_rank = (meta["num_samples"] // (world_size * micro)) * micro
@@ -402,6 +470,7 @@ def resolve(cfg: TrainConfig, world_size: int, configs_dir: str, cuda_available:
     C, H, W = meta["shape"]
     if H != W:
         raise ConfigError(f"--data {data_path}: latents are {H}x{W}; DiT needs square inputs")
+    check_types(DiTConfig, cfg.dit, "dit")
     try:
         fixed = dict(input_size=H, in_channels=C, num_classes=int(meta["num_classes"]),
                      grad_checkpointing=cfg.grad_checkpointing, attn_backend=cfg.attn_backend)

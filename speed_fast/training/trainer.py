@@ -32,7 +32,6 @@ plots are `artefacts.py`.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 
@@ -43,6 +42,7 @@ from ..diffusion import GaussianDiffusion
 from ..ops import FusedSpeeD
 from . import artefacts
 from . import checkpoint as ckpt
+from . import preemption
 from .config import Plan
 from .ema import ShardedEMA
 from .engine import build_engine
@@ -106,7 +106,6 @@ class Trainer:
         self._loader_state: dict | None = None  # the data position to start from (set by a resume)
         if resume_from is not None:
             self._resume(resume_from)
-        self._stop_signal = 0
 
     # ---- pieces -------------------------------------------------------------------------------
 
@@ -267,17 +266,12 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------
 
-    def _on_signal(self, signum, frame):
-        # Only a flag: the step in flight finishes, all ranks agree after it (`_stop_agreed`),
-        # save and exit 0. Repeated signals change nothing (Ctrl-C reaches the launcher and the
-        # ranks, and the launcher then sends SIGTERM on top); SIGKILL is the hard stop.
-        self._stop_signal = signum
-
     def _stop_agreed(self) -> bool:
-        """True on every rank when any rank has received SIGTERM/SIGINT (collective, on the CPU)."""
+        """True on every rank when any rank was asked to stop (SIGTERM/SIGINT or the launcher's death,
+        see `preemption`): the step in flight has finished, all ranks save and exit 0 (collective, on the CPU)."""
         if self.world == 1:
-            return self._stop_signal != 0
-        flag = torch.tensor([int(self._stop_signal != 0)], dtype=torch.int32)  # a CPU tensor: no device wait
+            return preemption.requested() != 0
+        flag = torch.tensor([int(preemption.requested() != 0)], dtype=torch.int32)  # a CPU tensor: no device wait
         dist.all_reduce(flag, group=self.cpu_group)
         return flag.tolist()[0] > 0
 
@@ -301,8 +295,7 @@ class Trainer:
         logger = MetricsLogger(self.run_dir, resume_step=self.step) if self.is_main else None
         evaluator = artefacts.make_evaluator(self.plan, self.rank, self.device, self.torch_threads) \
             if cfg.eval_every else None
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._on_signal)
+        preemption.install()  # no-op when main installed it before the engine was built
         self.make_loader()
         batches = self.batches()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.is_main and cfg.progress),
@@ -364,8 +357,8 @@ class Trainer:
                 logger.close()
         if stopped:
             if self.is_main:
-                print(f"[speed_fast] stopped by signal at step {self.step}; checkpoint {self.last_ckpt}. "
-                      f"Run the same command again to resume.", file=sys.stderr, flush=True)
+                print(f"[speed_fast] stopped ({preemption.reason()}) at step {self.step}; checkpoint "
+                      f"{self.last_ckpt}. Run the same command again to resume.", file=sys.stderr, flush=True)
             return 0
         if self.last_ckpt is None or ckpt.read_state(self.last_ckpt)["step"] != self.step:
             self.save()
