@@ -70,7 +70,7 @@ def test_invalid_values_are_named_and_nothing_starts(tmp_path, data, two_ranks, 
 @pytest.mark.parametrize("ds, message", [
     ({"zero_optimization": "yes"}, "'zero_optimization' must be a JSON object"),
     ({"bf16": "on"}, "'bf16' must be a JSON object"),
-    ({"bf16": {"enabled": "on"}}, "bf16.enabled must be true, false or \"auto\", got 'on'"),
+    ({"torch_autocast": {"enabled": "on"}}, "torch_autocast.enabled must be true, false or \"auto\", got 'on'"),
     ({"zero_optimization": {"stage": True}}, "zero_optimization.stage must be one of (0, 1, 2, 3), got True"),
     ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage = 3 but --zero-stage is 2"),
     ({"checkpoint": {"load_universal": True}}, "universal checkpoints"),
