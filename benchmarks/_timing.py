@@ -121,7 +121,7 @@ def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
         return "-" if v is None else str(v)
 
     cells = [[fmt(r.get(k)) for k, _ in columns] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h) in enumerate(columns)]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (_, h) in enumerate(columns)]
     print("  ".join(h.ljust(w) for (_, h), w in zip(columns, widths)))
     for c in cells:
         print("  ".join(v.ljust(w) for v, w in zip(c, widths)))

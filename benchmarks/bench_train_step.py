@@ -71,6 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a few rounds: a smoke test of the script")
     p.add_argument("--cpu-compile", action="store_true", help="CPU: also time the fused step with a compiled model")
     p.add_argument("--no-gpu", action="store_true", help="skip the CUDA section even when CUDA is present")
+    p.add_argument("--no-cpu", action="store_true", help="skip the CPU (digits) section: the CUDA figures only")
     p.add_argument("--no-compile", action="store_true", help="CUDA section: eager model (default: torch.compile)")
     p.add_argument("--gpu-batches", default="32", help="CUDA section: comma-separated micro-batch sizes")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: by name)")
@@ -266,7 +267,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     schedule = NoiseSchedule.make("linear")
     agree = check_fused_against_eager(schedule, "cpu")
-    rows, extra = cpu_section(args)
+    rows, extra = ([], {"cpu": "skipped: --no-cpu"}) if args.no_cpu else cpu_section(args)
     extra["fused_vs_eager_rel_err"] = agree
     if torch.cuda.is_available() and not args.no_gpu:
         check_fused_against_eager(schedule, "cuda")
@@ -280,9 +281,10 @@ def main(argv=None) -> int:
     print_table(rows, [("name", "benchmark"), ("variant", "variant"), ("backend", "backend"), ("ms_p20", "ms p20"),
                        ("ms_p50", "ms p50"), ("ms_p80", "ms p80"), ("speedup_vs_eager", "vs eager-uniform"),
                        ("img_per_s", "img/s"), ("mfu", "MFU")])
-    print(f"SpeeD overhead vs eager-uniform, digits preset: step {extra['speed_overhead_step_pct']:+.2f}% "
-          f"(objective-only difference: {extra['speed_overhead_objective_pct_of_step']:+.2f}% of the step); "
-          f"the reference implementation's SpeeD step: {extra['reference_speed_overhead_step_pct']:+.2f}%")
+    if not args.no_cpu:
+        print(f"SpeeD overhead vs eager-uniform, digits preset: step {extra['speed_overhead_step_pct']:+.2f}% "
+              f"(objective-only difference: {extra['speed_overhead_objective_pct_of_step']:+.2f}% of the step); "
+              f"the reference implementation's SpeeD step: {extra['reference_speed_overhead_step_pct']:+.2f}%")
     print(f"GPU: {extra['gpu']}")
     for r in rows:
         if r.get("mfu") is not None:

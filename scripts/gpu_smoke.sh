@@ -12,6 +12,8 @@
 #   compile   speed-fast env --compile for this GPU's architecture: every kernel variant compiles
 #   tests     the fused-op tests with triton on CUDA against the torch reference
 #   bench     benchmarks/bench_fused_step.py: step times, and the kernels' GB/s against the peak
+#   mfu       benchmarks/bench_train_step.py: DiT-XL/2 at micro-batch 32 with the trainer's GPU set-up
+#             (compiled, bf16 autocast over fp32 weights, SDPA, triton ops): ms/step, img/s, MFU
 #   train     DiT-XL/2 on synthetic latents, deepspeed --num_gpus 1, bf16, 60 steps (eager: no
 #             torch.compile, no evaluation): finite, falling loss, step time, peak GPU memory, a checkpoint
 #   resume    the same command to step 70: resumes from that checkpoint and continues
@@ -23,7 +25,7 @@ cd "$(dirname "$0")/.." || exit 1
 ROOT="$(pwd)"
 
 REHEARSE=0
-ONLY="env,compile,tests,bench,train,resume"
+ONLY="env,compile,tests,bench,mfu,train,resume"
 STEP=""  # internal: run one step (the script calls itself under `timeout`, which needs a program)
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -38,8 +40,8 @@ done
 
 for name in ${ONLY//,/ }; do
     case "$name" in
-        env|compile|tests|bench|train|resume) ;;
-        *) echo "gpu_smoke.sh: --only takes env,compile,tests,bench,train,resume; got '$name'" >&2; exit 2 ;;
+        env|compile|tests|bench|mfu|train|resume) ;;
+        *) echo "gpu_smoke.sh: --only takes env,compile,tests,bench,mfu,train,resume; got '$name'" >&2; exit 2 ;;
     esac
 done
 
@@ -53,6 +55,7 @@ if [ "$REHEARSE" = 1 ]; then
     ARCH=sm_90
     MODEL="DiT-S/2"; LATENT=8; SAMPLES=256; BATCH=32; STEPS=30; MORE=4; PRECISION=auto
     BENCH_ARGS=(--quick --no-compile)
+    MFU_ARGS=(--quick --rounds 3)  # no GPU: the CPU section, a check of the script path only
     TEST_ENV=(TRITON_INTERPRET=1)
     export CUDA_VISIBLE_DEVICES=""
 else
@@ -63,6 +66,7 @@ else
     ARCH="${SMOKE_ARCH:-}"
     MODEL="DiT-XL/2"; LATENT=32; SAMPLES=1024; BATCH=64; STEPS=60; MORE=10; PRECISION=bf16
     BENCH_ARGS=(--iters 20 --no-compile)
+    MFU_ARGS=(--no-cpu --gpu-batches 32)
     TEST_ENV=()
 fi
 JOBS="$(nproc 2>/dev/null || echo 2)"
@@ -142,6 +146,18 @@ parts = [f"{n.split()[1]} {r['gb_per_s']:.0f} GB/s ({100 * r['fraction_of_peak']
          if r.get("fraction_of_peak") else f"{n.split()[1]} {r['gb_per_s']:.0f} GB/s at {r['shape']}"
          for n, r in best.items()]
 print("RESULT: " + ("; ".join(parts) if parts else "step times only (no GPU: no bandwidth rows)"))
+EOF
+}
+
+step_mfu() {
+    "$PY" benchmarks/bench_train_step.py "${MFU_ARGS[@]}" --out "$WORK/train_step.json" || return 1
+    [ -n "${OUT:-}" ] && cp "$WORK/train_step.json" "$OUT/train_step.json"
+    "$PY" - "$WORK/train_step.json" <<'EOF'
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1]))["results"] if r.get("mfu") is not None]
+parts = [f"{r['variant']} {r['ms_p50']:.0f} ms/step, {r['img_per_s']:.0f} img/s, MFU {100 * r['mfu']:.1f}%"
+         for r in rows]
+print("RESULT: " + (f"{rows[0]['name']}: " + "; ".join(parts) if rows else "no MFU rows (no GPU: CPU section only)"))
 EOF
 }
 
@@ -228,7 +244,7 @@ if [ -n "$STEP" ]; then  # one step, in the environment the main run exported
     WORK="$SMOKE_WORK"
     PORT="$SMOKE_PORT"
     case "$STEP" in
-        env|compile|tests|bench|train|resume) "step_$STEP"; exit $? ;;
+        env|compile|tests|bench|mfu|train|resume) "step_$STEP"; exit $? ;;
         *) echo "gpu_smoke.sh: unknown step '$STEP'" >&2; exit 2 ;;
     esac
 fi
@@ -245,12 +261,13 @@ export SMOKE_WORK="$WORK" SMOKE_ARCH="$ARCH"
 SMOKE_PORT="$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")"
 export SMOKE_PORT
 START=$(date +%s)
-run_step env 45
+run_step env 25
 run_step compile 45
-run_step tests 150
-run_step bench 60
-run_step train 110
-run_step resume 70
+run_step tests 110
+run_step bench 50
+run_step mfu 90
+run_step train 100
+run_step resume 60
 TOTAL=$(($(date +%s) - START))
 
 echo
