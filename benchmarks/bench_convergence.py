@@ -58,7 +58,8 @@ sys.path.insert(0, ROOT)
 from speed_fast.evaluation import read_quality, steps_to_reach  # noqa: E402
 from speed_fast.theory import AREAS  # noqa: E402
 
-_SPEED = {"k": 5.0, "tau": 700, "lam": 0.6}
+# Every SpeeD parameter spelled out, so an arm does not inherit the preset's (the presets use dual).
+_SPEED = {"k": 5.0, "tau": 700, "lam": 0.6, "dual": False}
 #: name -> (strategy, parameters) of every arm the benchmark knows.
 ARMS = {
     "uniform": ("uniform", {}),
@@ -173,8 +174,8 @@ def trainer_command(args, beton: str, arm: str, seed: int, run_dir: str) -> list
     strategy, params = ARMS[arm]
     flags = []
     for k, v in params.items():
-        if v is True:
-            flags.append(f"--{k}")
+        if isinstance(v, bool):
+            flags.append(f"--{k}" if v else f"--no-{k}")
         else:
             flags += [f"--{k.replace('_', '-')}", str(v)]
     main = os.path.join(ROOT, "train", "main.py")

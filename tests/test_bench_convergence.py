@@ -2,6 +2,7 @@
 acceleration ratios at several thresholds, the paired bootstrap intervals and the verdicts."""
 
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -83,4 +84,12 @@ def test_arm_specs_and_schedule():
     cmd = bench.trainer_command(args, "d.beton", "speed_dual", 3, "rd")
     assert cmd[cmd.index("--strategy") + 1] == "speed" and "--dual" in cmd and "--eval-online" in cmd
     cmd = bench.trainer_command(args, "d.beton", "asym_only", 0, "rd")
-    assert cmd[cmd.index("--weighting") + 1] == "none"
+    assert cmd[cmd.index("--weighting") + 1] == "none" and "--no-dual" in cmd
+    # The presets run SpeeD with dual: an arm without it says so, and the trainer takes it.
+    cmd = bench.trainer_command(args, "d.beton", "speed", 0, "rd")
+    assert "--no-dual" in cmd and "--dual" not in cmd
+    from speed_fast.training.config import parse_args as trainer_args
+    configs = os.path.join(bench.ROOT, "train", "configs")
+    for flag, dual in (([], True), (["--no-dual"], False), (["--dual"], True)):
+        cfg, _ = trainer_args(["--preset", "digits", *flag], configs)
+        assert cfg.strategy_params["dual"] is dual, flag

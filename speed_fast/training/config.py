@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, typ in STRATEGY_PARAMS.items():
         g.add_argument(f"--{name.replace('_', '-')}", dest=f"strategy.{name}", type=typ, default=S,
                        metavar=name.upper())
-    g.add_argument("--dual", dest="strategy.dual", action="store_true", default=S)
+    g.add_argument("--dual", dest="strategy.dual", action=argparse.BooleanOptionalAction, default=S,
+                   help="SpeeD: mirror half of each batch's draws (the authors' default, on in the presets)")
     g.add_argument("--backend", default=S, help="fused SpeeD ops backend: auto | torch | cpp | triton")
     g = p.add_argument_group("optimisation")
     g.add_argument("--global-batch", type=int, default=S)
