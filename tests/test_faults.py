@@ -23,6 +23,7 @@ import psutil
 import pytest
 import torch
 
+from damage import flip_byte, truncate
 from ds_launch import MAIN, ROOT, deepspeed_cmd, env, metrics, popen, run
 from speed_fast.training import checkpoint as ckpt
 from speed_fast.training import main as train_main
@@ -83,19 +84,6 @@ def test_a_short_run_of_the_default_preset_on_two_ranks_ends_cleanly(tmp_path):
     assert ckpt.verify(os.path.join(run_dir, "checkpoints", "step-00000002"))["world_size"] == 2
 
 
-def _flip(path):
-    with open(path, "r+b") as f:
-        f.seek(os.path.getsize(path) // 2)
-        b = f.read(1)
-        f.seek(-1, 1)
-        f.write(bytes([b[0] ^ 0x5A]))
-
-
-def _truncate(path):
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 3)
-
-
 def _drop_world_size(path):
     with open(path) as f:
         state = json.load(f)
@@ -109,9 +97,9 @@ def test_each_damaged_file_of_the_newest_checkpoint_walks_back(base, tmp_path, c
     cfg, _ = parse_args(["--run-dir", run_dir, "--max-steps", "6"], CONFIGS)
     plan = resolve(cfg, 1, CONFIGS, cuda_available=False)
     newest = os.path.join(run_dir, "checkpoints", NEWEST)
-    damages = {"corrupted": _flip, "truncated": _truncate, "deleted": os.remove}
+    damages = {"corrupted": flip_byte, "truncated": truncate, "deleted": os.remove}
     state_damages = {"deleted": (os.remove, "state.json is missing"),
-                     "truncated": (_truncate, "JSONDecodeError"),
+                     "truncated": (truncate, "JSONDecodeError"),
                      "not text": (lambda p: open(p, "wb").write(b"\xff\xfe\x00{"), "UnicodeDecodeError"),
                      "key missing": (_drop_world_size, "lacks ['world_size']")}
     names = sorted(os.listdir(newest))
@@ -131,7 +119,7 @@ def test_each_damaged_file_of_the_newest_checkpoint_walks_back(base, tmp_path, c
     assert train_main._resume_path(cfg, plan, rank=0).endswith(NEWEST)  # restored: the newest again
 
     # Nothing verifies: a clear refusal, not a traceback, and nothing is deleted.
-    _truncate(os.path.join(newest, "model.pt"))
+    truncate(os.path.join(newest, "model.pt"))
     os.remove(os.path.join(run_dir, "checkpoints", OLDER, "ema.pt"))
     assert train_main.main(["--run-dir", run_dir, "--max-steps", "6"], CONFIGS) == 2
     err = capsys.readouterr().err

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from damage import flip_byte, truncate
 from speed_fast.training import checkpoint as ckpt
 
 
@@ -50,19 +51,6 @@ def test_state_lists_every_file_with_size_and_hash(root):
     assert ckpt.find_resumable(os.path.join(root, "missing")) == (None, None, [])
 
 
-def _truncate(p):
-    with open(p, "r+b") as f:
-        f.truncate(os.path.getsize(p) // 2)
-
-
-def _flip_byte(p):
-    with open(p, "r+b") as f:
-        f.seek(os.path.getsize(p) // 2)
-        b = f.read(1)
-        f.seek(-1, 1)
-        f.write(bytes([b[0] ^ 0xFF]))
-
-
 def _edit_state(fn):
     def damage(p):
         with open(p) as f:
@@ -74,11 +62,11 @@ def _edit_state(fn):
 
 
 @pytest.mark.parametrize("name, damage, reason", [
-    ("model.pt", _truncate, "model.pt is "),
-    ("mp_rank_00_model_states.pt", _flip_byte, "does not match its SHA-256"),
+    ("model.pt", truncate, "model.pt is "),
+    ("mp_rank_00_model_states.pt", flip_byte, "does not match its SHA-256"),
     ("zero_pp_rank_0_mp_rank_00_optim_states.pt", os.remove, "zero_pp_rank_0_mp_rank_00_optim_states.pt is missing"),
-    ("rng-rank0.pt", _flip_byte, "rng-rank0.pt does not match"),
-    ("ema.pt", _truncate, "ema.pt is "),
+    ("rng-rank0.pt", flip_byte, "rng-rank0.pt does not match"),
+    ("ema.pt", truncate, "ema.pt is "),
     ("state.json", os.remove, "state.json is missing"),
     ("state.json", lambda p: open(p, "wb").write(b"\xff\xfe{"), "UnicodeDecodeError"),
     ("state.json", lambda p: open(p, "w").write('{"step": 30,'), "JSONDecodeError"),
@@ -98,7 +86,7 @@ def test_damaged_newest_checkpoint_is_skipped_with_the_reason(root, name, damage
 
 
 def test_walk_back_over_several_and_to_nothing(root):
-    _truncate(os.path.join(root, "step-00000030", "model.pt"))
+    truncate(os.path.join(root, "step-00000030", "model.pt"))
     os.remove(os.path.join(root, "step-00000020", "state.json"))
     path, state, skipped = ckpt.find_resumable(root)
     assert path.endswith("step-00000010") and [t for t, _ in skipped] == ["step-00000030", "step-00000020"]
@@ -118,7 +106,7 @@ def test_interrupted_saves_are_ignored_and_removed(root):
 def test_rotation_keeps_newer_leftovers_and_the_new_checkpoint(root):
     # Resume walked back from a damaged step 30 to step 20; the run then saves step 25 with keep=1:
     # the new checkpoint must survive (and the newer leftover is not the rotation's to delete).
-    _truncate(os.path.join(root, "step-00000030", "model.pt"))
+    truncate(os.path.join(root, "step-00000030", "model.pt"))
     _save(root, 25, keep=1)
     assert ckpt.checkpoint_tags(root) == ["step-00000025", "step-00000030"]
     assert ckpt.find_resumable(root)[0].endswith("step-00000025")
