@@ -141,11 +141,11 @@ def parse_args(argv=None):
 
 def prepare_data(dataset: str) -> tuple[str, torch.Tensor, torch.Tensor]:
     """(.beton path, data float32 [N, C, H, W], labels [N]) of 'digits' or a .beton."""
-    from speed_fast.data import LatentLoader, ensure_digits_beton, read_latent_meta
+    from speed_fast.data import open_loader, ensure_digits_beton, read_latent_meta
 
     path = ensure_digits_beton() if dataset == "digits" else os.path.abspath(dataset)
     n = read_latent_meta(path)["num_samples"]
-    x, y = next(iter(LatentLoader(path, n, seed=0, num_workers=1, drop_last=True, out_dtype=torch.float32)))
+    x, y = next(iter(open_loader(path, n, seed=0, num_workers=1, drop_last=True, out_dtype=torch.float32)))
     return path, x.clone(), y.clone()
 
 

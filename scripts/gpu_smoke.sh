@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# The first thing to run on a GPU machine (one H100/H200; at most 8 minutes once installed).
+# The first thing to run on a GPU machine (one H100/H200; at most 8 minutes).
 #
-#   bash scripts/gpu_smoke.sh                 # prints a PASS/FAIL table; JSON under $OUT when set
+#   bash scripts/gpu_smoke.sh                 # prints a PASS/FAIL/SKIP table; JSON under $OUT when set
 #   OUT=/tmp/smoke bash scripts/gpu_smoke.sh
 #   bash scripts/gpu_smoke.sh --rehearse      # the same steps on a CPU machine (no GPU), scaled down
 #   bash scripts/gpu_smoke.sh --only train,resume   # some of the steps (resume needs train)
 #
+# Python: $PYTHON, else .venv/bin/python when it exists, else the machine's python3 with its own
+# torch and Triton (a lent GPU image: offline, no .venv, nothing installed). The project runs from
+# this source tree (PYTHONPATH; the C++ extension builds on first use); nothing is installed and
+# scripts/install.sh is never started. What the image lacks (DeepSpeed and its requirements) is
+# carried as wheels: scripts/device_wheels.sh fills .whl/ and prints the exact `device` call. FFCV
+# is optional: without it the trainer reads the same batches through the memmap loader.
+#
 # Steps, each with its own time limit (their sum is 8 minutes), each run even if an earlier one
-# failed:
+# failed; each reports PASS, FAIL or SKIP with the reason:
+#   setup     which Python, torch, Triton, DeepSpeed and loader this run uses (FAIL: no triton)
 #   env       speed-fast env: the triton backend is active (its test launch matched the reference)
 #   compile   speed-fast env --compile for this GPU's architecture: every kernel variant compiles
 #   tests     the fused-op tests with triton on CUDA against the torch reference
@@ -17,7 +25,6 @@
 #   train     DiT-XL/2 on synthetic latents, deepspeed --num_gpus 1, bf16, 60 steps (eager: no
 #             torch.compile, no evaluation): finite, falling loss, step time, peak GPU memory, a checkpoint
 #   resume    the same command to step 70: resumes from that checkpoint and continues
-# Installation (scripts/install.sh, when .venv is missing) happens before the clock starts.
 # --rehearse: TRITON_INTERPRET=1 for env/tests, sm_90 compile, bench --quick, DiT-S/2 on 8x8
 # latents for 30 + 4 steps on the CPU, time limits x6: checks the script itself without a GPU.
 set -uo pipefail
@@ -25,7 +32,8 @@ cd "$(dirname "$0")/.." || exit 1
 ROOT="$(pwd)"
 
 REHEARSE=0
-ONLY="env,compile,tests,bench,mfu,train,resume"
+STEPS_ALL="setup,env,compile,tests,bench,mfu,train,resume"
+ONLY="$STEPS_ALL"
 STEP=""  # internal: run one step (the script calls itself under `timeout`, which needs a program)
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -40,16 +48,17 @@ done
 
 for name in ${ONLY//,/ }; do
     case "$name" in
-        env|compile|tests|bench|mfu|train|resume) ;;
-        *) echo "gpu_smoke.sh: --only takes env,compile,tests,bench,mfu,train,resume; got '$name'" >&2; exit 2 ;;
+        setup|env|compile|tests|bench|mfu|train|resume) ;;
+        *) echo "gpu_smoke.sh: --only takes $STEPS_ALL; got '$name'" >&2; exit 2 ;;
     esac
 done
 
-if [ -z "$STEP" ] && [ ! -x .venv/bin/python ]; then
-    echo "[smoke] no .venv: installing first (not counted in the smoke time)"
-    bash scripts/install.sh ffcv,dev || { echo "[smoke] installation failed" >&2; exit 1; }
-fi
-PY="$ROOT/.venv/bin/python"
+if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
+elif [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"
+else PY="$(command -v python3)"; fi
+# The project from this source tree, ahead of whatever is installed; carried wheels stay on the path.
+[ -z "$STEP" ] && export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
 
 if [ "$REHEARSE" = 1 ]; then
     ARCH=sm_90
@@ -90,6 +99,8 @@ run_step() {
     detail="$(grep -a '^RESULT:' "$log" | tail -n 1 | cut -c9- | tr '\t' ' ')"
     if [ "$status" -eq 0 ]; then
         printf '%s\tPASS\t%s\t%s\n' "$name" "$((end - start))" "${detail:-ok}" >> "$RESULTS"
+    elif [ "$status" -eq "$SKIP" ]; then
+        printf '%s\tSKIP\t%s\t%s\n' "$name" "$((end - start))" "${detail:-skipped}" >> "$RESULTS"
     else
         [ "$status" -eq 124 ] && detail="timed out after ${limit}s; ${detail}"
         # Else the last error message (e.g. "ValueError: ..." of a rank), else the last line.
@@ -99,6 +110,36 @@ run_step() {
         printf '%s\tFAIL\t%s\t%s\n' "$name" "$((end - start))" "$detail" >> "$RESULTS"
     fi
     if [ -n "${OUT:-}" ]; then cp "$log" "$OUT/$name.log"; fi
+}
+
+SKIP=3  # a step's exit status for "cannot run here" (its RESULT line says why)
+
+# Whether deepspeed imports for this Python (train and resume need it).
+have_deepspeed() { "$PY" -c "import deepspeed" > /dev/null 2>&1; }
+
+step_setup() {
+    "$PY" - <<'EOF'
+import importlib.util, platform, sys
+import torch
+parts = [f"Python {platform.python_version()} ({sys.executable})", f"torch {torch.__version__}"]
+try:
+    import triton
+    parts.append(f"triton {triton.__version__}")
+except ImportError as exc:
+    parts.append(f"no triton ({exc})")
+try:
+    import deepspeed
+    parts.append(f"deepspeed {deepspeed.__version__}")
+except Exception as exc:
+    parts.append(f"no deepspeed ({type(exc).__name__}; carry .whl: scripts/device_wheels.sh)")
+from speed_fast.data import resolve_loader
+loader, note = resolve_loader("auto")
+parts.append(f"loader {loader}" + (" (FFCV not importable)" if note else ""))
+import speed_fast
+parts.append(f"speed_fast from {speed_fast.__file__.rsplit('/speed_fast/', 1)[0]}")
+print("RESULT: " + "; ".join(parts))
+sys.exit(0 if importlib.util.find_spec("triton") else 1)
+EOF
 }
 
 step_env() {
@@ -178,7 +219,8 @@ train_cmd() {  # train_cmd MAX_STEPS
     "$PY" -m deepspeed.launcher.runner --num_gpus 1 --master_port "$PORT" train/main.py \
         --preset imagenet-dit-xl2 --model "$MODEL" --data "$WORK/synthetic.beton" --run-dir "$WORK/run" \
         --global-batch "$BATCH" --max-steps "$1" --precision "$PRECISION" --log-every 1 \
-        --ckpt-every "$STEPS" --eval-every 0 --sample-steps 10 --no-compile --num-workers "$WORKERS" --no-progress
+        --ckpt-every "$STEPS" --eval-every 0 --sample-steps 10 --no-compile --num-workers "$WORKERS" --no-progress \
+        --loader auto
 }
 
 # Peak GPU memory of the training job, sampled once a second (MiB), while the job runs.
@@ -193,6 +235,10 @@ watch_memory() {
 }
 
 step_train() {
+    if ! have_deepspeed; then
+        echo "RESULT: deepspeed does not import for $PY: carry it (scripts/device_wheels.sh)"
+        return "$SKIP"
+    fi
     make_latents || return 1
     echo 0 > "$WORK/peak_mib"
     train_cmd "$STEPS" &
@@ -204,6 +250,7 @@ step_train() {
     wait "$watcher"
     [ "$status" -eq 0 ] || return "$status"
     [ -n "${OUT:-}" ] && cp "$WORK/run/metrics.jsonl" "$OUT/train_metrics.jsonl"
+    SMOKE_LOADER="$(grep -q 'memmap loader reads the data' "$WORK/logs/train.log" && echo memmap || echo ffcv)" \
     "$PY" - "$WORK/run" "$STEPS" "$(cat "$WORK/peak_mib")" <<'EOF'
 import json, math, os, statistics, sys
 run, steps, peak = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -218,11 +265,20 @@ ckpt = os.path.join(run, "checkpoints", f"step-{steps:08d}")
 assert os.path.isdir(ckpt), f"no checkpoint at {ckpt}"
 step_s = statistics.median(r["step_s"] for r in recs[len(recs) // 2:])
 mem = f", peak GPU memory {peak / 1024:.1f} GiB" if peak else ""
-print(f"RESULT: loss {first:.3f} -> {last:.3f}, {step_s * 1e3:.0f} ms/step{mem}, checkpoint step {steps}")
+print(f"RESULT: loss {first:.3f} -> {last:.3f}, {step_s * 1e3:.0f} ms/step{mem}, checkpoint step {steps}, "
+      f"loader {os.environ.get('SMOKE_LOADER', '?')}")
 EOF
 }
 
 step_resume() {
+    if ! have_deepspeed; then
+        echo "RESULT: deepspeed does not import for $PY: carry it (scripts/device_wheels.sh)"
+        return "$SKIP"
+    fi
+    if [ ! -d "$WORK/run/checkpoints" ]; then
+        echo "RESULT: no checkpoint from the train step to resume from"
+        return "$SKIP"
+    fi
     train_cmd "$((STEPS + MORE))" || return 1
     if ! grep -a -q "resuming from .*(step $STEPS)" "$WORK/logs/resume.log"; then
         echo "RESULT: the run did not say it resumed from step $STEPS"
@@ -244,7 +300,7 @@ if [ -n "$STEP" ]; then  # one step, in the environment the main run exported
     WORK="$SMOKE_WORK"
     PORT="$SMOKE_PORT"
     case "$STEP" in
-        env|compile|tests|bench|mfu|train|resume) "step_$STEP"; exit $? ;;
+        setup|env|compile|tests|bench|mfu|train|resume) "step_$STEP"; exit $? ;;
         *) echo "gpu_smoke.sh: unknown step '$STEP'" >&2; exit 2 ;;
     esac
 fi
@@ -261,16 +317,18 @@ export SMOKE_WORK="$WORK" SMOKE_ARCH="$ARCH"
 SMOKE_PORT="$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")"
 export SMOKE_PORT
 START=$(date +%s)
-run_step env 25
-run_step compile 45
-run_step tests 110
-run_step bench 50
+run_step setup 20
+run_step env 50      # includes building the C++ extension on first use
+run_step compile 40
+run_step tests 90
+run_step bench 45
 run_step mfu 90
 run_step train 100
-run_step resume 60
+run_step resume 55
 TOTAL=$(($(date +%s) - START))
 
 echo
+echo "python: $PY"
 printf '%-8s %-5s %6s  %s\n' step result secs detail
 while IFS=$'\t' read -r name result secs detail; do
     printf '%-8s %-5s %6s  %s\n' "$name" "$result" "$secs" "$detail"

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from speed_fast.data import LatentFileError, LatentLoader, LoaderWorkerError, read_latent_meta, write_latents
-from speed_fast.data.latents import _FFCV_MIN_PAGE, sidecar_path
+from speed_fast.data.beton import MIN_PAGE_SIZE as _FFCV_MIN_PAGE
+from speed_fast.data.latents import sidecar_path
 
 N = 50
 SHAPE = (4, 3, 5)

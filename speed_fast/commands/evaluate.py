@@ -87,12 +87,12 @@ def load_reference(spec: str, n_ref: int = 10000):
         x, y = digits_arrays()
         return torch.from_numpy(x), torch.from_numpy(y)
     if spec.endswith(".beton"):
-        from ..data import LatentLoader, read_latent_meta
+        from ..data import open_loader, read_latent_meta
 
         if n_ref < 2:
             raise ValueError(f"--n-ref must be >= 2, got {n_ref}")
         n = min(n_ref, read_latent_meta(spec)["num_samples"])
-        x, y = next(iter(LatentLoader(spec, n, seed=0, num_workers=1, drop_last=True, out_dtype=torch.float32)))
+        x, y = next(iter(open_loader(spec, n, seed=0, num_workers=1, drop_last=True, out_dtype=torch.float32)))
         return x.clone(), y.clone()
     return read_array(spec, "--ref")
 

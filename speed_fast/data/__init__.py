@@ -2,15 +2,20 @@
 
     write_latents(path, latents, labels, ...)  -> sidecar dict   (speed_fast.data.latents)
     read_latent_meta(path)                     -> sidecar dict, after validating the file
-    LatentLoader(path, batch_size, ...)        -> (x, y) batches, sharded, resumable (speed_fast.data.loader)
+    LatentLoader(path, batch_size, ...)        -> (x, y) batches, sharded, resumable (speed_fast.data.loader, FFCV)
+    MemmapLoader(path, batch_size, ...)        -> the same batches read with numpy memory maps (no FFCV)
+    open_loader(path, batch_size, loader="auto", ...) -> one of the two ("auto": FFCV when it imports)
     ensure_digits_beton(path=None)             -> path of the embedded default dataset (speed_fast.data.digits)
 
-FFCV is imported only when a file is written or read, so `import speed_fast.data` is cheap.
+FFCV is imported only by LatentLoader (and write_latents(writer="ffcv")): files are written and
+validated with numpy (speed_fast.data.beton), so everything but LatentLoader works without FFCV.
 """
 
 from .digits import ensure_digits_beton
 from .latents import LatentFileError, read_latent_meta, write_latents
+from .choose import LOADERS, open_loader, resolve_loader
 from .loader import LatentLoader, LoaderWorkerError
+from .memmap_loader import MemmapLoader
 
-__all__ = ["write_latents", "read_latent_meta", "LatentLoader", "ensure_digits_beton",
-           "LatentFileError", "LoaderWorkerError"]
+__all__ = ["write_latents", "read_latent_meta", "LatentLoader", "MemmapLoader", "open_loader", "resolve_loader",
+           "LOADERS", "ensure_digits_beton", "LatentFileError", "LoaderWorkerError"]

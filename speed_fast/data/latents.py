@@ -1,6 +1,7 @@
 """The latent file: an FFCV .beton of VAE latents plus a JSON sidecar, written atomically and validated on open.
 
-Layout of `<path>` (FFCV format version 2, written with FFCV's own page allocator):
+Layout of `<path>` (FFCV format version 2; the bytes are laid out in speed_fast.data.beton, which
+writes and reads them with numpy alone, byte-identical to FFCV's own writer):
   field "latent": NDArrayField int16 (C, H, W) holding bf16/fp16 bit patterns (FFCV's numba
                   pipeline has no 16-bit floats), or float32 (C, H, W) for store_dtype="float32"
   field "label":  IntField (int64 class index)
@@ -25,6 +26,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from . import beton
+
 FORMAT = "speed_fast.latents"
 FORMAT_VERSION = 1
 LATENT_FIELD = "latent"
@@ -41,9 +44,6 @@ _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Class labels index an embedding table of num_classes + 1 rows (DiT's null class): 2^20 classes are
 # ~4.8 GB of fp32 table at DiT-XL's width, far past any class-conditional dataset (ImageNet-21k: 21841).
 MAX_CLASSES = 1 << 20
-_FFCV_MIN_PAGE = 1 << 21
-# FFCV's per-record metadata for our two fields: the latent's data pointer and the label.
-_RECORD_META = np.dtype([("", "<u8"), ("", "<i8")], align=True)
 
 
 @contextlib.contextmanager
@@ -140,13 +140,6 @@ def _file_crc32(path: str, block: int = 1 << 24) -> int:
             crc = zlib.crc32(buf, crc)
 
 
-def _page_size(record_bytes: int) -> int:
-    page = _FFCV_MIN_PAGE  # FFCV pads the first page: small pages keep small files small
-    while page < record_bytes:
-        page *= 2
-    return page
-
-
 def write_latents(
     path: str | os.PathLike,
     latents: Any,
@@ -158,6 +151,7 @@ def write_latents(
     chunk: int = 4096,
     extra: dict | None = None,
     progress: bool = False,
+    writer: str = "numpy",
 ) -> dict:
     """Write latents and labels to an FFCV .beton at `path` (+ sidecar `<path>.json`); return the sidecar dict.
 
@@ -167,14 +161,13 @@ def write_latents(
     labels: int [N], class indices >= 0 (< len(class_names) when class_names is given).
     store_dtype: "bfloat16" (default; int16 bit patterns), "float16" (bit patterns) or "float32".
     extra: JSON-serialisable provenance stored under "source" in the sidecar (e.g. the VAE used).
+    writer: "numpy" (default: speed_fast.data.beton, no FFCV needed) or "ffcv" (FFCV's DatasetWriter
+      driven from this process); the two write the same bytes (tests/test_beton.py).
     Both files appear atomically (temporary file + rename); on any error nothing is left behind.
     """
-    with keep_torch_threads():
-        from ffcv.fields import IntField, NDArrayField
-        from ffcv.memory_allocator import MemoryAllocator
-        from ffcv.writer import DatasetWriter, handle_sample
-
     path = os.fspath(path)
+    if writer not in ("numpy", "ffcv"):
+        raise ValueError(f"writer must be 'numpy' or 'ffcv', got {writer!r}")
     if store_dtype not in STORE_DTYPES:
         raise ValueError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
@@ -195,54 +188,29 @@ def write_latents(
     lab, num_classes = _check_labels(labels, n, class_names)
     copies = 2 if flip_copies else 1
     field_dtype = STORE_DTYPES[store_dtype][1]
-    record_bytes = int(np.prod(chw)) * field_dtype.itemsize
+
+    def blocks():
+        """(record block [k, C, H, W] of field_dtype, labels [k]) in record order, `chunk` samples at a time."""
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            block = _to_bits(latents[start:stop], store_dtype, start)  # (n, [2,] C, H, W)
+            if tuple(block.shape) != (stop - start,) + shape[1:]:
+                raise ValueError(f"latents[{start}:{stop}] has shape {list(block.shape)}, "
+                                 f"expected {[stop - start] + list(shape[1:])}")
+            yield block.reshape((-1,) + chw), np.repeat(lab[start:stop], copies), stop - start
 
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp_json = tmp + ".json"
-    fields = {LATENT_FIELD: NDArrayField(field_dtype, chw), LABEL_FIELD: IntField()}
-    writer = DatasetWriter(tmp, fields, page_size=_page_size(record_bytes), num_workers=1)
-    writer.num_samples = n * copies
-    shm = None
-    try:
-        # FFCV's own header/descriptor/page/allocation-table code, driven from this process: its
-        # multi-process driver spins forever when a worker dies, and the data is already in memory.
-        writer.prepare()
-        shm = writer.metadata_sm
-        metadata = np.frombuffer(shm.buf, dtype=writer.metadata_type)
-        names = writer.metadata_type.names
-        allocator = MemoryAllocator(tmp, writer.data_region_start, writer.page_size)
-        bar = None
-        if progress:
-            from tqdm import tqdm
+    bar = None
+    if progress:
+        from tqdm import tqdm
 
-            bar = tqdm(total=n, unit="latent", desc=f"writing {os.path.basename(path)}")
-        allocator.__enter__()
-        try:
-            for start in range(0, n, chunk):
-                stop = min(start + chunk, n)
-                block = _to_bits(latents[start:stop], store_dtype, start)  # (n, [2,] C, H, W)
-                if tuple(block.shape) != (stop - start,) + shape[1:]:
-                    raise ValueError(f"latents[{start}:{stop}] has shape {list(block.shape)}, "
-                                     f"expected {[stop - start] + list(shape[1:])}")
-                for i in range(stop - start):
-                    for c in range(copies):
-                        sample = block[i, c] if flip_copies else block[i]
-                        rec = (start + i) * copies + c
-                        handle_sample((sample, lab[start + i]), rec, names, metadata, allocator, fields)
-                if bar is not None:
-                    bar.update(stop - start)
-        finally:
-            allocator.__exit__(None, None, None)
-            if bar is not None:
-                bar.close()
-        writer.finalize(allocator.allocations)
-        # Drop the numpy view before closing the shared memory it points into.
-        del metadata
-        shm.close()
-        shm.unlink()
-        shm = None
+        bar = tqdm(total=n, unit="latent", desc=f"writing {os.path.basename(path)}")
+    try:
+        write = _write_numpy if writer == "numpy" else _write_ffcv
+        write(tmp, n * copies, field_dtype, chw, blocks(), bar)
         meta = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -264,6 +232,59 @@ def write_latents(
         os.replace(tmp_json, sidecar_path(path))
         return meta
     finally:
+        if bar is not None:
+            bar.close()
+        for p in (tmp, tmp_json):
+            if os.path.exists(p):
+                os.remove(p)
+
+
+def _write_numpy(tmp: str, num_records: int, field_dtype: np.dtype, chw: tuple, blocks, bar) -> None:
+    with open(tmp, "wb") as f:
+        w = beton.BetonWriter(f, num_records, field_dtype, chw)
+        for records, labels, k in blocks:
+            w.write(records, labels)
+            if bar is not None:
+                bar.update(k)
+        w.finish()
+
+
+def _write_ffcv(tmp: str, num_records: int, field_dtype: np.dtype, chw: tuple, blocks, bar) -> None:
+    """The same file through FFCV's own header/descriptor/page/allocation-table code, driven from this
+    process (its multi-process driver spins forever when a worker dies, and the data is in memory)."""
+    with keep_torch_threads():
+        from ffcv.fields import IntField, NDArrayField
+        from ffcv.memory_allocator import MemoryAllocator
+        from ffcv.writer import DatasetWriter, handle_sample
+
+    record_bytes = int(np.prod(chw)) * field_dtype.itemsize
+    fields = {LATENT_FIELD: NDArrayField(field_dtype, chw), LABEL_FIELD: IntField()}
+    writer = DatasetWriter(tmp, fields, page_size=beton.page_size_for(record_bytes), num_workers=1)
+    writer.num_samples = num_records
+    shm = None
+    try:
+        writer.prepare()
+        shm = writer.metadata_sm
+        metadata = np.frombuffer(shm.buf, dtype=writer.metadata_type)
+        names = writer.metadata_type.names
+        allocator = MemoryAllocator(tmp, writer.data_region_start, writer.page_size)
+        allocator.__enter__()
+        try:
+            rec = 0
+            for records, labels, k in blocks:
+                for i in range(records.shape[0]):
+                    handle_sample((records[i], labels[i]), rec, names, metadata, allocator, fields)
+                    rec += 1
+                if bar is not None:
+                    bar.update(k)
+        finally:
+            allocator.__exit__(None, None, None)
+        writer.finalize(allocator.allocations)
+        del metadata  # drop the numpy view before closing the shared memory it points into
+        shm.close()
+        shm.unlink()
+        shm = None
+    finally:
         if shm is not None:
             metadata = None  # release our view so the shared memory can close
             shm.unlink()
@@ -271,9 +292,6 @@ def write_latents(
                 shm.close()
             except BufferError:  # a traceback still references the view; the segment is unlinked already
                 pass
-        for p in (tmp, tmp_json):
-            if os.path.exists(p):
-                os.remove(p)
 
 
 def _bad(path: str, what: str) -> LatentFileError:
@@ -289,10 +307,6 @@ def read_latent_meta(path: str | os.PathLike, *, verify: bool = False) -> dict:
     labels. verify=True also recomputes the CRC32 of the whole file (one full read).
     Raises LatentFileError (a ValueError) naming the file, the bad value and what was expected.
     """
-    with keep_torch_threads():
-        from ffcv.fields import IntField, NDArrayField
-        from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType, TYPE_ID_HANDLER
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise _bad(path, "no such latent file (expected an FFCV .beton written by speed_fast write_latents)")
@@ -333,46 +347,47 @@ def read_latent_meta(path: str | os.PathLike, *, verify: bool = False) -> dict:
     if size != meta["file_bytes"]:
         raise _bad(path, f"file is {size} bytes but was written as {meta['file_bytes']} bytes "
                          "(truncated, appended to or replaced; re-create it)")
-    if size < HeaderType.itemsize:
-        raise _bad(path, f"file is {size} bytes, too short for an FFCV header ({HeaderType.itemsize} bytes)")
-    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
-    if int(header["version"]) != CURRENT_VERSION:
-        raise _bad(path, f"FFCV format version {int(header['version'])}, expected {CURRENT_VERSION} (corrupted header?)")
+    if size < beton.HEADER_TYPE.itemsize:
+        raise _bad(path, f"file is {size} bytes, too short for an FFCV header ({beton.HEADER_TYPE.itemsize} bytes)")
+    header = beton.read_header(path)
+    if int(header["version"]) != beton.CURRENT_VERSION:
+        raise _bad(path, f"FFCV format version {int(header['version'])}, expected {beton.CURRENT_VERSION} "
+                         "(corrupted header?)")
     if int(header["num_fields"]) != 2:
         raise _bad(path, f"has {int(header['num_fields'])} fields, expected 2 ({LATENT_FIELD!r}, {LABEL_FIELD!r})")
     if int(header["num_samples"]) != n_rec:
         raise _bad(path, f"header says {int(header['num_samples'])} records, sidecar says {n_rec}")
-    desc_end = HeaderType.itemsize + 2 * FieldDescType.itemsize
+    desc_end = beton.DESC_END
     if size < desc_end:
         raise _bad(path, f"file is {size} bytes, too short for its field descriptors ({desc_end} bytes)")
-    descs = np.fromfile(path, dtype=FieldDescType, count=2, offset=HeaderType.itemsize)
-    names = [bytes(d["name"]).rstrip(b"\0").decode("ascii", "replace") for d in descs]
+    descs = beton.read_descriptors(path)
+    names = [beton.field_name(d) for d in descs]
     if names != [LATENT_FIELD, LABEL_FIELD]:
         raise _bad(path, f"fields are {names}, expected [{LATENT_FIELD!r}, {LABEL_FIELD!r}]")
-    types = [TYPE_ID_HANDLER.get(int(d["type_id"])) for d in descs]
-    if types[0] is not NDArrayField or types[1] is not IntField:
-        raise _bad(path, f"field types are {[getattr(t, '__name__', t) for t in types]}, "
-                         "expected [NDArrayField, IntField]")
+    types = [int(d["type_id"]) for d in descs]
+    if types != [beton.TYPE_NDARRAY_FIELD, beton.TYPE_INT_FIELD]:
+        raise _bad(path, f"field type ids are {types}, expected [{beton.TYPE_NDARRAY_FIELD}, "
+                         f"{beton.TYPE_INT_FIELD}] (FFCV's NDArrayField, IntField)")
     try:
-        field = NDArrayField.from_binary(descs[0]["arguments"])
-    except Exception as exc:  # a corrupted descriptor can fail anywhere in FFCV's parser
+        field_dtype, field_shape = beton.parse_ndarray_args(descs[0]["arguments"])
+    except Exception as exc:  # a corrupted descriptor can fail anywhere in the parser
         raise _bad(path, f"the {LATENT_FIELD!r} field descriptor is unreadable ({type(exc).__name__}: {exc})") from None
     want_dtype = STORE_DTYPES[store][1]
-    if field.dtype != want_dtype:
-        raise _bad(path, f"field {LATENT_FIELD!r} has dtype {field.dtype}, expected {want_dtype} "
+    if field_dtype != want_dtype:
+        raise _bad(path, f"field {LATENT_FIELD!r} has dtype {field_dtype}, expected {want_dtype} "
                          f"(store_dtype {store!r})")
-    field_shape = [int(s) for s in field.shape]
+    field_shape = list(field_shape)
     if tuple(field_shape) != shape:
         raise _bad(path, f"field {LATENT_FIELD!r} has shape {field_shape}, sidecar says {list(shape)}")
 
-    meta_end = desc_end + n_rec * _RECORD_META.itemsize
+    meta_end = desc_end + n_rec * beton.RECORD_META.itemsize
     table_ptr = int(header["alloc_table_ptr"])
-    table_bytes = n_rec * ALLOC_TABLE_TYPE.itemsize
+    table_bytes = n_rec * beton.ALLOC_TABLE_TYPE.itemsize
     if table_ptr < meta_end or table_ptr + table_bytes != size:
         raise _bad(path, f"allocation table at byte {table_ptr} with {n_rec} entries does not end the "
                          f"{size}-byte file (corrupted header)")
-    records = np.fromfile(path, dtype=_RECORD_META, count=n_rec, offset=desc_end)
-    table = np.fromfile(path, dtype=ALLOC_TABLE_TYPE, count=n_rec, offset=table_ptr)
+    records = beton.read_records(path, n_rec)
+    table = beton.read_alloc_table(path, table_ptr, n_rec)
     record_bytes = int(np.prod(shape)) * want_dtype.itemsize
     ids = table["sample_id"].astype(np.int64)
     if not np.array_equal(np.sort(ids), np.arange(n_rec)):
@@ -403,15 +418,12 @@ def fingerprint(path: str | os.PathLike, meta: dict) -> dict:
     the resolved path, the size, and the SHA-256 of FFCV's header and field descriptors, of the
     record index (per-record pointers and labels, allocation table) and of the sidecar's
     provenance ("source": encoder, VAE, settings). Changed latent bytes are the CRC's job (check_crc)."""
-    with keep_torch_threads():
-        from ffcv.types import FieldDescType, HeaderType
-
     path = os.path.realpath(os.fspath(path))
-    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
-    desc_end = HeaderType.itemsize + 2 * FieldDescType.itemsize
+    header = beton.read_header(path)
+    desc_end = beton.DESC_END
     with open(path, "rb") as f:
         head = f.read(desc_end)
-        index = hashlib.sha256(f.read(meta["num_records"] * _RECORD_META.itemsize))
+        index = hashlib.sha256(f.read(meta["num_records"] * beton.RECORD_META.itemsize))
         f.seek(int(header["alloc_table_ptr"]))
         index.update(f.read())
     source = json.dumps(meta.get("source", {}), sort_keys=True).encode()

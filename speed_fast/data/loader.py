@@ -4,16 +4,9 @@ What FFCV's Loader does here: the os_cache memory map, the numba pipeline (our t
 compiled with prange over `num_workers` threads), the batch buffers and the producer thread.
 What this file does instead of FFCV's traversal orders: the sample order. FFCV's RANDOM order
 in distributed mode pads the dataset (torch's DistributedSampler) so some samples are seen
-twice per epoch, and no FFCV order can start mid-epoch. Here the order is
-
-    perm  = permutation of range(N) drawn from SeedSequence([seed, epoch])
-    flip  = N bits drawn from the same stream after perm (one per sample index)
-    rank r, i-th sample of the epoch = perm[i * world_size + r]
-
-so every rank reads a disjoint shard, each sample at most once per epoch (exactly once with
-drop_last=False), the order is a pure function of (seed, epoch, world_size), and resuming at
-batch b just starts the same sequence at b * batch_size. No process group is needed: rank and
-world_size are passed in.
+twice per epoch, and no FFCV order can start mid-epoch. The order and the resumable position
+are speed_fast.data.order's (shared with MemmapLoader, which gives the same batches without
+FFCV). No process group is needed: rank and world_size are passed in.
 
 The random flip is per (seed, epoch, sample index). When the file holds VAE-encoded mirrored
 copies (flip_copies) the loader reads record 2i + flip[i]; otherwise the decoder mirrors the
@@ -38,7 +31,8 @@ import time
 import numpy as np
 import torch
 
-from .latents import LABEL_FIELD, LATENT_FIELD, STORE_DTYPES, keep_torch_threads, read_latent_meta
+from .latents import LABEL_FIELD, LATENT_FIELD, keep_torch_threads
+from .order import ShardedLoader, epoch_order, int_arg, shard_indices  # noqa: F401  (epoch_order, shard_indices: public here too)
 
 _ID_BITS = 48  # sample ids below 2**48; bit 48 asks the decoder to mirror the latent along W
 EPOCH_SPAN_SAMPLES = 1 << 20  # forever(): epochs queued to one producer cover at least this many samples
@@ -47,12 +41,6 @@ _ID_MASK = (1 << _ID_BITS) - 1
 
 class LoaderWorkerError(RuntimeError):
     """The FFCV producer thread raised; the original exception is chained as __cause__."""
-
-
-def _int_arg(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _decoders():
@@ -184,30 +172,7 @@ def _guarded_iterator_class():
     return GuardedEpochIterator
 
 
-def epoch_order(num_samples: int, seed: int, epoch: int, flip: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """The epoch's global permutation (int64 [N]) and flip bits (uint8 [N] by sample index, or None)."""
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
-    perm = rng.permutation(num_samples)
-    flips = rng.integers(0, 2, size=num_samples, dtype=np.uint8) if flip else None
-    return perm, flips
-
-
-def shard_indices(num_samples: int, batch_size: int, *, seed: int, epoch: int, rank: int, world_size: int,
-                  drop_last: bool, flip: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Rank `rank`'s sample indices (int64) and flip bits (uint8) for one epoch, in batch order.
-
-    The i-th sample of the rank is perm[i * world_size + rank]; with drop_last the permutation is
-    first cut to whole global batches (a multiple of world_size * batch_size).
-    """
-    perm, flips = epoch_order(num_samples, seed, epoch, flip)
-    if drop_last:
-        perm = perm[: (num_samples // (world_size * batch_size)) * world_size * batch_size]
-    mine = perm[rank::world_size]
-    bits = flips[mine] if flips is not None else np.zeros(len(mine), dtype=np.uint8)
-    return mine, bits
-
-
-class LatentLoader:
+class LatentLoader(ShardedLoader):
     """Batches (x, y) of a latent file for one rank: x [B, C, H, W] (bf16 by default), y int64 [B].
 
     path: a .beton written by speed_fast (validated with read_latent_meta on open).
@@ -234,47 +199,18 @@ class LatentLoader:
             from ffcv.pipeline import PipelineSpec
             from ffcv.transforms import ToDevice, ToTensor
 
-        self.path = os.fspath(path)
-        self.batch_size = _int_arg("batch_size", batch_size, 1)
-        self.seed = _int_arg("seed", seed, 0)
-        self.world_size = _int_arg("world_size", world_size, 1)
-        self.rank = _int_arg("rank", rank, 0)
-        if self.rank >= self.world_size:
-            raise ValueError(f"rank must be in [0, world_size) = [0, {self.world_size}), got {rank!r}")
-        self.num_workers = _int_arg("num_workers", num_workers, 1)
+        super().__init__(path, batch_size, seed=seed, rank=rank, world_size=world_size, flip=flip,
+                         drop_last=drop_last, device=device, out_dtype=out_dtype)
+        self.num_workers = int_arg("num_workers", num_workers, 1)
         if self.num_workers > numba.config.NUMBA_NUM_THREADS:
             raise ValueError(f"num_workers must be <= {numba.config.NUMBA_NUM_THREADS} (numba's thread pool, "
                              f"NUMBA_NUM_THREADS), got {num_workers!r}")
-        batches_ahead = _int_arg("batches_ahead", batches_ahead, 1)
+        batches_ahead = int_arg("batches_ahead", batches_ahead, 1)
         if not (isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool)
                 and math.isfinite(timeout_s) and timeout_s > 0):
             raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         self.timeout_s = float(timeout_s)
-        self.flip = bool(flip)
-        self.drop_last = bool(drop_last)
-        self.device = torch.device(device)
-        if self.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or a CUDA device, got {device!r}")
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
-
-        self.meta = read_latent_meta(self.path)
-        self.num_samples = int(self.meta["num_samples"])
-        self.shape = tuple(self.meta["shape"])
-        self.num_classes = int(self.meta["num_classes"])
-        self._copies = 2 if self.meta["flip_copies"] else 1
-        self._stored = STORE_DTYPES[self.meta["store_dtype"]][0]
-        if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
-            raise ValueError(f"out_dtype must be None or a torch floating dtype, got {out_dtype!r}")
-        self.out_dtype = out_dtype
-
-        n, W, B = self.num_samples, self.world_size, self.batch_size
-        per_rank = (n // (W * B)) * B if self.drop_last else len(range(self.rank, n, W))
-        self._len = -(-per_rank // B)
-        if self._len == 0:
-            raise ValueError(
-                f"{self.path}: {n} samples give rank {self.rank} of {W} no batch of batch_size={B} "
-                f"(drop_last={self.drop_last}); need at least {W * B} samples or a smaller batch_size")
+        B = self.batch_size
 
         LatentDecoder, LabelDecoder = _decoders()
         tail = [ToTensor()] + ([ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else [])
@@ -293,53 +229,9 @@ class LatentLoader:
         from ffcv.loader import epoch_iterator
 
         self._ffcv_cuda = epoch_iterator.IS_CUDA  # FFCV uses CUDA streams whenever torch sees a GPU
-        self._epoch = 0
-        self._batch = 0
         self._active = None
 
-    # ---- position -------------------------------------------------------------------------
-
-    def __len__(self) -> int:
-        """Batches per epoch for this rank."""
-        return self._len
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    @property
-    def batch(self) -> int:
-        """Index (within the epoch) of the next batch to be handed out."""
-        return self._batch
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Position the loader at batch `start_batch` of epoch `epoch` (earlier batches are skipped, not read)."""
-        epoch = _int_arg("epoch", epoch, 0)
-        start_batch = _int_arg("start_batch", start_batch, 0)
-        if start_batch > self._len:
-            raise ValueError(f"start_batch must be in [0, {self._len}] (batches per epoch), got {start_batch}")
-        self._epoch, self._batch = (epoch + 1, 0) if start_batch == self._len else (epoch, start_batch)
-
-    def state_dict(self) -> dict:
-        """Position of the next batch, plus what the order depends on (checked by load_state_dict)."""
-        return {"epoch": self._epoch, "batch": self._batch, "seed": self.seed, "world_size": self.world_size,
-                "batch_size": self.batch_size, "num_samples": self.num_samples}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "world_size", "batch_size", "num_samples"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"loader state has {key}={state[key]!r} but this loader has {key}="
-                                 f"{getattr(self, key)!r}; the sample order would differ, so it cannot resume")
-        if "epoch" not in state or "batch" not in state:
-            raise ValueError(f"loader state needs 'epoch' and 'batch', got keys {sorted(state)}")
-        self.set_epoch(state["epoch"], state["batch"])
-
     # ---- order ----------------------------------------------------------------------------
-
-    def sample_indices(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """This rank's sample indices (int64) and flip bits (uint8) for an epoch, in the order batches hold them."""
-        return shard_indices(self.num_samples, self.batch_size, seed=self.seed, epoch=epoch, rank=self.rank,
-                             world_size=self.world_size, drop_last=self.drop_last, flip=self.flip)
 
     def _ffcv_ids(self, epoch: int, start_batch: int) -> np.ndarray:
         """FFCV record ids for this rank from `start_batch` on, with the mirror request in bit 48."""
@@ -391,13 +283,8 @@ class LatentLoader:
             for epoch, start in segments:
                 for b in range(start, self._len):
                     x, y = self._next(it, epoch, b)
-                    x = x.view(self._stored) if self._stored != torch.float32 else x
-                    if self.out_dtype is not None and self.out_dtype != x.dtype:
-                        x = x.to(self.out_dtype)
-                    y = y.view(-1)
-                    # Position of the next batch, updated before handing this one out, so a checkpoint
-                    # taken while training on batch b resumes at b + 1.
-                    self._epoch, self._batch = (epoch + 1, 0) if b + 1 == self._len else (epoch, b + 1)
+                    x, y = self._finish(x), y.view(-1)
+                    self._advance(epoch, b)
                     yield x, y
         finally:
             self._shutdown(it)

@@ -71,11 +71,11 @@ def make_evaluator(plan: Plan, rank: int, device, torch_threads: int):
     cfg = plan.cfg
     reference = None
     if rank == 0:
-        from ..data import LatentLoader
+        from ..data import open_loader
 
         n = min(plan.data_meta["num_samples"], max(4 * cfg.eval_samples, 2048))
-        ref_loader = LatentLoader(plan.data_path, n, seed=cfg.seed + 1, num_workers=1, drop_last=True,
-                                  out_dtype=torch.float32)
+        ref_loader = open_loader(plan.data_path, n, loader=plan.loader, seed=cfg.seed + 1, num_workers=1,
+                                 drop_last=True, out_dtype=torch.float32)
         reference = next(iter(ref_loader))[0].clone()
         torch.set_num_threads(torch_threads)  # FFCV sets torch's thread count per epoch
     return TrainingEvaluator(reference, plan.schedule, n_samples=cfg.eval_samples, seed=cfg.seed, device=device,

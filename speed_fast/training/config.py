@@ -78,6 +78,7 @@ class TrainConfig:
     max_nonfinite: int = 5               # consecutive non-finite steps before the run stops
     verify_data: bool = False            # CRC the whole --data file even when this version was verified before
     num_workers: int = 2
+    loader: str = "auto"                 # auto | ffcv | memmap (the same batches; auto: FFCV when it imports)
     grad_checkpointing: bool = False
     compile: bool | None = None          # None: torch.compile the model on CUDA, eager on CPU
     init_from: str | None = None         # a facebookresearch/DiT checkpoint to start from (fine-tuning)
@@ -187,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "or `speed-fast export-dit` output); the EMA starts there too")
     g.add_argument("--attn-backend", default=S, choices=("auto", "sdpa", "xformers"))
     g.add_argument("--num-workers", type=int, default=S, help="data loader threads per rank")
+    g.add_argument("--loader", default=S, choices=("auto", "ffcv", "memmap"),
+                   help="ffcv: FFCV's compiled pipeline; memmap: numpy memory maps (no FFCV needed); the same "
+                        "batches either way. auto (default): ffcv when it imports, else memmap")
     g.add_argument("--verify-data", action="store_true", default=S,
                    help="CRC the whole --data file before training even if this version of it was verified "
                         "before (it always is the first time it is used)")
@@ -253,6 +257,8 @@ class Plan:
     use_cuda: bool
     precision: str
     compile: bool = False
+    loader: str = "ffcv"                 # the resolved loader: "ffcv" or "memmap"
+    loader_note: str | None = None       # why "auto" chose memmap (said once, by rank 0)
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
@@ -410,7 +416,14 @@ def resolve(cfg: TrainConfig, world_size: int, configs_dir: str, cuda_available:
     if cfg.eval_every and cfg.eval_samples < 2:
         raise ConfigError(f"--eval-samples must be >= 2 (a Frechet distance needs a covariance), "
                           f"got {cfg.eval_samples}")
-    _num_workers(cfg.num_workers)
+    from ..data import resolve_loader
+
+    try:
+        loader, loader_note = resolve_loader(cfg.loader)
+    except ValueError as exc:
+        raise ConfigError(f"--loader: {exc}") from None
+    if loader == "ffcv":
+        _num_workers(cfg.num_workers)
     # bf16 = fp32 weights under bf16 autocast (see deepspeed_config); it also runs on CPU, where
     # "auto" stays fp32 (faster there and exact to resume).
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda_available else "fp32")
@@ -495,4 +508,4 @@ def resolve(cfg: TrainConfig, world_size: int, configs_dir: str, cuda_available:
     return Plan(cfg=cfg, world_size=world_size, micro_batch=micro, grad_accum=accum, data_path=data_path,
                 data_meta=meta, dit=dit, schedule=schedule, strategy=strategy, ds_config=ds,
                 use_cuda=cuda_available, precision=precision,
-                compile=cuda_available if cfg.compile is None else cfg.compile)
+                compile=cuda_available if cfg.compile is None else cfg.compile, loader=loader, loader_note=loader_note)

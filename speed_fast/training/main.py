@@ -202,6 +202,8 @@ def main(argv: list[str], configs_dir: str) -> int:
         _check_device(local_rank, use_cuda)
         _probe_attention(plan, local_rank, use_cuda)
         if rank == 0:
+            if plan.loader_note:
+                _say(f"[speed_fast] {plan.loader_note}")
             lock = RunLock(cfg.run_dir).acquire()
             if not lock.supported:
                 _say(f"[speed_fast] warning: {cfg.run_dir} is on a file system without fcntl locks; nothing stops "

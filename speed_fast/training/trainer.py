@@ -110,12 +110,12 @@ class Trainer:
     # ---- pieces -------------------------------------------------------------------------------
 
     def make_loader(self):
-        from ..data import LatentLoader
+        from ..data import open_loader
 
         plan = self.plan
-        self.loader = LatentLoader(plan.data_path, plan.micro_batch, seed=self.cfg.seed, rank=self.rank,
-                                   world_size=self.world, num_workers=self.cfg.num_workers, flip=self.cfg.flip,
-                                   drop_last=True, device=self.device)
+        self.loader = open_loader(plan.data_path, plan.micro_batch, loader=plan.loader, seed=self.cfg.seed,
+                                  rank=self.rank, world_size=self.world, num_workers=self.cfg.num_workers,
+                                  flip=self.cfg.flip, drop_last=True, device=self.device)
         if self._loader_state is not None:
             self.loader.load_state_dict(self._loader_state)
         return self.loader

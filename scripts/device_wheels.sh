@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Fills .whl/ (ignored by git) with exactly the Python packages that the lent GPU machine's image
+# lacks for scripts/gpu_smoke.sh and scripts/gpu_convergence.sh, checks them, and prints the one
+# `device` call to make. Run it here (a machine with the package registries), after
+# `bash scripts/install.sh ffcv,dev` (it builds DeepSpeed's wheel with .venv's torch).
+#
+#   bash scripts/device_wheels.sh                  # CPython 3.12 manylinux x86_64 (the device image)
+#   bash scripts/device_wheels.sh --python 3.11 --dest .whl-3.11   # the same set for this machine
+#                                                  # (what tests/test_device_rehearsal.py installs)
+#
+# The device image (the `device` tool's KINDS.md) is Python 3.12 with torch 2.11 + Triton 3.6,
+# numpy, scipy, scikit-learn, matplotlib, tensorboard, numba, pillow, tqdm, pytest,
+# pytest-timeout, psutil, py-cpuinfo, msgpack, einops, ninja, packaging; no network, no FFCV, no
+# DeepSpeed. FFCV cannot be had there (no cp312 wheel, it compiles against OpenCV and libjpeg-turbo
+# headers the image lacks): the scripts use the memmap loader instead (--loader auto). What is
+# missing, and so carried:
+#   deepspeed      built here from its sdist (its only upload for our versions; `pip download
+#                  --only-binary=:all: deepspeed` silently picks an ancient 0.3.1.dev5 wheel),
+#                  the newest release that pyproject.toml's `deepspeed` requirement admits,
+#                  DS_BUILD_OPS=0 (the trainer uses a torch AdamW: no DeepSpeed op is compiled)
+#   hjson, pydantic, pydantic-core, annotated-types, typing-inspection, typing-extensions
+#                  DeepSpeed's requirements that the image lacks (pydantic's own, and a
+#                  typing-extensions new enough for it)
+# Versions are those of this checkout's .venv, so the device runs what the tests ran here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYVER=3.12
+DEST=.whl
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --python) PYVER="${2:?--python needs a version such as 3.12}"; shift ;;
+        --dest) DEST="${2:?--dest needs a folder}"; shift ;;
+        -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+        *) echo "device_wheels.sh: unknown argument '$1' (expected --python X.Y, --dest DIR or --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+PY=.venv/bin/python
+if [ ! -x "$PY" ]; then
+    echo "device_wheels.sh: no .venv here; run 'bash scripts/install.sh ffcv,dev' first" >&2
+    exit 2
+fi
+LIMIT_MB=64
+
+version_of() {  # the version of a distribution installed in .venv
+    "$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"
+}
+# deepspeed: the newest sdist that pyproject.toml's requirement admits.
+DS_REQ="$("$PY" - <<'EOF'
+import re
+text = open("pyproject.toml").read()
+print(re.search(r'"(deepspeed[^"]*)"', text).group(1))
+EOF
+)"
+PURE=(hjson annotated-types typing-inspection typing-extensions pydantic)
+BINARY=(pydantic-core)
+
+mkdir -p "$DEST"
+rm -f "$DEST"/*.whl
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+
+echo "[wheels] deepspeed: sdist for '$DS_REQ', built here (DS_BUILD_OPS=0)"
+"$PY" -m pip download -q --disable-pip-version-check --no-deps --no-binary=:all: -d "$tmp/sdist" "$DS_REQ"
+DS_BUILD_OPS=0 "$PY" -m pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation \
+    -w "$DEST" "$tmp"/sdist/deepspeed-*.tar.gz
+DS_VERSION="$(basename "$DEST"/deepspeed-*.whl | cut -d- -f2)"
+
+platform=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
+          --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_34_x86_64)
+for name in "${PURE[@]}"; do
+    v="$(version_of "$name")"
+    echo "[wheels] $name==$v"
+    "$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: -d "$DEST" "$name==$v"
+done
+for name in "${BINARY[@]}"; do
+    v="$(version_of "$name")"
+    echo "[wheels] $name==$v (CPython $PYVER manylinux x86_64)"
+    "$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+        --python-version "$PYVER" --implementation cp "${platform[@]}" -d "$DEST" "$name==$v"
+done
+
+# One version of each (two stop the device's install), and the import check in a scratch target.
+dupes="$(ls "$DEST" | cut -d- -f1 | tr 'A-Z-' 'a-z_' | sort | uniq -d)"
+if [ -n "$dupes" ]; then
+    echo "device_wheels.sh: more than one wheel of: $dupes" >&2
+    exit 1
+fi
+here="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+if [ "$here" = "$PYVER" ]; then
+    "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --target "$tmp/site" "$DEST"/*.whl
+    PYTHONPATH="$tmp/site" "$PY" -c "
+import deepspeed, hjson, pydantic
+assert deepspeed.__version__ == '$DS_VERSION', deepspeed.__version__
+print(f'[wheels] import check: deepspeed {deepspeed.__version__}, pydantic {pydantic.VERSION}')"
+else
+    # Another Python's binary wheels cannot be imported here: check what can be checked.
+    for f in "$DEST"/pydantic_core-*.whl; do
+        case "$f" in *"cp${PYVER/./}"*manylinux*x86_64*) ;; *) echo "device_wheels.sh: $f is not for CPython $PYVER x86_64" >&2; exit 1 ;; esac
+    done
+    echo "[wheels] import check: skipped (this machine runs Python $here, the wheels are for $PYVER; the same set"
+    echo "         for $here is what tests/test_device_rehearsal.py installs and imports)"
+fi
+
+# What travels: the tracked and untracked-not-ignored tree, plus the carried .whl (64 MiB in all).
+tree_kb="$(git ls-files -z --cached --others --exclude-standard | xargs -0 du -ck 2>/dev/null | tail -n 1 | cut -f1)"
+whl_kb="$(du -sk "$DEST" | cut -f1)"
+total_mb=$(( (tree_kb + whl_kb + 1023) / 1024 ))
+echo "[wheels] $(ls "$DEST" | wc -l) wheels in $DEST: $((whl_kb / 1024)) MiB; working tree $((tree_kb / 1024)) MiB; total ${total_mb} MiB of ${LIMIT_MB}"
+if [ "$total_mb" -ge "$LIMIT_MB" ]; then
+    echo "device_wheels.sh: ${total_mb} MiB would travel, over the device's ${LIMIT_MB} MiB" >&2
+    exit 1
+fi
+if [ "$DEST" = .whl ]; then
+    cat <<EOF
+
+The device call (tool 'device', verb 'run'; 15 minutes of device time per task, so a 540 s limit
+leaves room for one rerun of the failed steps with --only):
+  carry:     [".whl"]
+  timeout_s: 540
+  command:   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; bash scripts/gpu_smoke.sh
+EOF
+fi

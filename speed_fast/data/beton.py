@@ -1,0 +1,239 @@
+"""The bytes of a speed_fast latent file (an FFCV .beton, format version 2), in numpy alone.
+
+speed_fast writes exactly one kind of .beton: two fields, "latent" (an FFCV NDArrayField of fixed
+shape and dtype) and "label" (an FFCV IntField). Its layout is therefore known here, and this module
+writes and reads it without FFCV (which needs a compiled extension that some machines cannot
+build, e.g. an offline GPU image): byte for byte what FFCV's own DatasetWriter writes from one
+process (`tests/test_beton.py` compares the two files when FFCV is installed).
+
+    offset 0                      header            HEADER_TYPE (24 bytes)
+    24                            field descriptors 2 x FIELD_DESC_TYPE (type id, name, arguments)
+    24 + 2 * 1041                 record metadata   num_records x RECORD_META (data pointer, label)
+    align(metadata end, page)     data pages        page_size bytes each; records packed in order,
+                                                    a record never straddles two pages, the rest
+                                                    of each page zero
+    alloc_table_ptr (= after the  allocation table  num_records x ALLOC_TABLE_TYPE (record id,
+    last page)                                      pointer, size), in record order
+
+This module imports nothing from FFCV, torch or the rest of speed_fast (a leaf).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+CURRENT_VERSION = 2  # FFCV's format version
+MIN_PAGE_SIZE = 1 << 21  # FFCV's smallest page (2 MiB); pages are powers of two
+MAX_PAGE_SIZE = 1 << 32
+TYPE_INT_FIELD = 1  # FFCV's type ids (ffcv.types.TYPE_ID_HANDLER)
+TYPE_NDARRAY_FIELD = 4
+
+# FFCV's on-disk structures (ffcv/types.py and ffcv/fields/ndarray.py), little-endian by definition.
+HEADER_TYPE = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
+                        ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
+ALLOC_TABLE_TYPE = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
+FIELD_DESC_TYPE = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))],
+                           align=True)
+NDARRAY_ARGS_TYPE = np.dtype([("shape", "<u8", 32), ("type_length", "<u8")])
+# Per-record metadata of our two fields: the latent's data pointer and the label.
+RECORD_META = np.dtype([("", "<u8"), ("", "<i8")], align=True)
+DESC_END = HEADER_TYPE.itemsize + 2 * FIELD_DESC_TYPE.itemsize
+
+
+def page_size_for(record_bytes: int) -> int:
+    """The smallest FFCV page (a power of two >= 2 MiB) that holds one record."""
+    page = MIN_PAGE_SIZE
+    while page < record_bytes:
+        page *= 2
+    if page >= MAX_PAGE_SIZE:
+        raise ValueError(f"a record of {record_bytes} bytes needs a page of {page} bytes; FFCV pages are < 2^32")
+    return page
+
+
+def align_to_page(offset: int, page_size: int) -> int:
+    return offset if offset % page_size == 0 else offset + page_size - offset % page_size
+
+
+def _ndarray_args(dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """The 1024 argument bytes of an NDArrayField descriptor (shape, then the dtype's JSON descr)."""
+    out = np.zeros(1024, dtype="<u1")
+    head = np.zeros(1, dtype=NDARRAY_ARGS_TYPE)
+    head["shape"][0][: len(shape)] = np.asarray(shape, dtype="<u8")
+    descr = np.frombuffer(json.dumps(np.dtype(dtype).descr).encode("ascii"), dtype="<u1")
+    head["type_length"][0] = len(descr)
+    body = np.concatenate([head.view("<u1"), descr])
+    out[: body.shape[0]] = body
+    return out
+
+
+def parse_ndarray_args(arguments: np.ndarray) -> tuple[np.dtype, tuple[int, ...]]:
+    """(dtype, shape) from an NDArrayField descriptor's argument bytes; ValueError when unreadable."""
+    raw = np.ascontiguousarray(arguments, dtype="<u1")
+    head = raw[: NDARRAY_ARGS_TYPE.itemsize].view(NDARRAY_ARGS_TYPE)[0]
+    length = int(head["type_length"])
+    if not 0 < length <= raw.shape[0] - NDARRAY_ARGS_TYPE.itemsize:
+        raise ValueError(f"dtype description length {length} does not fit the descriptor")
+    descr = json.loads(raw[NDARRAY_ARGS_TYPE.itemsize:][:length].tobytes().decode("ascii"))
+    if not isinstance(descr, list) or len(descr) != 1:
+        raise ValueError(f"dtype description {descr!r} is not one field")
+    dtype = np.dtype([tuple(x) for x in descr])["f0"]
+    shape = [int(s) for s in head["shape"]]
+    while shape and shape[-1] == 0:
+        shape.pop()
+    return dtype, tuple(shape)
+
+
+def _field_descriptors(field_dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    desc = np.zeros(2, dtype=FIELD_DESC_TYPE)
+    for i, (name, type_id) in enumerate((("latent", TYPE_NDARRAY_FIELD), ("label", TYPE_INT_FIELD))):
+        encoded = np.frombuffer(name.encode("ascii"), dtype="<u1")
+        desc[i]["type_id"] = type_id
+        desc[i]["name"][: len(encoded)] = encoded
+    desc[0]["arguments"][:] = _ndarray_args(field_dtype, shape)
+    return desc
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every byte of a file of `num_records` records of `record_bytes` bytes goes."""
+
+    num_records: int
+    record_bytes: int
+    page_size: int
+
+    @property
+    def per_page(self) -> int:
+        return self.page_size // self.record_bytes
+
+    @property
+    def data_start(self) -> int:
+        return align_to_page(DESC_END + self.num_records * RECORD_META.itemsize, self.page_size)
+
+    @property
+    def num_pages(self) -> int:
+        return -(-self.num_records // self.per_page)
+
+    @property
+    def alloc_table_ptr(self) -> int:
+        return self.data_start + self.num_pages * self.page_size
+
+    @property
+    def file_bytes(self) -> int:
+        return self.alloc_table_ptr + self.num_records * ALLOC_TABLE_TYPE.itemsize
+
+    def pointers(self) -> np.ndarray:
+        """uint64 [num_records]: the byte offset of each record's data."""
+        r = np.arange(self.num_records, dtype=np.uint64)
+        per = np.uint64(self.per_page)
+        return (np.uint64(self.data_start) + (r // per) * np.uint64(self.page_size)
+                + (r % per) * np.uint64(self.record_bytes))
+
+
+class BetonWriter:
+    """Writes a two-field latent .beton record by record, in record order, from one process.
+
+        with open(tmp, "wb") as f:
+            w = BetonWriter(f, num_records, field_dtype, shape)
+            w.write(block, labels)  # block: field_dtype [k, *shape], labels int64 [k]; repeat
+            w.finish()
+
+    The file is the one FFCV's DatasetWriter writes with page_size=page_size_for(record_bytes)
+    and one worker. Memory: one page at a time."""
+
+    def __init__(self, f, num_records: int, field_dtype: np.dtype, shape: tuple[int, ...]):
+        self.f = f
+        self.dtype = np.dtype(field_dtype)
+        self.shape = tuple(int(s) for s in shape)
+        self.layout = Layout(int(num_records), int(np.prod(self.shape)) * self.dtype.itemsize,
+                             page_size_for(int(np.prod(self.shape)) * self.dtype.itemsize))
+        self.labels = np.zeros(num_records, dtype="<i8")
+        self.written = 0
+        self._page = np.zeros(self.layout.page_size, dtype="<u1")
+        self._in_page = 0
+        header = np.zeros(1, dtype=HEADER_TYPE)
+        header["version"] = CURRENT_VERSION
+        header["num_fields"] = 2
+        header["page_size"] = self.layout.page_size
+        header["num_samples"] = num_records
+        self._header = header
+        f.write(header.tobytes())
+        f.write(_field_descriptors(self.dtype, self.shape).tobytes())
+        # Record metadata is written at the end (FFCV fills it in shared memory, then copies it in);
+        # the gap up to the first page is FFCV's zero padding.
+        f.write(b"\0" * (self.layout.data_start - DESC_END))
+
+    def write(self, block: np.ndarray, labels: np.ndarray) -> None:
+        block = np.ascontiguousarray(block)
+        if block.dtype != self.dtype or tuple(block.shape[1:]) != self.shape:
+            raise ValueError(f"records must be {self.dtype} {list(self.shape)}, got {block.dtype} {list(block.shape[1:])}")
+        k = block.shape[0]
+        if self.written + k > self.layout.num_records:
+            raise ValueError(f"{self.written + k} records written, the file was laid out for {self.layout.num_records}")
+        self.labels[self.written:self.written + k] = labels
+        rb, per = self.layout.record_bytes, self.layout.per_page
+        raw = block.reshape(k, -1).view("<u1")
+        i = 0
+        while i < k:
+            take = min(per - self._in_page, k - i)
+            start = self._in_page * rb
+            self._page[start:start + take * rb] = raw[i:i + take].reshape(-1)
+            self._in_page += take
+            i += take
+            if self._in_page == per:
+                self._flush()
+        self.written += k
+
+    def _flush(self) -> None:
+        if self._in_page:
+            self.f.write(self._page.tobytes())
+            self._page.fill(0)
+            self._in_page = 0
+
+    def finish(self) -> None:
+        """Writes the last page, the allocation table, the record metadata and the final header."""
+        if self.written != self.layout.num_records:
+            raise ValueError(f"{self.written} records written, the file was laid out for {self.layout.num_records}")
+        self._flush()
+        lay = self.layout
+        if self.f.tell() != lay.alloc_table_ptr:
+            raise AssertionError(f"wrote {self.f.tell()} bytes before the allocation table, expected {lay.alloc_table_ptr}")
+        ptrs = lay.pointers()
+        table = np.zeros(lay.num_records, dtype=ALLOC_TABLE_TYPE)
+        table["sample_id"] = np.arange(lay.num_records, dtype=np.uint64)
+        table["ptr"] = ptrs
+        table["size"] = lay.record_bytes
+        self.f.write(table.tobytes())
+        meta = np.zeros(lay.num_records, dtype=RECORD_META)
+        meta["f0"] = ptrs
+        meta["f1"] = self.labels
+        self.f.seek(DESC_END)
+        self.f.write(meta.tobytes())
+        self._header["alloc_table_ptr"] = lay.alloc_table_ptr
+        self.f.seek(0)
+        self.f.write(self._header.tobytes())
+        self.f.seek(0, os.SEEK_END)
+
+
+def read_header(path: str) -> np.void:
+    return np.fromfile(path, dtype=HEADER_TYPE, count=1)[0]
+
+
+def read_descriptors(path: str) -> np.ndarray:
+    return np.fromfile(path, dtype=FIELD_DESC_TYPE, count=2, offset=HEADER_TYPE.itemsize)
+
+
+def field_name(desc: np.void) -> str:
+    return bytes(desc["name"]).rstrip(b"\0").decode("ascii", "replace")
+
+
+def read_records(path: str, num_records: int) -> np.ndarray:
+    """RECORD_META [num_records]: each record's data pointer ("f0") and label ("f1")."""
+    return np.fromfile(path, dtype=RECORD_META, count=num_records, offset=DESC_END)
+
+
+def read_alloc_table(path: str, table_ptr: int, num_records: int) -> np.ndarray:
+    return np.fromfile(path, dtype=ALLOC_TABLE_TYPE, count=num_records, offset=table_ptr)
