@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The first thing to run on a GPU machine (one H100/H200; at most 8 minutes).
 #
-#   bash scripts/gpu_smoke.sh                 # prints a PASS/FAIL/SKIP table; JSON under $OUT when set
+#   bash scripts/gpu_smoke.sh                 # prints a PASS/FAIL/SKIP table; with $OUT set, writes there
+#                                             # gpu_smoke.json, the benchmarks' JSON, train_metrics.jsonl and
+#                                             # smoke_logs.tgz (every step's log): 5 files
 #   OUT=/tmp/smoke bash scripts/gpu_smoke.sh
 #   bash scripts/gpu_smoke.sh --rehearse      # the same steps on a CPU machine (no GPU), scaled down
 #   bash scripts/gpu_smoke.sh --only train,resume   # some of the steps (resume needs train)
@@ -109,7 +111,6 @@ run_step() {
         detail="exit $status: $detail"
         printf '%s\tFAIL\t%s\t%s\n' "$name" "$((end - start))" "$detail" >> "$RESULTS"
     fi
-    if [ -n "${OUT:-}" ]; then cp "$log" "$OUT/$name.log"; fi
 }
 
 SKIP=3  # a step's exit status for "cannot run here" (its RESULT line says why)
@@ -333,7 +334,7 @@ printf '%-8s %-5s %6s  %s\n' step result secs detail
 while IFS=$'\t' read -r name result secs detail; do
     printf '%-8s %-5s %6s  %s\n' "$name" "$result" "$secs" "$detail"
 done < "$RESULTS"
-echo "total ${TOTAL}s; logs in $WORK/logs$([ -n "${OUT:-}" ] && echo ", copies and JSON in $OUT")"
+echo "total ${TOTAL}s; logs in $WORK/logs$([ -n "${OUT:-}" ] && echo "; JSON and smoke_logs.tgz in $OUT")"
 
 if [ -n "${OUT:-}" ]; then
     "$PY" - "$RESULTS" "$OUT/gpu_smoke.json" "$TOTAL" "$REHEARSE" <<'EOF'
@@ -349,5 +350,7 @@ meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else
         "rehearsal": rehearse, "total_seconds": total}
 json.dump({"meta": meta, "steps": steps}, open(out, "w"), indent=2)
 EOF
+    # The step logs as one file (a device call brings back at most 8 files).
+    tar czf "$OUT/smoke_logs.tgz" -C "$WORK" logs
 fi
 ! grep -q $'\tFAIL\t' "$RESULTS"
