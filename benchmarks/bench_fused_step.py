@@ -151,7 +151,7 @@ def make_variants(st: Setup, backends, compile_baseline: bool):
 
 def check_agreement(st: Setup, fns: dict, backends) -> None:
     """Fused backends vs the torch reference backend (same RNG); baselines vs the expected loss."""
-    ref = st.fused("torch")
+    ref = FusedSpeeD(st.schedule, st.strategy, device="cpu", backend="torch", seed=0)  # the CPU reference
     x0_cpu = st.x0.detach().cpu()
     t_ref, xt_ref = ref.sample_and_noise(x0_cpu, step=1)
     loss_ref, _ = ref.loss(st.pred.detach().cpu(), t_ref, step=1)

@@ -15,7 +15,7 @@
 # carried as wheels: scripts/device_wheels.sh fills .whl/ and prints the exact `device` call. FFCV
 # is optional: without it the trainer reads the same batches through the memmap loader.
 #
-# Steps, each with its own time limit (their sum is 8 minutes), each run even if an earlier one
+# Steps, each with its own time limit (their sum is 10 minutes), each run even if an earlier one
 # failed; each reports PASS, FAIL or SKIP with the reason:
 #   setup     which Python, torch, Triton, DeepSpeed and loader this run uses (FAIL: no triton)
 #   env       speed-fast env: the triton backend is active (its test launch matched the reference)
@@ -24,9 +24,10 @@
 #   bench     benchmarks/bench_fused_step.py: step times, and the kernels' GB/s against the peak
 #   mfu       benchmarks/bench_train_step.py: DiT-XL/2 at micro-batch 32 with the trainer's GPU set-up
 #             (compiled, bf16 autocast over fp32 weights, SDPA, triton ops): ms/step, img/s, MFU
-#   train     DiT-XL/2 on synthetic latents, deepspeed --num_gpus 1, bf16, 60 steps (eager: no
+#   train     DiT-XL/2 on synthetic latents, deepspeed --num_gpus 1, bf16, 30 steps (eager: no
 #             torch.compile, no evaluation): finite, falling loss, step time, peak GPU memory, a checkpoint
-#   resume    the same command to step 70: resumes from that checkpoint and continues
+#   resume    the same command to step 35: resumes from that checkpoint (~11 GB with AdamW state
+#             and EMA, SHA-256-verified on load) and continues
 # --rehearse: TRITON_INTERPRET=1 for env/tests, sm_90 compile, bench --quick, DiT-S/2 on 8x8
 # latents for 30 + 4 steps on the CPU, time limits x6: checks the script itself without a GPU.
 set -uo pipefail
@@ -75,7 +76,7 @@ else
         exit 1
     fi
     ARCH="${SMOKE_ARCH:-}"
-    MODEL="DiT-XL/2"; LATENT=32; SAMPLES=1024; BATCH=64; STEPS=60; MORE=10; PRECISION=bf16
+    MODEL="DiT-XL/2"; LATENT=32; SAMPLES=1024; BATCH=64; STEPS=30; MORE=5; PRECISION=bf16
     BENCH_ARGS=(--iters 20 --no-compile)
     MFU_ARGS=(--no-cpu --gpu-batches 32)
     TEST_ENV=()
@@ -111,6 +112,8 @@ run_step() {
         detail="exit $status: $detail"
         printf '%s\tFAIL\t%s\t%s\n' "$name" "$((end - start))" "$detail" >> "$RESULTS"
     fi
+    # Each result as soon as it is known: a device call cut short still brings back what finished.
+    if [ -n "${OUT:-}" ]; then cp "$RESULTS" "$OUT/results.tsv"; fi
 }
 
 SKIP=3  # a step's exit status for "cannot run here" (its RESULT line says why)
@@ -224,10 +227,15 @@ train_cmd() {  # train_cmd MAX_STEPS
         --loader auto
 }
 
-# Peak GPU memory of the training job, sampled once a second (MiB), while the job runs.
+# Peak GPU memory of the training job, sampled once a second (MiB), while the job runs; every 10 s
+# a progress line (the last logged step), so a step cut at its time limit shows how far it got.
 watch_memory() {
-    local peak=0 used
+    local peak=0 used ticks=0
     while kill -0 "$1" 2>/dev/null; do
+        ticks=$((ticks + 1))
+        if [ $((ticks % 10)) -eq 0 ]; then
+            echo "[smoke] $(date +%T) last logged step: $(tail -n 1 "$WORK/run/metrics.jsonl" 2>/dev/null | cut -c1-120)"
+        fi
         used="$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null | head -n 1)"
         case "$used" in ''|*[!0-9]*) ;; *) [ "$used" -gt "$peak" ] && peak="$used" ;; esac
         echo "$peak" > "$WORK/peak_mib"
@@ -271,7 +279,7 @@ print(f"RESULT: loss {first:.3f} -> {last:.3f}, {step_s * 1e3:.0f} ms/step{mem},
 EOF
 }
 
-step_resume() {
+step_resume() {  # (checks below)
     if ! have_deepspeed; then
         echo "RESULT: deepspeed does not import for $PY: carry it (scripts/device_wheels.sh)"
         return "$SKIP"
@@ -280,7 +288,14 @@ step_resume() {
         echo "RESULT: no checkpoint from the train step to resume from"
         return "$SKIP"
     fi
-    train_cmd "$((STEPS + MORE))" || return 1
+    train_cmd "$((STEPS + MORE))" &
+    local job=$!
+    watch_memory "$job" &
+    local watcher=$!
+    wait "$job"
+    local status=$?
+    wait "$watcher"
+    [ "$status" -eq 0 ] || return "$status"
     if ! grep -a -q "resuming from .*(step $STEPS)" "$WORK/logs/resume.log"; then
         echo "RESULT: the run did not say it resumed from step $STEPS"
         return 1
@@ -324,8 +339,8 @@ run_step compile 40
 run_step tests 90
 run_step bench 45
 run_step mfu 90
-run_step train 100
-run_step resume 55
+run_step train 150   # DiT-XL/2's checkpoint: ~11 GB written, hashed and fsynced
+run_step resume 110
 TOTAL=$(($(date +%s) - START))
 
 echo

@@ -28,6 +28,15 @@ from .weighted_mse import WeightedMSEFunction
 from .weighted_mse import implementation as loss_implementation
 
 
+def canonical_device(device) -> torch.device:
+    """`device` with its index: torch.device("cuda") != torch.device("cuda:0"), although tensors
+    created on the first are on the second; comparing a tensor's device needs the index."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", torch.cuda.current_device())
+    return d
+
+
 class FusedSpeeD:
     def __init__(self, schedule: NoiseSchedule, strategy: TimestepStrategy, device="cpu", backend: str = "auto",
                  seed: int = 0):
@@ -37,7 +46,7 @@ class FusedSpeeD:
                              f"got {schedule.describe()}")
         self.schedule = schedule
         self.strategy = strategy
-        self.device = torch.device(device)
+        self.device = canonical_device(device)
         self.backend = resolve_backend(backend, self.device)
         self._draw = draw_implementation(self.backend)
         self._sample_and_noise, self._add_noise = noise_implementation(self.backend)
