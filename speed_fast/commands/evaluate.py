@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import os
 
+from .common import add_sampling_arguments, sampling_options
+
 HELP = "Fréchet distance (raw data, or FID with local Inception weights) between generated and reference sets"
 
 
 def add_arguments(p) -> None:
-    from .sample import add_sampling_arguments
-
     p.add_argument("--gen", required=True, help="generated set: .npy/.npz array, or a run directory to sample")
     p.add_argument("--ref", required=True, help="reference set: .npy/.npz array, a latent .beton, or 'digits'")
     p.add_argument("--n-ref", type=int, default=10000, help="at most this many reference samples from a .beton")
@@ -60,13 +60,12 @@ def read_array(path: str, what: str):
 def run_sampling_defaults(args, run_dir: str) -> None:
     """Fill --steps/--method/--clip-denoised that were not given from the run's evaluator settings."""
     from ..evaluation import eval_sampling
+    from ..jsonfile import read_json_object
 
-    path = os.path.join(run_dir, "config.json")
     try:
-        with open(path) as f:
-            config = json.load(f)
+        config = read_json_object(os.path.join(run_dir, "config.json"))
         train, meta = config["train"], config["data_meta"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"--gen {run_dir!r}: not a run directory with a readable config.json "
                          f"({type(exc).__name__}: {exc})") from None
     chosen = eval_sampling(meta, args.steps or train.get("eval_sampler", "ddim25"),
@@ -98,20 +97,16 @@ def load_reference(spec: str, n_ref: int = 10000):
 
 
 def run(args) -> int:
-    from ..evaluation import frechet_distance, feature_stats, make_features
-
-    from .sample import check_sampling_arguments, resolve_device
+    from ..devices import resolve_device
+    from ..evaluation import feature_stats, frechet_distance, make_features
 
     device = resolve_device(args.device)
     if os.path.isdir(args.gen):
-        from .sample import generate
+        from ..generate import check_sampling_options, generate, run_dir_of
 
-        run_dir = args.gen
-        if os.path.isfile(os.path.join(run_dir, "state.json")):  # a checkpoint inside a run
-            run_dir = os.path.dirname(os.path.dirname(os.path.abspath(run_dir)))
-        run_sampling_defaults(args, run_dir)
-        check_sampling_arguments(args, args.n)
-        generated = generate(args, n=args.n)
+        run_sampling_defaults(args, run_dir_of(args.gen))
+        check_sampling_options(args.n, args.batch_size, args.cfg, args.eta, args.labels)
+        generated = generate(args.gen, args.n, **sampling_options(args))
         source = f"{args.n} samples of {args.gen}"
     else:
         generated, _ = read_array(args.gen, "--gen")
