@@ -24,7 +24,7 @@ def read_json_object(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise JSONFileError(f"{path}: no such file") from None
     except json.JSONDecodeError as exc:
-        raise JSONFileError(f"{path} is not valid JSON: {exc}") from None
+        raise JSONFileError(f"{path} is not valid JSON (JSONDecodeError: {exc})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise JSONFileError(f"{path} is unreadable ({type(exc).__name__}: {exc})") from None
     if not isinstance(value, dict):
