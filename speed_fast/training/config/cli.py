@@ -23,11 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", nargs="?", const="must", default=S, choices=RESUME_MODES,
                    help="resume from the run dir's latest complete checkpoint: 'auto' (default) when there "
                         "is one, 'must' (bare --resume) fails without one, 'never' starts over")
-    g.add_argument("--max-steps", type=int, default=S)
-    g.add_argument("--seed", type=int, default=S)
-    g.add_argument("--log-every", type=int, default=S)
-    g.add_argument("--ckpt-every", type=int, default=S)
-    g.add_argument("--keep-ckpts", type=int, default=S)
+    for flag in ("--max-steps", "--seed", "--log-every", "--ckpt-every", "--keep-ckpts"):
+        g.add_argument(flag, type=int, default=S)
     g.add_argument("--eval-every", type=int, default=S, help="evaluate (Frechet distance of EMA samples) every "
                    "N steps on rank 0; 0 disables")
     g.add_argument("--eval-samples", type=int, default=S)
@@ -70,11 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--global-batch", type=int, default=S)
     g.add_argument("--micro-batch", type=int, default=S, help="per-rank micro batch (accumulation = global "
                    "/ (world x micro))")
-    g.add_argument("--lr", type=float, default=S)
-    g.add_argument("--weight-decay", type=float, default=S)
-    g.add_argument("--warmup-steps", type=int, default=S)
-    g.add_argument("--grad-clip", type=float, default=S)
-    g.add_argument("--ema-decay", type=float, default=S)
+    for flag, typ in (("--lr", float), ("--weight-decay", float), ("--warmup-steps", int), ("--grad-clip", float),
+                      ("--ema-decay", float)):
+        g.add_argument(flag, type=typ, default=S)
     g.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=S,
                    help="EMA decay min(d, (1 + n) / (10 + n)) at the n-th update (on in short-run presets)")
     g.add_argument("--zero-stage", type=int, default=S, choices=ZERO_STAGES)
