@@ -1,4 +1,5 @@
-"""Sample and reference sets from .npy / .npz files, as float32 [N, C, H, W] (and labels)."""
+"""Sample and reference sets as float32 [N, C, H, W] (and labels): .npy / .npz files, a latent .beton,
+or the embedded digits."""
 
 from __future__ import annotations
 
@@ -51,3 +52,36 @@ def load_array(path) -> tuple[torch.Tensor, torch.Tensor | None]:
     if labels is not None and labels.shape != (data.shape[0],):
         raise ValueError(f"{path}: {labels.shape[0]} labels for {data.shape[0]} samples")
     return data, labels
+
+
+def read_array(path: str, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`load_array` with unreadable files (empty, truncated, not an array) reported as a ValueError
+    naming `what` (the flag) and the file."""
+    import zipfile
+
+    from ..data.sources import load_array_file
+
+    load_array_file(path, what)  # exists, not empty, opens as .npy/.npz
+    try:
+        return load_array(path)
+    except (EOFError, OSError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{what} {path!r} is not a readable .npy/.npz array ({type(exc).__name__}: {exc})") from None
+
+
+def load_reference(spec: str, n_ref: int = 10000) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(data [N, C, H, W], labels or None) of a reference set: an array file, a latent .beton (a
+    seeded random subset of at most n_ref samples, float32), or 'digits' (1797 images in [-1, 1])."""
+    if spec == "digits":
+        from ..data.digits import digits_arrays
+
+        x, y = digits_arrays()
+        return torch.from_numpy(x), torch.from_numpy(y)
+    if spec.endswith(".beton"):
+        from ..data import LatentLoader, read_latent_meta
+
+        if n_ref < 2:
+            raise ValueError(f"--n-ref must be >= 2, got {n_ref}")
+        n = min(n_ref, read_latent_meta(spec)["num_samples"])
+        x, y = next(iter(LatentLoader(spec, n, seed=0, num_workers=1, drop_last=True, out_dtype=torch.float32)))
+        return x.clone(), y.clone()
+    return read_array(spec, "--ref")

@@ -6,6 +6,10 @@ that they all measure the same thing.
 
 from __future__ import annotations
 
+import os
+
+from ..jsonfile import read_json_object
+
 
 #: The evaluator's sampler: DDIM over 25 respaced steps (eta 0). On pixel data the predicted x0
 #: is clipped to [-1, 1] at every step: without it, eps errors at high t (amplified by
@@ -40,3 +44,16 @@ def eval_sampling(meta: dict, steps=EVAL_SAMPLER, clip_denoised: bool | None = N
     clip on pixel data, not on latents (their range is not bounded)."""
     clip = data_space(meta) == "pixels" if clip_denoised is None else bool(clip_denoised)
     return {"steps": steps, "method": sampler_method(steps), "clip_denoised": clip}
+
+
+def run_eval_sampling(run_dir: str, steps=None, clip_denoised: bool | None = None, what: str = "--gen") -> dict:
+    """`eval_sampling` of a run directory: its evaluator's sampler (--eval-sampler, --eval-clip in its
+    config.json) unless `steps` / `clip_denoised` are given. `what` names the run in errors."""
+    try:
+        config = read_json_object(os.path.join(run_dir, "config.json"))
+        train, meta = config["train"], config["data_meta"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{what} {run_dir!r}: not a run directory with a readable config.json "
+                         f"({type(exc).__name__}: {exc})") from None
+    return eval_sampling(meta, steps or train.get("eval_sampler", EVAL_SAMPLER),
+                         train.get("eval_clip") if clip_denoised is None else clip_denoised)
