@@ -3,9 +3,10 @@
 * `device_guard`: Triton launches on the current CUDA device and its current stream, so a
   launcher enters the data's device first (tensors on cuda:1 while cuda:0 is current run on
   cuda:1); on CPU tensors (the interpreter) it does nothing.
-* `batch`: the kernels read any batch stride as long as each sample is contiguous (the eps half
-  of a learned-sigma output, model_out[:, :C], is read in place); other layouts (channels-last,
-  transposed) are copied to contiguous first, never read wrongly.
+* `batch` (speed_fast.layout.contiguous_samples): the kernels read any batch stride as long as each
+  sample is contiguous (the eps half of a learned-sigma output, model_out[:, :C], is read in
+  place); other layouts (channels-last, transposed) are copied to contiguous first, never read
+  wrongly.
 * the noise kernels' tiling: program (b, p) of grid (B, P) handles Philox counters
   p BLOCK_C .. (p + 1) BLOCK_C - 1 of sample b, 4 elements each, in one warp (two when the
   sample is off counter boundaries). The batch is on axis 0 (up to 2^31 - 1 samples); axis 1
@@ -19,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
-from speed_fast.ops.validate import FLOAT_DTYPES, samples_contiguous
+# The leaf module of shared tensor conventions; nothing of speed_fast.ops (which imports this package).
+from speed_fast.layout import FLOAT_DTYPES, contiguous_samples as batch  # noqa: F401  (used as launch.*)
 
 BLOCK_C = 512  # Philox counters per program: 2048 elements
 NUM_WARPS = 1  # 64 elements per thread: the per-program work (time step, addresses) spreads thin
@@ -33,11 +35,6 @@ MAX_SAMPLE = 2**31 - 1 - 4 * BLOCK_C  # element indices within a sample stay in 
 def device_guard(x: torch.Tensor):
     """A context that makes x's CUDA device current (a no-op for CPU tensors)."""
     return torch.cuda.device_of(x)
-
-
-def batch(x: torch.Tensor) -> torch.Tensor:
-    """x itself when each sample is contiguous (any batch stride), else a contiguous copy."""
-    return x if samples_contiguous(x) else x.contiguous()
 
 
 def check_sizes(B: int, D: int, offset: int) -> None:

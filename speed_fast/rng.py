@@ -41,19 +41,47 @@ TWO_PI = 6.283185307179586
 _M32 = 0xFFFFFFFF
 
 
-def check_seed_step(seed, step, offset=0) -> tuple[int, int, int]:
-    """Validate the RNG coordinates; returns them as Python ints."""
+SEED_LIMIT = 2**64  # seed in [0, 2^64): the Philox key
+STEP_LIMIT = 2**32  # step in [0, 2^32): one counter word
+OFFSET_LIMIT = 2**62  # offset in [0, 2^62): element indices offset * numel stay below 2^63
+
+
+def _check_int(name: str, value, limit: int) -> int:
+    if isinstance(value, (bool, float, torch.Tensor)) or not hasattr(value, "__index__"):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    value = operator.index(value)
+    if not 0 <= value < limit:
+        raise ValueError(f"{name} must be in [0, {limit}), got {value!r}")
+    return value
+
+
+def check_seed(seed) -> int:
+    """A seed in [0, 2^64) as a Python int (checked once per run: the trainer's config, FusedSpeeD)."""
+    return _check_int("seed", seed, SEED_LIMIT)
+
+
+def check_step_offset(step, offset=0) -> tuple[int, int]:
+    """The per-call RNG coordinates (step in [0, 2^32), offset in [0, 2^62)) as Python ints."""
     if torch.compiler.is_compiling():  # traced (step may be symbolic): the compiled ops check ranges at run time
+        return step, offset
+    return _check_int("step", step, STEP_LIMIT), _check_int("offset", offset, OFFSET_LIMIT)
+
+
+def check_seed_step(seed, step, offset=0) -> tuple[int, int, int]:
+    """Validate the RNG coordinates of one call of a functional op; returns them as Python ints."""
+    if torch.compiler.is_compiling():
         return seed, step, offset
-    out = []
-    for name, value, limit in (("seed", seed, 2**64), ("step", step, 2**32), ("offset", offset, 2**62)):
-        if isinstance(value, (bool, float, torch.Tensor)) or not hasattr(value, "__index__"):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-        value = operator.index(value)
-        if not 0 <= value < limit:
-            raise ValueError(f"{name} must be in [0, {limit}), got {value!r}")
-        out.append(value)
-    return out[0], out[1], out[2]
+    return (check_seed(seed), *check_step_offset(step, offset))
+
+
+def seed_bits(seed: int) -> int:
+    """The uint64 seed's bit pattern as an int64 (torch op schemas have no unsigned ints)."""
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def seed_from_bits(bits: int) -> int:
+    """The inverse of `seed_bits`: the uint64 seed of an int64 bit pattern."""
+    return bits % 2**64
 
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Time-step strategies: the sampling distribution P(t) and the loss weight w(t).
 
-Each strategy is defined once here, in float64 on the CPU (see DESIGN.md for the
+Each strategy is defined once here, in float64 on the CPU (see docs/CONTRACT.md for the
 formulas). The fused step (`speed_fast.ops.FusedSpeeD`) turns P into an alias
 table and w into a device vector once per run (or once per change of P, for
 strategies whose P depends on the training step).

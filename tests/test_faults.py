@@ -263,7 +263,7 @@ def test_sample_and_eval_command_line_edges(base, tmp_path, capsys):
                            (["--out", out, "--save", str(tmp_path)], f"--save '{tmp_path}' is a directory"),
                            (["--out", out, "--save", str(tmp_path / "s")], "must end in .npz"),
                            (["--out", out, "--cfg", "inf"], "--cfg must be a finite number >= 0, got inf"),
-                           (["--out", out, "--device", "foo"], "--device must be 'cpu', 'cuda' or 'cuda:N', got 'foo'"),
+                           (["--out", out, "--device", "foo"], "--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'foo'"),
                            (["--out", out, "--device", "cuda:1"], "CUDA is not available")):
         assert cli(common[:-2] + extra) == 2, extra
         assert message in capsys.readouterr().err, extra

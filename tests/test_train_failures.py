@@ -213,3 +213,16 @@ def test_nonfinite_losses_stop_the_run_with_the_last_checkpoint_intact(tmp_path,
     with open(os.path.join(run_dir, "checkpoints", "latest")) as f:
         assert f.read().strip() == "step-00000003"
     assert hashlib.sha256(open(os.path.join(ckpt, "model.pt"), "rb").read()).hexdigest() == digest
+
+
+def test_json_files_that_are_not_one_object_are_named(tmp_path, data, two_ranks, capsys):
+    """Presets and DeepSpeed JSONs go through one reader (speed_fast.jsonfile): not JSON, or not an object."""
+    listed = tmp_path / "listed.json"
+    listed.write_text("[1, 2]")
+    assert main(["--preset", str(listed)], CONFIGS) == 2
+    assert f"preset {listed} holds list, expected a JSON object" in capsys.readouterr().err
+    broken = tmp_path / "ds.json"
+    broken.write_text('{"zero_optimization": ')
+    preset = tiny_preset(str(tmp_path / "tiny.json"), data)
+    assert main(["--preset", preset, "--deepspeed_config", str(broken)], CONFIGS) == 2
+    assert f"DeepSpeed config {broken} is not valid JSON (JSONDecodeError: Expecting value" in capsys.readouterr().err

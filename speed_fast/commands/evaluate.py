@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import os
 
+from .common import add_sampling_arguments, sampling_options
+
 HELP = "Fréchet distance (raw data, or FID with local Inception weights) between generated and reference sets"
 
 
 def add_arguments(p) -> None:
-    from .sample import add_sampling_arguments
-
     p.add_argument("--gen", required=True, help="generated set: .npy/.npz array, or a run directory to sample")
     p.add_argument("--ref", required=True, help="reference set: .npy/.npz array, a latent .beton, or 'digits'")
     p.add_argument("--n-ref", type=int, default=10000, help="at most this many reference samples from a .beton")
@@ -37,81 +37,25 @@ def add_arguments(p) -> None:
     add_sampling_arguments(p)
     p.add_argument("--no-clip-denoised", dest="clip_denoised", action="store_false",
                    help="do not clip the predicted x0 (default for a run: its evaluator's setting)")
-    # None: take the run's evaluator settings (see run_sampling_defaults).
+    # None: take the run's evaluator settings (speed_fast.evaluation.run_eval_sampling).
     p.set_defaults(steps=None, method=None, clip_denoised=None)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def read_array(path: str, what: str):
-    """`speed_fast.evaluation.load_array` with unreadable files (empty, truncated, not an array)
-    reported as a ValueError naming the flag and the file."""
-    import zipfile
-
-    from ..data.sources import load_array_file
-    from ..evaluation import load_array
-
-    load_array_file(path, what)  # exists, not empty, opens as .npy/.npz
-    try:
-        return load_array(path)
-    except (EOFError, OSError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"{what} {path!r} is not a readable .npy/.npz array ({type(exc).__name__}: {exc})") from None
-
-
-def run_sampling_defaults(args, run_dir: str) -> None:
-    """Fill --steps/--method/--clip-denoised that were not given from the run's evaluator settings."""
-    from ..evaluation import eval_sampling
-
-    path = os.path.join(run_dir, "config.json")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-        train, meta = config["train"], config["data_meta"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"--gen {run_dir!r}: not a run directory with a readable config.json "
-                         f"({type(exc).__name__}: {exc})") from None
-    chosen = eval_sampling(meta, args.steps or train.get("eval_sampler", "ddim25"),
-                           train.get("eval_clip") if args.clip_denoised is None else args.clip_denoised)
-    args.steps = chosen["steps"]
-    args.method = args.method or chosen["method"]
-    args.clip_denoised = chosen["clip_denoised"]
-
-
-def load_reference(spec: str, n_ref: int = 10000):
-    """(data [N, C, H, W], labels or None) of --ref: an array file, a latent .beton (a seeded
-    random subset of at most n_ref samples, float32), or 'digits'."""
-    import torch
-
-    if spec == "digits":
-        from ..data.digits import digits_arrays
-
-        x, y = digits_arrays()
-        return torch.from_numpy(x), torch.from_numpy(y)
-    if spec.endswith(".beton"):
-        from ..data import open_loader, read_latent_meta
-
-        if n_ref < 2:
-            raise ValueError(f"--n-ref must be >= 2, got {n_ref}")
-        n = min(n_ref, read_latent_meta(spec)["num_samples"])
-        x, y = next(iter(open_loader(spec, n, seed=0, num_workers=1, drop_last=True, out_dtype=torch.float32)))
-        return x.clone(), y.clone()
-    return read_array(spec, "--ref")
-
-
 def run(args) -> int:
-    from ..evaluation import frechet_distance, feature_stats, make_features
-
-    from .sample import check_sampling_arguments, resolve_device
+    from ..devices import resolve_device
+    from ..evaluation import (feature_stats, frechet_distance, load_reference, make_features, read_array,
+                              run_eval_sampling)
 
     device = resolve_device(args.device)
     if os.path.isdir(args.gen):
-        from .sample import generate
+        from ..generate import check_sampling_options, generate, run_dir_of
 
-        run_dir = args.gen
-        if os.path.isfile(os.path.join(run_dir, "state.json")):  # a checkpoint inside a run
-            run_dir = os.path.dirname(os.path.dirname(os.path.abspath(run_dir)))
-        run_sampling_defaults(args, run_dir)
-        check_sampling_arguments(args, args.n)
-        generated = generate(args, n=args.n)
+        chosen = run_eval_sampling(run_dir_of(args.gen), args.steps, args.clip_denoised)
+        args.steps, args.clip_denoised = chosen["steps"], chosen["clip_denoised"]
+        args.method = args.method or chosen["method"]
+        check_sampling_options(args.n, args.batch_size, args.cfg, args.eta, args.labels)
+        generated = generate(args.gen, args.n, **sampling_options(args))
         source = f"{args.n} samples of {args.gen}"
     else:
         generated, _ = read_array(args.gen, "--gen")

@@ -45,7 +45,7 @@ def run(args) -> int:
     if not T_RANGE[0] <= args.T <= T_RANGE[1]:
         raise ValueError(f"--T must be in [{T_RANGE[0]}, {T_RANGE[1]}], got {args.T}")
     if args.out:
-        from .sample import check_output
+        from .common import check_output
 
         check_output(args.out, "--out", (".png",))
     schedule = NoiseSchedule.make(args.schedule, T=args.T, beta_start=args.beta_start, beta_end=args.beta_end)

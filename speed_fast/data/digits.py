@@ -6,19 +6,16 @@ real VAE latents. It ships with scikit-learn, so `deepspeed train/main.py` runs 
 
 from __future__ import annotations
 
+import fcntl
 import os
 
 import numpy as np
 
+from ..paths import cache_dir as default_cache_dir
 from .latents import LatentFileError, read_latent_meta, write_latents
 
 DIGITS_SOURCE = "sklearn.datasets.load_digits"
 DIGITS_SAMPLES = 1797
-
-
-def default_cache_dir() -> str:
-    """$SPEED_FAST_CACHE, else ~/.cache/speed_fast."""
-    return os.environ.get("SPEED_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "speed_fast")
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -40,10 +37,18 @@ def _is_current(path: str) -> bool:
 
 
 def ensure_digits_beton(path: str | os.PathLike | None = None) -> str:
-    """Path of the digits .beton (default `<cache>/digits.beton`), written first if missing or invalid."""
+    """Path of the digits .beton (default `<cache>/digits.beton`, speed_fast.paths), written first if
+    missing or invalid. A file lock next to it keeps concurrent ranks from writing it twice."""
     path = os.fspath(path) if path is not None else os.path.join(default_cache_dir(), "digits.beton")
-    if not _is_current(path):
-        x, y = digits_arrays()
-        write_latents(path, x, y, class_names=[str(i) for i in range(10)], store_dtype="bfloat16",
-                      extra={"dataset": DIGITS_SOURCE, "scaling": "x / 8 - 1"})
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "digits.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not _is_current(path):
+                x, y = digits_arrays()
+                write_latents(path, x, y, class_names=[str(i) for i in range(10)], store_dtype="bfloat16",
+                              extra={"dataset": DIGITS_SOURCE, "scaling": "x / 8 - 1"})
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     return path

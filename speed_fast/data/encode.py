@@ -3,9 +3,9 @@
 Images: IMAGE_DIR/<class>/**/<file>, classes sorted by folder name (label = position), files
 sorted by relative path, ADM center crop to `resolution` (DiT's `center_crop_arr`: halve with
 BOX while the short side is >= 2x, BICUBIC resize of the short side, center crop), scaled to
-[-1, 1]. Latents: diffusers AutoencoderKL from a local directory, posterior mean (or one sample
-with noise keyed by (seed, image index), so a rerun draws the same noise), then
-(z - shift_factor) * scaling_factor, stored as bf16.
+[-1, 1]. Latents: a local diffusers AutoencoderKL (speed_fast.vae, which owns the convention),
+posterior mean (or one sample with noise keyed by (seed, image index), so a rerun draws the same
+noise), then (z - shift_factor) * scaling_factor, stored as bf16.
 
 Resume: images are encoded in shards of `shard_size` consecutive images; each finished shard is
 written atomically to `<out>.parts/shard-<start>-<stop>.npz` next to a manifest of the settings
@@ -31,6 +31,8 @@ import uuid
 import numpy as np
 import torch
 
+from ..devices import resolve_device
+from ..vae import latent_factors, load_vae, to_latents
 from .latents import write_latents
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
@@ -130,36 +132,6 @@ class _Images(torch.utils.data.Dataset):
             return g, torch.zeros(3, self.resolution, self.resolution), f"{type(exc).__name__}: {exc}"
 
 
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} usable CUDA device(s)")
-    return dev
-
-
-def load_vae(vae_path: str, device: torch.device):
-    """diffusers AutoencoderKL from a local directory (never downloads)."""
-    from diffusers import AutoencoderKL
-
-    config = os.path.join(vae_path, "config.json")
-    if not os.path.isdir(vae_path) or not os.path.isfile(config):
-        raise ValueError(f"--vae {vae_path!r} must be a local directory holding an AutoencoderKL saved with "
-                         "save_pretrained (config.json + weights); nothing is downloaded at run time "
-                         "(e.g. `huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir DIR` beforehand)")
-    try:
-        vae = AutoencoderKL.from_pretrained(vae_path, local_files_only=True, low_cpu_mem_usage=False)
-    except (OSError, ValueError, EnvironmentError) as exc:
-        raise ValueError(f"--vae {vae_path!r}: could not load an AutoencoderKL from it ({exc})") from None
-    return vae.to(device).eval()
-
-
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -245,16 +217,14 @@ def encode_folder(image_dir: str, vae_path: str, out: str, *, resolution: int = 
         raise ValueError(f"max_images must be an integer >= 1, got {max_images!r}")
     image_dir = os.path.abspath(image_dir)
     vae_path = os.path.abspath(vae_path)
-    dev = _device(device)
+    dev = resolve_device(device)
     paths, labels, class_names = scan_image_folder(image_dir)
     n_images = len(paths)
     vae = load_vae(vae_path, dev)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if resolution % factor:
         raise ValueError(f"resolution must be a multiple of the VAE's downsampling factor {factor}, got {resolution}")
-    scale = float(vae.config.scaling_factor)
-    shift = vae.config.get("shift_factor", None)
-    shift = 0.0 if shift is None else float(shift)
+    scale, shift = latent_factors(vae)
 
     with open(os.path.join(vae_path, "config.json"), "rb") as f:
         vae_sha = _sha256(f.read())
@@ -360,7 +330,7 @@ def _encode_range(vae, image_dir, paths, labels, start, stop, shard_size, parts,
                     if sample_posterior:
                         eps = torch.stack([_noise(z.shape[1:], seed, int(idx[i]), copy) for i in good])
                         z = z + dist.std * eps.to(z.device, z.dtype)
-                    lat.append(((z - shift) * scale).to(torch.bfloat16).cpu())
+                    lat.append(to_latents(z, scale, shift).to(torch.bfloat16).cpu())
                 z = torch.stack(lat, dim=1) if flip else lat[0]  # (b, [2,] C, h, w)
                 kept_lat.append(z.view(torch.int16).numpy())
                 kept_idx += [int(idx[i]) for i in good]

@@ -440,7 +440,7 @@ def check_crc(path: str | os.PathLike, meta: dict, *, force: bool = False, cache
     read the file once. Returns True when the file was read now; raises LatentFileError on a mismatch."""
     import fcntl
 
-    from .digits import default_cache_dir
+    from ..paths import cache_dir as default_cache_dir
 
     path = os.path.realpath(os.fspath(path))
     st = os.stat(path)

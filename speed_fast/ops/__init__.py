@@ -6,7 +6,7 @@
     loss, mse = weighted_mse(pred, t, weights, seed, step)             # weighted_mse.py
     fused = FusedSpeeD(schedule, strategy, device, backend, seed)      # fused.py
 
-Backends and their selection: backends.py; argument checks: validate.py. Contract: DESIGN.md.
+Backends and their selection: backends.py; argument checks: validate.py. Contract: docs/CONTRACT.md.
 """
 
 from .backends import BACKENDS, BackendUnavailable, available_backends, backend_status, resolve_backend

@@ -5,7 +5,7 @@ and are compiled with torch's extension API on first use, into a cache directory
 keyed by the sources, their location, flags, torch and Python versions:
 
     $SPEED_FAST_BUILD_DIR, else $TORCH_EXTENSIONS_DIR/speed_fast_cpu_<key>,
-    else ~/.cache/speed_fast/speed_fast_cpu_<key>
+    else <cache>/speed_fast_cpu_<key>   (<cache>: $SPEED_FAST_CACHE or ~/.cache/speed_fast, speed_fast.paths)
 
 Later processes only load the cached library (a no-op ninja check). The library
 registers torch custom ops `torch.ops.speed_fast.cpp_*` (C++ kernels, Python fake
@@ -33,7 +33,9 @@ from pathlib import Path
 
 import torch
 
-from .validate import samples_contiguous
+from .. import paths
+from ..layout import contiguous_samples
+from ..rng import seed_bits
 
 EXTENSION = "speed_fast_cpu"
 SOURCES = (
@@ -72,8 +74,7 @@ def build_dir() -> Path:
     # checkouts sharing one build directory would rebuild it in turn at every first use.
     h.update(str(src.resolve()).encode())
     h.update(repr((CFLAGS, LDFLAGS, torch.__version__, sys.version_info[:2], platform.machine())).encode())
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "speed_fast")
-    return Path(root) / f"{EXTENSION}_{h.hexdigest()[:16]}"
+    return Path(paths.cpp_build_root()) / f"{EXTENSION}_{h.hexdigest()[:16]}"
 
 
 @contextlib.contextmanager
@@ -199,11 +200,6 @@ def use_isa(name: str):
         cpu_isa(previous)
 
 
-def _seed_bits(seed: int) -> int:
-    """The uint64 seed's bit pattern as an int64 (torch op schemas have no unsigned ints)."""
-    return seed - 2**64 if seed >= 2**63 else seed
-
-
 @contextlib.contextmanager
 def keep_noise(enabled: bool = True):
     """Within the block, sample_and_noise keeps (or does not keep) its float32 noise for the
@@ -223,15 +219,10 @@ def eps_cache_hits() -> int:
     return torch.ops.speed_fast.cpp_eps_cache_hits()
 
 
-def _batch(x: torch.Tensor) -> torch.Tensor:
-    """x itself when each sample is contiguous (the C++ ops take any batch stride), else a copy."""
-    return x if samples_contiguous(x) else x.contiguous()
-
-
 def normal(numel: int, seed: int, step: int, first_element: int = 0) -> torch.Tensor:
     """float32 [numel]: the same noise as `speed_fast.rng.normal_ref`, from the SIMD generator."""
     load()
-    return torch.ops.speed_fast.cpp_normal(numel, _seed_bits(seed), step, first_element)
+    return torch.ops.speed_fast.cpp_normal(numel, seed_bits(seed), step, first_element)
 
 
 # Backend interface (see speed_fast/ops/backends.py).
@@ -239,24 +230,24 @@ def normal(numel: int, seed: int, step: int, first_element: int = 0) -> torch.Te
 
 def sample_timesteps(prob, alias, n, seed, step, offset=0):
     load()
-    return torch.ops.speed_fast.cpp_sample_timesteps(prob.contiguous(), alias.contiguous(), n, _seed_bits(seed), step,
+    return torch.ops.speed_fast.cpp_sample_timesteps(prob.contiguous(), alias.contiguous(), n, seed_bits(seed), step,
                                                      offset)
 
 
 def add_noise(x0, t, sqrt_ab, sqrt_1mab, seed, step, offset=0):
     load()
-    return torch.ops.speed_fast.cpp_add_noise(_batch(x0), t.contiguous(), sqrt_ab.contiguous(), sqrt_1mab.contiguous(),
-                                              _seed_bits(seed), step, offset)
+    return torch.ops.speed_fast.cpp_add_noise(contiguous_samples(x0), t.contiguous(), sqrt_ab.contiguous(),
+                                              sqrt_1mab.contiguous(), seed_bits(seed), step, offset)
 
 
 def sample_and_noise(x0, prob, alias, sqrt_ab, sqrt_1mab, seed, step, offset=0):
     load()
-    return torch.ops.speed_fast.cpp_sample_and_noise(_batch(x0), prob.contiguous(), alias.contiguous(),
-                                                     sqrt_ab.contiguous(), sqrt_1mab.contiguous(), _seed_bits(seed),
+    return torch.ops.speed_fast.cpp_sample_and_noise(contiguous_samples(x0), prob.contiguous(), alias.contiguous(),
+                                                     sqrt_ab.contiguous(), sqrt_1mab.contiguous(), seed_bits(seed),
                                                      step, offset)
 
 
 def weighted_mse_fwd(pred, t, weights, seed, step, offset=0):
     load()
-    return torch.ops.speed_fast.cpp_weighted_mse_fwd(_batch(pred), t.contiguous(), weights.contiguous(),
-                                                     _seed_bits(seed), step, offset)
+    return torch.ops.speed_fast.cpp_weighted_mse_fwd(contiguous_samples(pred), t.contiguous(), weights.contiguous(),
+                                                     seed_bits(seed), step, offset)

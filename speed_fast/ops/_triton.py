@@ -15,16 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from ..rng import seed_bits
+from ..rng import seed_from_bits as _seed
 from .backends import interpreting
-
-
-def _seed_bits(seed: int) -> int:
-    """The uint64 seed's bit pattern as an int64 (torch op schemas have no unsigned ints)."""
-    return seed - 2**64 if seed >= 2**63 else seed
-
-
-def _seed(bits: int) -> int:
-    return bits % 2**64
 
 
 @torch.library.custom_op("speed_fast::triton_sample_timesteps", mutates_args=())
@@ -86,19 +79,19 @@ def _(pred, t, weights, seed, step, offset):
 
 
 def sample_timesteps(prob, alias, n, seed, step, offset=0):
-    return _sample_timesteps_op(prob, alias, n, _seed_bits(seed), step, offset)
+    return _sample_timesteps_op(prob, alias, n, seed_bits(seed), step, offset)
 
 
 def add_noise(x0, t, sqrt_ab, sqrt_1mab, seed, step, offset=0):
-    return _add_noise_op(x0, t, sqrt_ab, sqrt_1mab, _seed_bits(seed), step, offset)
+    return _add_noise_op(x0, t, sqrt_ab, sqrt_1mab, seed_bits(seed), step, offset)
 
 
 def sample_and_noise(x0, prob, alias, sqrt_ab, sqrt_1mab, seed, step, offset=0):
-    return _sample_and_noise_op(x0, prob, alias, sqrt_ab, sqrt_1mab, _seed_bits(seed), step, offset)
+    return _sample_and_noise_op(x0, prob, alias, sqrt_ab, sqrt_1mab, seed_bits(seed), step, offset)
 
 
 def weighted_mse_fwd(pred, t, weights, seed, step, offset=0):
-    return _weighted_mse_fwd_op(pred, t, weights, _seed_bits(seed), step, offset)
+    return _weighted_mse_fwd_op(pred, t, weights, seed_bits(seed), step, offset)
 
 
 def probe(device) -> None:

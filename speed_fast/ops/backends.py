@@ -1,5 +1,5 @@
 """The backend table of the fused ops: which backends exist, whether each can run here, and
-which one runs a call (contract in DESIGN.md, "The fused training step").
+which one runs a call (contract in docs/CONTRACT.md, "The fused training step").
 
     torch   the references (`<op>_ref` in each op file); runs anywhere
     cpp     C++/OpenMP kernels (`_cpp.py`, sources in csrc/), CPU tensors

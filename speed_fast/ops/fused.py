@@ -51,7 +51,7 @@ class FusedSpeeD:
         self._draw = draw_implementation(self.backend)
         self._sample_and_noise, self._add_noise = noise_implementation(self.backend)
         self._loss_fwd = loss_implementation(self.backend)
-        self.seed, _, _ = rng.check_seed_step(seed, 0)
+        self.seed = rng.check_seed(seed)  # once: the seed does not change per call
         f32 = dict(dtype=torch.float32, device=self.device)
         self.sqrt_ab = schedule.sqrt_alphas_cumprod.to(**f32)
         self.sqrt_1mab = schedule.sqrt_one_minus_alphas_cumprod.to(**f32)
@@ -87,7 +87,7 @@ class FusedSpeeD:
 
         `step` keys the RNG (the micro-step); `strategy_step` (default: step) is the training step at
         which a step-dependent P(t) is evaluated, e.g. the optimizer step under gradient accumulation."""
-        _, step, offset = rng.check_seed_step(self.seed, step, offset)
+        step, offset = rng.check_step_offset(step, offset)
         self._refresh(step, strategy_step)
         draws = self._draw(self.prob, self.alias, self.strategy.draws_needed(n), self.seed, step, offset)
         return self.strategy.postprocess(draws, n)
@@ -98,7 +98,7 @@ class FusedSpeeD:
         check_batch("x0", x0)
         if x0.device != self.device:
             raise ValueError(f"x0 must be on {self.device}, got {x0.device}")
-        _, step, offset = rng.check_seed_step(self.seed, step, offset)
+        step, offset = rng.check_step_offset(step, offset)
         if self.strategy.draws_needed(x0.shape[0]) != x0.shape[0]:
             t = self.sample_timesteps(x0.shape[0], step, offset, strategy_step)
             return t, self._add_noise(x0, t, self.sqrt_ab, self.sqrt_1mab, self.seed, step, offset)
@@ -112,7 +112,7 @@ class FusedSpeeD:
         if pred.device != self.device or t.shape != (pred.shape[0],):
             raise ValueError(f"pred must be on {self.device} with t of shape ({pred.shape[0]},), "
                              f"got pred on {pred.device} and t of shape {tuple(t.shape)}")
-        _, step, offset = rng.check_seed_step(self.seed, step, offset)
+        step, offset = rng.check_step_offset(step, offset)
         return WeightedMSEFunction.apply(pred, t, self.weights, self.seed, step, offset, self._loss_fwd)
 
     def area_losses(self, t: torch.Tensor, per_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,12 +11,11 @@ from __future__ import annotations
 import torch
 
 from ..alias import check_alias_table
-from ..rng import check_seed_step
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from ..layout import FLOAT_DTYPES, samples_contiguous
+from ..rng import check_seed_step, check_step_offset
 
 __all__ = ["FLOAT_DTYPES", "check_alias_table", "check_batch", "check_finite_table", "check_n", "check_on",
-           "check_seed_step", "check_t", "check_table", "samples_contiguous"]
+           "check_seed_step", "check_step_offset", "check_t", "check_table", "samples_contiguous"]
 
 
 def check_n(n) -> int:
@@ -38,17 +37,6 @@ def check_batch(name: str, x) -> torch.Tensor:
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
     return x
-
-
-def samples_contiguous(x: torch.Tensor) -> bool:
-    """Whether every sample x[b] of a batch is contiguous, whatever the batch stride (the layout the
-    kernels read directly, e.g. the eps half of a learned-sigma output, model_out[:, :C])."""
-    expected = 1
-    for size, stride in zip(reversed(x.shape[1:]), reversed(x.stride()[1:])):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def check_on(name: str, x: torch.Tensor, device) -> None:

@@ -46,6 +46,8 @@ import shutil
 import numpy as np
 import torch
 
+from ..jsonfile import JSONFileError, read_json_object
+
 STATE_FILE = "state.json"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
@@ -297,16 +299,12 @@ def _required_files(world_size: int) -> list[str]:
 def read_state(path: str) -> dict:
     """state.json of the checkpoint at `path`; CheckpointError when it is missing or not a JSON object."""
     file = os.path.join(path, STATE_FILE)
+    if not os.path.exists(file):
+        raise CheckpointError(f"{file} is missing (an interrupted copy or a damaged checkpoint)")
     try:
-        with open(file, "rb") as f:
-            state = json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{file} is missing (an interrupted copy or a damaged checkpoint)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{file} is unreadable ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{file} holds {type(state).__name__}, expected a JSON object")
-    return state
+        return read_json_object(file)
+    except JSONFileError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def verify(path: str, files: list[str] | None = None) -> dict:

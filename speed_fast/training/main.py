@@ -15,13 +15,13 @@ be resumed (nothing trained); 3 stopped by repeated non-finite losses.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import sys
 import time
 
+from ..jsonfile import JSONFileError, read_json_object
 from . import checkpoint as ckpt
 from . import preemption
 from .config import ConfigError, Plan, TrainConfig, parse_args, resolve
@@ -131,14 +131,10 @@ def _resume_path(cfg: TrainConfig, plan: Plan, rank: int) -> str | None:
     if path is None:
         raise ConfigError(f"cannot resume {cfg.run_dir}: none of its checkpoints {tags} verifies (reasons above); "
                           f"move the damaged ones out of {root} to start over, or choose another --run-dir")
-    config_path = os.path.join(cfg.run_dir, "config.json")
     try:
-        with open(config_path) as f:
-            old = json.load(f)
-        if not isinstance(old, dict):
-            raise ValueError(f"holds {type(old).__name__}, expected a JSON object")
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot resume {cfg.run_dir}: {config_path} is unreadable ({exc})") from None
+        old = read_json_object(os.path.join(cfg.run_dir, "config.json"))
+    except JSONFileError as exc:
+        raise ConfigError(f"cannot resume {cfg.run_dir}: {exc}") from None
     changed = _changed_settings(old, plan)
     if changed:
         raise ConfigError(f"cannot resume {cfg.run_dir}: the run was started with different settings "

@@ -1,0 +1,87 @@
+"""Sample and reference sets as float32 [N, C, H, W] (and labels): .npy / .npz files, a latent .beton,
+or the embedded digits."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+
+ARRAY_KEYS = ("images", "latents", "samples", "x", "arr_0")
+
+
+def load_array(path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(data float32 [N, C, H, W], labels int64 [N] or None) from a .npy or .npz file.
+
+    uint8 arrays are images in [0, 255] and are mapped to [-1, 1]; float arrays are taken as they
+    are (images in [-1, 1] or latents). [N, H, W] gets a channel axis; [N, H, W, 1 or 3] (NHWC)
+    is transposed. An .npz is read from the first of the keys images, latents, samples, x, arr_0
+    it holds; labels from "labels" or "y" when present."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"no such array file: {path}")
+    labels = None
+    if path.endswith(".npz"):
+        with np.load(path) as z:
+            key = next((k for k in ARRAY_KEYS if k in z.files), None)
+            if key is None:
+                raise ValueError(f"{path} holds {z.files}; expected one of {ARRAY_KEYS}")
+            arr = z[key]
+            lab_key = next((k for k in ("labels", "y") if k in z.files), None)
+            labels = torch.as_tensor(z[lab_key].astype(np.int64)) if lab_key else None
+    elif path.endswith(".npy"):
+        arr = np.load(path)
+    else:
+        raise ValueError(f"expected a .npy or .npz file, got {path}")
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    if arr.ndim != 4:
+        raise ValueError(f"{path}: expected [N, C, H, W] (or [N, H, W], [N, H, W, C]), got shape {arr.shape}")
+    if arr.shape[-1] in (1, 3) and arr.shape[1] not in (1, 3, 4):
+        arr = arr.transpose(0, 3, 1, 2)
+    if arr.dtype == np.uint8:
+        data = torch.from_numpy(np.ascontiguousarray(arr)).float() / 127.5 - 1.0
+    elif arr.dtype.kind == "f":
+        data = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    else:
+        raise ValueError(f"{path}: expected uint8 images or float data, got dtype {arr.dtype}")
+    if not torch.isfinite(data).all():
+        raise ValueError(f"{path} has non-finite values")
+    if labels is not None and labels.shape != (data.shape[0],):
+        raise ValueError(f"{path}: {labels.shape[0]} labels for {data.shape[0]} samples")
+    return data, labels
+
+
+def read_array(path: str, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`load_array` with unreadable files (empty, truncated, not an array) reported as a ValueError
+    naming `what` (the flag) and the file."""
+    import zipfile
+
+    from ..data.sources import load_array_file
+
+    load_array_file(path, what)  # exists, not empty, opens as .npy/.npz
+    try:
+        return load_array(path)
+    except (EOFError, OSError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{what} {path!r} is not a readable .npy/.npz array ({type(exc).__name__}: {exc})") from None
+
+
+def load_reference(spec: str, n_ref: int = 10000) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(data [N, C, H, W], labels or None) of a reference set: an array file, a latent .beton (a
+    seeded random subset of at most n_ref samples, float32), or 'digits' (1797 images in [-1, 1])."""
+    if spec == "digits":
+        from ..data.digits import digits_arrays
+
+        x, y = digits_arrays()
+        return torch.from_numpy(x), torch.from_numpy(y)
+    if spec.endswith(".beton"):
+        from ..data import open_loader, read_latent_meta
+
+        if n_ref < 2:
+            raise ValueError(f"--n-ref must be >= 2, got {n_ref}")
+        n = min(n_ref, read_latent_meta(spec)["num_samples"])
+        x, y = next(iter(open_loader(spec, n, seed=0, num_workers=1, drop_last=True, out_dtype=torch.float32)))
+        return x.clone(), y.clone()
+    return read_array(spec, "--ref")
