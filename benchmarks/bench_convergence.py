@@ -8,7 +8,8 @@ Arms (`ARMS`; the first listed is the baseline): uniform; SpeeD as the authors' 
 and with the dual trick (`speed`, `speed_dual`; the configs behind the paper's tables use dual);
 asymmetric sampling alone (`asym_only`: k = 5, w = 1); change-aware weighting alone (`weight_only`:
 k = 1); the weighting as the paper states it (`speed_paper_w`: w rescaled into [1 - lam, lam] over
-all t instead of w = 1 from tau on); min_snr, p2 and lognormal. `name:S` runs S seeds instead of --seeds.
+all t instead of w = 1 from tau on); min_snr, p2, lognormal and clts (its ramp over the first eighth
+of the run, as its reference's 50k steps of ~400k). `name:S` runs S seeds instead of --seeds.
 
 A seed fixes the initial weights, the data order, the label dropout and the noise stream, so the
 arms of one seed are paired. Each (arm, seed) is one run of the project's trainer (`train/main.py
@@ -71,7 +72,14 @@ ARMS = {
     "min_snr": ("min_snr", {}),
     "p2": ("p2", {}),
     "lognormal": ("lognormal", {}),
+    # CLTS's 50k-step ramp is ~1/8 of the runs it was made for (~400k steps): here 1/8 of --steps.
+    "clts": ("clts", {"ramp_steps": "steps/8"}),
 }
+
+
+def arm_params(arm: str, steps: int) -> dict:
+    """ARMS[arm]'s parameters for a run of `steps` steps ("steps/8" becomes steps // 8, at least 1)."""
+    return {k: max(1, steps // 8) if v == "steps/8" else v for k, v in ARMS[arm][1].items()}
 FRACTIONS = (0.5, 0.75, 1.0)
 QUALITY = "fd_raw"
 
@@ -154,7 +162,7 @@ def run_dir_for(work_dir: str, arm: str, seed: int) -> str:
 
 
 def expected_train(args, arm: str, seed: int) -> dict:
-    strategy, params = ARMS[arm]
+    strategy, params = ARMS[arm][0], arm_params(arm, args.steps)
     return {"strategy": strategy, "strategy_params": params, "seed": seed, "max_steps": args.steps,
             "eval_every": args.eval_every, "eval_samples": args.eval_samples}
 
@@ -171,7 +179,7 @@ def is_done(run_dir: str, want: dict) -> bool:
 
 
 def trainer_command(args, beton: str, arm: str, seed: int, run_dir: str) -> list[str]:
-    strategy, params = ARMS[arm]
+    strategy, params = ARMS[arm][0], arm_params(arm, args.steps)
     flags = []
     for k, v in params.items():
         if isinstance(v, bool):
@@ -235,10 +243,10 @@ def heldout_area_mse(run_dir: str, data: torch.Tensor, labels: torch.Tensor, dra
     the same (t, noise) for every run (fixed generator). Cached in the run directory."""
     from speed_fast.diffusion import GaussianDiffusion
     from speed_fast.theory import area_index
-    from speed_fast.training.checkpoint import find_latest, load_for_inference
+    from speed_fast.training.checkpoint import find_resumable, load_for_inference
 
     cache = os.path.join(run_dir, "area_mse.json")
-    ckpt = find_latest(os.path.join(run_dir, "checkpoints"))
+    ckpt, _, _ = find_resumable(os.path.join(run_dir, "checkpoints"))
     if os.path.isfile(cache):
         with open(cache) as f:
             doc = json.load(f)

@@ -93,3 +93,42 @@ def test_arm_specs_and_schedule():
     for flag, dual in (([], True), (["--no-dual"], False), (["--dual"], True)):
         cfg, _ = trainer_args(["--preset", "digits", *flag], configs)
         assert cfg.strategy_params["dual"] is dual, flag
+
+
+def test_clts_ramp_scales_with_the_run():
+    assert bench.arm_params("clts", 3000) == {"ramp_steps": 375}
+    assert bench.arm_params("clts", 4) == {"ramp_steps": 1}
+    assert bench.arm_params("speed_dual", 3000) == bench.ARMS["speed_dual"][1]
+
+
+def test_the_benchmark_end_to_end(tmp_path):
+    """The README's command at toy size, through every stage: real trainer runs (2 arms x 1 seed),
+    the held-out per-area MSE of each final checkpoint, the summary, the plot and the JSON; then a
+    rerun reuses the finished runs (the per-(arm, seed) cache) and writes the same summary."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "conv.json"
+    cmd = [sys.executable, str(_PATH), "--dataset", "digits", "--steps", "4", "--eval-every", "1",
+           "--eval-samples", "16", "--arms", "uniform,clts", "--seeds", "1", "--bootstrap", "200",
+           "--work-dir", str(tmp_path / "runs"), "--out", str(out), "--jobs", "2",
+           "--trainer-arg=--sample-steps=2", "--trainer-arg=--eval-sampler=ddim3"]  # toy samplers: CI time
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    assert "2 of 2 runs to do" in first.stdout
+    doc = json.loads(out.read_text())
+    assert doc["seeds"] == {"uniform": [0], "clts": [0]}
+    assert os.path.getsize(tmp_path / "conv.png") > 1000
+    for r in doc["results"]:
+        assert r["steps"] == [1, 2, 3, 4] and len(r["quality"]) == 4
+        assert set(r["area_mse_heldout"]) == set(AREAS) and all(v > 0 for v in r["area_mse_heldout"].values())
+    with open(tmp_path / "runs" / "clts-seed0" / "config.json") as f:
+        assert json.load(f)["train"]["strategy_params"]["ramp_steps"] == 1  # 4 steps / 8, at least 1
+    vs = doc["summary"]["clts"]["vs_baseline"]
+    assert vs["seeds"] == 1 and set(vs["thresholds"]) == {"50%", "75%", "100%"}
+    assert "| clts | 1 |" in doc["table"]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert again.returncode == 0 and "0 of 2 runs to do" in again.stdout, again.stderr[-3000:]
+    assert json.loads(out.read_text())["summary"] == doc["summary"]
