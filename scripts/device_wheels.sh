@@ -5,8 +5,8 @@
 # `bash scripts/install.sh ffcv,dev` (it builds DeepSpeed's wheel with .venv's torch).
 #
 #   bash scripts/device_wheels.sh                  # CPython 3.12 manylinux x86_64 (the device image)
-#   bash scripts/device_wheels.sh --python 3.11 --dest .whl-3.11   # the same set for this machine
-#                                                  # (what tests/test_device_rehearsal.py installs)
+#   bash scripts/device_wheels.sh --python 3.11 --dest .whl-3.11   # the same set for this machine,
+#                                                  # installed and imported here (a rehearsal)
 #
 # The device image (the `device` tool's KINDS.md) is Python 3.12 with torch 2.11 + Triton 3.6,
 # numpy, scipy, scikit-learn, matplotlib, tensorboard, numba, pillow, tqdm, pytest,
@@ -22,6 +22,8 @@
 #                  DeepSpeed's requirements that the image lacks (pydantic's own, and a
 #                  typing-extensions new enough for it)
 # Versions are those of this checkout's .venv, so the device runs what the tests ran here.
+# Also copies CIFAR-10's train.tar.gz (../shared/data/cifar10 or $CIFAR10_DIR) to .device-data/ for
+# gpu_convergence.sh, and checks that everything that travels stays under the 64 MiB limit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYVER=3.12
@@ -98,26 +100,48 @@ else
     for f in "$DEST"/pydantic_core-*.whl; do
         case "$f" in *"cp${PYVER/./}"*manylinux*x86_64*) ;; *) echo "device_wheels.sh: $f is not for CPython $PYVER x86_64" >&2; exit 1 ;; esac
     done
-    echo "[wheels] import check: skipped (this machine runs Python $here, the wheels are for $PYVER; the same set"
-    echo "         for $here is what tests/test_device_rehearsal.py installs and imports)"
+    echo "[wheels] import check: skipped (this machine runs Python $here, the wheels are for $PYVER; build the"
+    echo "         same set for $here with --python $here --dest .whl-$here to check it here)"
 fi
 
-# What travels: the tracked and untracked-not-ignored tree, plus the carried .whl (64 MiB in all).
+# gpu_convergence.sh's CIFAR-10 (../shared does not travel to the device): .device-data/cifar10,
+# ignored by git, carried.
+data_kb=0
+if [ "$DEST" = .whl ]; then
+    for d in "${CIFAR10_DIR:-}" ../shared/data/cifar10; do
+        if [ -n "$d" ] && [ -f "$d/train.tar.gz" ]; then
+            mkdir -p .device-data/cifar10
+            cp "$d/train.tar.gz" .device-data/cifar10/train.tar.gz
+            data_kb="$(du -sk .device-data | cut -f1)"
+            echo "[wheels] CIFAR-10 for gpu_convergence.sh: .device-data/cifar10/train.tar.gz ($((data_kb / 1024)) MiB)"
+            break
+        fi
+    done
+    [ "$data_kb" = 0 ] && echo "[wheels] no CIFAR-10 found (../shared/data/cifar10 or \$CIFAR10_DIR): gpu_convergence.sh will not run there"
+fi
+
+# What travels: the tracked and untracked-not-ignored tree, plus the carried folders (64 MiB in all).
 tree_kb="$(git ls-files -z --cached --others --exclude-standard | xargs -0 du -ck 2>/dev/null | tail -n 1 | cut -f1)"
 whl_kb="$(du -sk "$DEST" | cut -f1)"
-total_mb=$(( (tree_kb + whl_kb + 1023) / 1024 ))
-echo "[wheels] $(ls "$DEST" | wc -l) wheels in $DEST: $((whl_kb / 1024)) MiB; working tree $((tree_kb / 1024)) MiB; total ${total_mb} MiB of ${LIMIT_MB}"
+total_mb=$(( (tree_kb + whl_kb + data_kb + 1023) / 1024 ))
+echo "[wheels] $(ls "$DEST" | wc -l) wheels in $DEST: $((whl_kb / 1024)) MiB; data $((data_kb / 1024)) MiB; working tree $((tree_kb / 1024)) MiB; total ${total_mb} MiB of ${LIMIT_MB}"
 if [ "$total_mb" -ge "$LIMIT_MB" ]; then
     echo "device_wheels.sh: ${total_mb} MiB would travel, over the device's ${LIMIT_MB} MiB" >&2
     exit 1
 fi
 if [ "$DEST" = .whl ]; then
+    install='python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;'
     cat <<EOF
 
-The device call (tool 'device', verb 'run'; 15 minutes of device time per task, so a 540 s limit
-leaves room for one rerun of the failed steps with --only):
-  carry:     [".whl"]
-  timeout_s: 540
-  command:   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; bash scripts/gpu_smoke.sh
+The device calls (tool 'device', verb 'run'), in this order; a lent machine gives 15 minutes of
+device time per task (start ~30 s, at most 10 minutes per call), so the smoke is two calls and
+scripts/gpu_convergence.sh, ~8 minutes, needs a task of its own. Give the machine back
+(give_back) after the last call. Each call's files come back under /work/.device/N/.
+  1. carry [".whl"], timeout_s 420 (measured: ~330 s on an H200):
+     $install bash scripts/gpu_smoke.sh --only setup,env,compile,tests,train,resume
+  2. carry [".whl"], timeout_s 420:
+     $install bash scripts/gpu_smoke.sh --only setup,bench,mfu
+  (another task) carry [".whl", ".device-data"], timeout_s 560:
+     $install bash scripts/gpu_convergence.sh
 EOF
 fi

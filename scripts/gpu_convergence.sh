@@ -6,10 +6,12 @@
 #   bash scripts/gpu_convergence.sh                       # CIFAR-10 from ../shared/data/cifar10 or $CIFAR10_DIR
 #   STEPS=4000 EVAL_EVERY=1000 bash scripts/gpu_convergence.sh
 #
-# Python: $PYTHON, else .venv/bin/python when it exists, else python3 (a GPU image's own torch). It
-# needs speed_fast's dependencies importable (deepspeed, ffcv, ...): on a machine without network
-# access, carry them as wheels (see README, "Running on GPUs"); the script checks them first and
-# says which are missing.
+# Python: $PYTHON, else .venv/bin/python when it exists, else python3 (a GPU image's own torch); the
+# project runs from this source tree (PYTHONPATH), nothing is installed. It needs deepspeed, numba,
+# matplotlib, scikit-learn and pillow importable: on a machine without network access (a lent GPU
+# image) carry DeepSpeed as wheels (scripts/device_wheels.sh, which also copies CIFAR-10 into
+# .device-data/, since ../shared does not travel); FFCV is optional (the memmap loader reads the
+# same batches without it). The script checks them first and says which are missing.
 #
 # Budget (one GPU): the 4 runs go 2 at a time on the one device (a DiT-S/2 on 32x32 pixels does not
 # fill an H100); each stops at $STEPS steps; the whole benchmark is cut at $BUDGET_S seconds
@@ -28,7 +30,8 @@ export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT" data
 
 cifar=""
-for d in "${CIFAR10_DIR:-}" ../shared/data/cifar10 shared/data/cifar10; do
+export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
+for d in "${CIFAR10_DIR:-}" ../shared/data/cifar10 shared/data/cifar10 .device-data/cifar10; do
     if [ -n "$d" ] && [ -f "$d/train.tar.gz" ]; then cifar="$d"; break; fi
 done
 if [ -z "$cifar" ]; then
@@ -38,11 +41,13 @@ fi
 
 "$py" - <<'EOF'
 import importlib, sys
-missing = [m for m in ("torch", "deepspeed", "ffcv", "numba", "matplotlib", "sklearn", "PIL", "speed_fast")
+missing = [m for m in ("torch", "deepspeed", "numba", "matplotlib", "sklearn", "PIL", "speed_fast")
            if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"gpu_convergence: missing Python packages {missing} for {sys.executable}; "
-             "install speed_fast with its extras (or carry the wheels) first")
+             "install speed_fast with its extras (or carry the wheels: scripts/device_wheels.sh) first")
+from speed_fast.data import resolve_loader
+print(f"gpu_convergence: loader {resolve_loader('auto')[0]}", flush=True)
 import torch
 if not torch.cuda.is_available():
     sys.exit("gpu_convergence: no CUDA device visible to torch")

@@ -15,8 +15,12 @@
 # carried as wheels: scripts/device_wheels.sh fills .whl/ and prints the exact `device` call. FFCV
 # is optional: without it the trainer reads the same batches through the memmap loader.
 #
-# Steps, each with its own time limit (their sum is 10 minutes), each run even if an earlier one
-# failed; each reports PASS, FAIL or SKIP with the reason:
+# Steps, each with its own time limit (their sum is 14 minutes, the most they may take; the first
+# H200 run took 5 minutes for setup,env,compile,tests,train,resume), each run even if an earlier
+# one failed; each reports PASS, FAIL or SKIP with the reason. A lent machine takes at most 10
+# minutes per call, so there the smoke is two calls (scripts/device_wheels.sh prints both):
+#   --only setup,env,compile,tests,train,resume     (~5.5 min measured)
+#   --only setup,bench,mfu                          (at most 7 min; not yet measured)
 #   setup     which Python, torch, Triton, DeepSpeed and loader this run uses (FAIL: no triton)
 #   env       speed-fast env: the triton backend is active (its test launch matched the reference)
 #   compile   speed-fast env --compile for this GPU's architecture: every kernel variant compiles
@@ -29,7 +33,9 @@
 #   resume    the same command to step 35: resumes from that checkpoint (~11 GB with AdamW state
 #             and EMA, SHA-256-verified on load) and continues
 # --rehearse: TRITON_INTERPRET=1 for env/tests, sm_90 compile, bench --quick, DiT-S/2 on 8x8
-# latents for 30 + 4 steps on the CPU, time limits x6: checks the script itself without a GPU.
+# latents for 30 + 4 steps on the CPU (SMOKE_STEPS, SMOKE_MORE), time limits x6: checks the script
+# itself without a GPU. With tests/no_ffcv first on PYTHONPATH and PYTHON set it rehearses the lent
+# machine's conditions (no FFCV, no install): tests/test_device_rehearsal.py.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 ROOT="$(pwd)"
@@ -65,7 +71,8 @@ export PYTHONUNBUFFERED=1
 
 if [ "$REHEARSE" = 1 ]; then
     ARCH=sm_90
-    MODEL="DiT-S/2"; LATENT=8; SAMPLES=256; BATCH=32; STEPS=30; MORE=4; PRECISION=auto
+    MODEL="DiT-S/2"; LATENT=8; SAMPLES=256; BATCH=32; STEPS="${SMOKE_STEPS:-30}"; MORE="${SMOKE_MORE:-4}"
+    PRECISION=auto
     BENCH_ARGS=(--quick --no-compile)
     MFU_ARGS=(--quick --rounds 3)  # no GPU: the CPU section, a check of the script path only
     TEST_ENV=(TRITON_INTERPRET=1)
@@ -337,8 +344,8 @@ run_step setup 20
 run_step env 50      # includes building the C++ extension on first use
 run_step compile 40
 run_step tests 90
-run_step bench 45
-run_step mfu 90
+run_step bench 150   # 45 s was too little on the first H200 run (Triton JIT per shape, CPU reference)
+run_step mfu 240     # torch.compile of DiT-XL/2 first; 90 s was too little on the first H200 run
 run_step train 150   # DiT-XL/2's checkpoint: ~11 GB written, hashed and fsynced
 run_step resume 110
 TOTAL=$(($(date +%s) - START))
