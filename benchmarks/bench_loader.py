@@ -4,6 +4,8 @@
                   sharded order), random flip, bf16 view, read as the trainer reads it (forever():
                   epochs streamed through one producer)
   latent_loader_noflip  the same without the flip (the work bare FFCV does per sample)
+  memmap_loader   speed_fast.data.MemmapLoader: the same batches as latent_loader, read with numpy
+                  from a memory map (no FFCV; what a machine without FFCV trains with, --loader memmap)
   ffcv_bare       FFCV's own Loader, RANDOM order, default decoder, no sharding or flip (reference)
   memmap_gather   random-index gather from one memory-mapped int16 .npy: numpy fancy indexing in
                   one thread, and np.take split over `workers` threads (it releases the GIL); the
@@ -144,6 +146,19 @@ def latent_loader_epochs(paths, batch, workers, epochs, seed, world_size, flip=T
         yield itertools.islice(stream, len(ld))
 
 
+def memmap_loader_epochs(paths, batch, workers, epochs, seed, world_size, flip=True):
+    """MemmapLoader's stream, as the trainer reads it without FFCV (--loader memmap)."""
+    import itertools
+
+    from speed_fast.data import MemmapLoader
+
+    ld = MemmapLoader(paths["beton"], batch, seed=seed, rank=0, world_size=world_size, flip=flip,
+                      num_workers=workers)
+    stream = ld.forever()
+    for _ in range(epochs):
+        yield itertools.islice(stream, len(ld))
+
+
 def ffcv_bare_epochs(paths, batch, workers, epochs, seed):
     from ffcv.loader import Loader, OrderOption
 
@@ -242,6 +257,8 @@ def main() -> None:
                                                                           args.world_size), check_ours),
         ("latent_loader_noflip", "ffcv+speed_fast", lambda: latent_loader_epochs(
             paths, B, W, E, args.seed, args.world_size, flip=False), check_noflip),
+        ("memmap_loader", "numpy+speed_fast", lambda: memmap_loader_epochs(paths, B, W, E, args.seed,
+                                                                           args.world_size), check_ours),
         ("ffcv_bare", "ffcv", lambda: ffcv_bare_epochs(paths, B, W, E, args.seed), rows_of),
         ("memmap_gather", "numpy", lambda: memmap_epochs(paths, B, 1, E, args.seed), rows_of),
         (f"memmap_gather_{W}t", "numpy+threads", lambda: memmap_epochs(paths, B, W, E, args.seed), rows_of),
