@@ -133,27 +133,15 @@ def memmap_epochs(paths, batch, threads, epochs, seed):
         yield one_epoch()
 
 
-def latent_loader_epochs(paths, batch, workers, epochs, seed, world_size, flip=True):
-    """The trainer's stream (LatentLoader.forever()), cut into epochs of len(loader) batches."""
+def loader_epochs(cls_name, paths, batch, workers, epochs, seed, world_size, flip=True):
+    """The trainer's stream (`forever()`) of speed_fast.data.<cls_name> (LatentLoader: FFCV;
+    MemmapLoader: numpy, what --loader memmap reads), cut into epochs of len(loader) batches."""
     import itertools
 
-    from speed_fast.data import LatentLoader
+    import speed_fast.data
 
-    ld = LatentLoader(paths["beton"], batch, seed=seed, rank=0, world_size=world_size, flip=flip,
-                      num_workers=workers)
-    stream = ld.forever()
-    for _ in range(epochs):
-        yield itertools.islice(stream, len(ld))
-
-
-def memmap_loader_epochs(paths, batch, workers, epochs, seed, world_size, flip=True):
-    """MemmapLoader's stream, as the trainer reads it without FFCV (--loader memmap)."""
-    import itertools
-
-    from speed_fast.data import MemmapLoader
-
-    ld = MemmapLoader(paths["beton"], batch, seed=seed, rank=0, world_size=world_size, flip=flip,
-                      num_workers=workers)
+    ld = getattr(speed_fast.data, cls_name)(paths["beton"], batch, seed=seed, rank=0, world_size=world_size,
+                                            flip=flip, num_workers=workers)
     stream = ld.forever()
     for _ in range(epochs):
         yield itertools.islice(stream, len(ld))
@@ -253,12 +241,12 @@ def main() -> None:
         assert torch.equal(y, labels[torch.from_numpy(idx0[:B])])
 
     methods = [
-        ("latent_loader", "ffcv+speed_fast", lambda: latent_loader_epochs(paths, B, W, E, args.seed,
-                                                                          args.world_size), check_ours),
-        ("latent_loader_noflip", "ffcv+speed_fast", lambda: latent_loader_epochs(
-            paths, B, W, E, args.seed, args.world_size, flip=False), check_noflip),
-        ("memmap_loader", "numpy+speed_fast", lambda: memmap_loader_epochs(paths, B, W, E, args.seed,
+        ("latent_loader", "ffcv+speed_fast", lambda: loader_epochs("LatentLoader", paths, B, W, E, args.seed,
                                                                            args.world_size), check_ours),
+        ("latent_loader_noflip", "ffcv+speed_fast", lambda: loader_epochs(
+            "LatentLoader", paths, B, W, E, args.seed, args.world_size, flip=False), check_noflip),
+        ("memmap_loader", "numpy+speed_fast", lambda: loader_epochs("MemmapLoader", paths, B, W, E, args.seed,
+                                                                            args.world_size), check_ours),
         ("ffcv_bare", "ffcv", lambda: ffcv_bare_epochs(paths, B, W, E, args.seed), rows_of),
         ("memmap_gather", "numpy", lambda: memmap_epochs(paths, B, 1, E, args.seed), rows_of),
         (f"memmap_gather_{W}t", "numpy+threads", lambda: memmap_epochs(paths, B, W, E, args.seed), rows_of),

@@ -281,6 +281,18 @@ watch_memory() {
     done
 }
 
+# train_watched MAX_STEPS: train_cmd with watch_memory beside it; the training job's exit status.
+train_watched() {
+    train_cmd "$1" &
+    local job=$!
+    watch_memory "$job" &
+    local watcher=$!
+    wait "$job"
+    local status=$?
+    wait "$watcher"
+    return "$status"
+}
+
 step_train() {
     if ! have_deepspeed; then
         echo "RESULT: deepspeed does not import for $PY: carry it (scripts/device_wheels.sh)"
@@ -288,14 +300,7 @@ step_train() {
     fi
     make_latents || return 1
     echo 0 > "$WORK/peak_mib"
-    train_cmd "$STEPS" &
-    local job=$!
-    watch_memory "$job" &
-    local watcher=$!
-    wait "$job"
-    local status=$?
-    wait "$watcher"
-    [ "$status" -eq 0 ] || return "$status"
+    train_watched "$STEPS" || return
     [ -n "${OUT:-}" ] && cp "$WORK/run/metrics.jsonl" "$OUT/train_metrics.jsonl"
     SMOKE_LOADER="$(grep -q 'memmap loader reads the data' "$WORK/logs/train.log" && echo memmap || echo ffcv)" \
     "$PY" - "$WORK/run" "$STEPS" "$(cat "$WORK/peak_mib")" <<'EOF'
@@ -326,14 +331,7 @@ step_resume() {  # (checks below)
         echo "RESULT: no checkpoint from the train step to resume from"
         return "$SKIP"
     fi
-    train_cmd "$((STEPS + MORE))" &
-    local job=$!
-    watch_memory "$job" &
-    local watcher=$!
-    wait "$job"
-    local status=$?
-    wait "$watcher"
-    [ "$status" -eq 0 ] || return "$status"
+    train_watched "$((STEPS + MORE))" || return
     if ! grep -a -q "resuming from .*(step $STEPS)" "$WORK/logs/resume.log"; then
         echo "RESULT: the run did not say it resumed from step $STEPS"
         return 1
