@@ -125,6 +125,9 @@ def parse_args(argv=None):
                    help="python: one process per run; deepspeed: `deepspeed train/main.py` (one rank per GPU)")
     p.add_argument("--out", required=True, help="JSON output; the plot goes next to it as .png")
     p.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
+    p.add_argument("--finished-only", action="store_true",
+                   help="train nothing: summarise the (arm, seed) runs already finished in --work-dir (each arm's "
+                        "seeds 0..k-1 that are done), e.g. to commit results while a long benchmark still runs")
     args = p.parse_args(argv)
     try:
         args.arms = parse_arms(args.arms, args.seeds)
@@ -510,6 +513,24 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def finished_arms(args, work_dir: str) -> dict[str, int]:
+    """{arm: k} with seeds 0..k-1 finished in work_dir (at most the seeds asked for), arms with none left
+    out; SystemExit when the baseline or every other arm has none."""
+    done = {}
+    for arm, n in args.arms.items():
+        k = 0
+        while k < n and is_done(run_dir_for(work_dir, arm, k), expected_train(args, arm, k)):
+            k += 1
+        if k:
+            done[arm] = k
+    base = next(iter(args.arms))
+    if base not in done or len(done) < 2:
+        raise SystemExit(f"[bench] --finished-only: finished runs per arm {done or 'none'}; need the baseline "
+                         f"{base!r} and one more arm")
+    print(f"[bench] finished runs summarised: {done}", flush=True)
+    return done
+
+
 def collect(args, work_dir: str, data, labels, walls: dict) -> list[dict]:
     results = []
     for arm, seed in schedule(args):
@@ -535,7 +556,11 @@ def main(argv=None) -> int:
     os.makedirs(work_dir, exist_ok=True)
     start = time.perf_counter()
     beton, data, labels = prepare_data(args.dataset)
-    walls = run_all(args, beton, work_dir)
+    if args.finished_only:
+        args.arms = finished_arms(args, work_dir)
+        walls = {}
+    else:
+        walls = run_all(args, beton, work_dir)
     results = collect(args, work_dir, data, labels, walls)
     summary = summarize(results, args.arms, args.bootstrap)
     floor = real_floor(data, args.eval_samples)

@@ -132,3 +132,10 @@ def test_the_benchmark_end_to_end(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert again.returncode == 0 and "0 of 2 runs to do" in again.stdout, again.stderr[-3000:]
     assert json.loads(out.read_text())["summary"] == doc["summary"]
+    # --finished-only trains nothing: p2 has no finished run and is left out, the rest is summarised.
+    partial = [*cmd[:cmd.index("--arms")], "--arms", "uniform,clts,p2", *cmd[cmd.index("--arms") + 2:]]
+    partial[partial.index(str(out))] = str(tmp_path / "partial.json")
+    third = subprocess.run(partial + ["--finished-only"], capture_output=True, text=True, timeout=900, env=env)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "finished runs summarised: {'uniform': 1, 'clts': 1}" in third.stdout
+    assert json.loads((tmp_path / "partial.json").read_text())["summary"] == doc["summary"]
