@@ -8,7 +8,9 @@ Arms (`ARMS`; the first listed is the baseline): uniform; SpeeD as the authors' 
 and with the dual trick (`speed`, `speed_dual`; the configs behind the paper's tables use dual);
 asymmetric sampling alone (`asym_only`: k = 5, w = 1); change-aware weighting alone (`weight_only`:
 k = 1); the weighting as the paper states it (`speed_paper_w`: w rescaled into [1 - lam, lam] over
-all t instead of w = 1 from tau on); min_snr, p2 and lognormal. `name:S` runs S seeds instead of --seeds.
+all t instead of w = 1 from tau on); min_snr, p2 and lognormal; improved DDPM's loss-second-moment
+resampler per time-step bin (`loss_moment`: w = 1, biased; `loss_moment_iw`: importance weights
+1 / (T P(t)), unbiased). `name:S` runs S seeds instead of --seeds.
 
 A seed fixes the initial weights, the data order, the label dropout and the noise stream, so the
 arms of one seed are paired. Each (arm, seed) is one run of the project's trainer (`train/main.py
@@ -71,6 +73,8 @@ ARMS = {
     "min_snr": ("min_snr", {}),
     "p2": ("p2", {}),
     "lognormal": ("lognormal", {}),
+    "loss_moment": ("loss_moment", {}),
+    "loss_moment_iw": ("loss_moment", {"importance_weights": True}),
 }
 FRACTIONS = (0.5, 0.75, 1.0)
 QUALITY = "fd_raw"
@@ -175,7 +179,8 @@ def trainer_command(args, beton: str, arm: str, seed: int, run_dir: str) -> list
     flags = []
     for k, v in params.items():
         if isinstance(v, bool):
-            flags.append(f"--{k}" if v else f"--no-{k}")
+            flag = k.replace("_", "-")
+            flags.append(f"--{flag}" if v else f"--no-{flag}")
         else:
             flags += [f"--{k.replace('_', '-')}", str(v)]
     main = os.path.join(ROOT, "train", "main.py")
@@ -235,10 +240,10 @@ def heldout_area_mse(run_dir: str, data: torch.Tensor, labels: torch.Tensor, dra
     the same (t, noise) for every run (fixed generator). Cached in the run directory."""
     from speed_fast.diffusion import GaussianDiffusion
     from speed_fast.theory import area_index
-    from speed_fast.training.checkpoint import find_latest, load_for_inference
+    from speed_fast.training.checkpoint import find_resumable, load_for_inference
 
     cache = os.path.join(run_dir, "area_mse.json")
-    ckpt = find_latest(os.path.join(run_dir, "checkpoints"))
+    ckpt, _, _ = find_resumable(os.path.join(run_dir, "checkpoints"))
     if os.path.isfile(cache):
         with open(cache) as f:
             doc = json.load(f)
