@@ -11,9 +11,12 @@ rank r, micro batch B):
 then one all-reduce of the step's named statistics (`stats.STEP_FIELDS`: loss sums, per-area
 sums and counts, a non-finite count) gives every rank the same view of the step, on the device:
 if any rank saw a non-finite loss the optimizer update and the EMA update are cancelled
-everywhere by a device flag (counted in `skipped_steps`). Nothing in a step waits for the
-device: the statistics are added up in a log window on the device and read back once per log
-line (and per checkpoint); label-dropout masks reach the device in chunks, asynchronously. A
+everywhere by a device flag (counted in `skipped_steps`). An adaptive time-step strategy
+(`loss_moment`) then gets every rank's per-sample (t, unweighted MSE) of the applied step (one
+all-gather on the device) and rebuilds its alias table on the device every `update_every` steps
+(`FusedSpeeD.observe` / `end_step`); its statistics and tables are checkpointed (sampler.pt).
+Nothing in a step waits for the device: the statistics are added up in a log window on the
+device and read back once per log line (and per checkpoint); label-dropout masks reach the device in chunks, asynchronously. A
 SIGTERM/SIGINT seen by any rank is agreed on through a CPU all-reduce each step (it never
 waits for the device), and all ranks save a checkpoint and exit together. A run of
 --max-nonfinite non-finite steps is noticed at the next log line or checkpoint (no update is
