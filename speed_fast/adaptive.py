@@ -31,6 +31,7 @@ class LossMomentStatistics:
         self.bins, self.history = strategy.bins, strategy.history
         self.bin_of = strategy.bin_of.to(self.device)  # (T,)
         self.bin_size = strategy.bin_size.to(self.device)  # (bins,)
+        self.bin_ids = torch.arange(self.bins, device=self.device)  # (bins,)
         # (bins * history + 1,): bin j's ring is [j * history, (j + 1) * history); the last slot is the spare.
         self.ring = torch.zeros(self.bins * self.history + 1, dtype=torch.float32, device=self.device)
         self.counts = torch.zeros(self.bins, dtype=torch.int64, device=self.device)  # losses ever given, per bin
@@ -40,7 +41,8 @@ class LossMomentStatistics:
         """Add the losses (float [n]) of time steps t (int64 [n]) where `keep` (bool [n] or [1]) holds."""
         b = self.bin_of[t]  # (n,)
         kept = torch.ones_like(b, dtype=torch.bool) if keep is None else keep.expand(b.shape)
-        onehot = torch.nn.functional.one_hot(b, self.bins) * kept.unsqueeze(1)  # (n, bins) int64
+        # (n, bins) int64; a comparison rather than one_hot, which checks its input's range on the host.
+        onehot = ((b.unsqueeze(1) == self.bin_ids) & kept.unsqueeze(1)).to(torch.int64)
         rank = (torch.cumsum(onehot, 0) - 1).gather(1, b.unsqueeze(1)).squeeze(1)  # (n,) order within its bin
         per_bin = onehot.sum(0)  # (bins,)
         write = kept & (rank >= per_bin[b] - self.history)
