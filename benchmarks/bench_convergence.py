@@ -9,7 +9,9 @@ and with the dual trick (`speed`, `speed_dual`; the configs behind the paper's t
 asymmetric sampling alone (`asym_only`: k = 5, w = 1); change-aware weighting alone (`weight_only`:
 k = 1); the weighting as the paper states it (`speed_paper_w`: w rescaled into [1 - lam, lam] over
 all t instead of w = 1 from tau on); min_snr, p2, lognormal and clts (its ramp over the first eighth
-of the run, as its reference's 50k steps of ~400k). `name:S` runs S seeds instead of --seeds.
+of the run, as its reference's 50k steps of ~400k); improved DDPM's loss-second-moment resampler per
+time-step bin (`loss_moment`: w = 1, biased; `loss_moment_iw`: importance weights 1 / (T P(t)),
+unbiased). `name:S` runs S seeds instead of --seeds.
 
 A seed fixes the initial weights, the data order, the label dropout and the noise stream, so the
 arms of one seed are paired. Each (arm, seed) is one run of the project's trainer (`train/main.py
@@ -74,12 +76,16 @@ ARMS = {
     "lognormal": ("lognormal", {}),
     # CLTS's 50k-step ramp is ~1/8 of the runs it was made for (~400k steps): here 1/8 of --steps.
     "clts": ("clts", {"ramp_steps": "steps/8"}),
+    "loss_moment": ("loss_moment", {}),
+    "loss_moment_iw": ("loss_moment", {"importance_weights": True}),
 }
 
 
 def arm_params(arm: str, steps: int) -> dict:
     """ARMS[arm]'s parameters for a run of `steps` steps ("steps/8" becomes steps // 8, at least 1)."""
     return {k: max(1, steps // 8) if v == "steps/8" else v for k, v in ARMS[arm][1].items()}
+
+
 FRACTIONS = (0.5, 0.75, 1.0)
 QUALITY = "fd_raw"
 
@@ -186,7 +192,8 @@ def trainer_command(args, beton: str, arm: str, seed: int, run_dir: str) -> list
     flags = []
     for k, v in params.items():
         if isinstance(v, bool):
-            flags.append(f"--{k}" if v else f"--no-{k}")
+            flag = k.replace("_", "-")
+            flags.append(f"--{flag}" if v else f"--no-{flag}")
         else:
             flags += [f"--{k.replace('_', '-')}", str(v)]
     main = os.path.join(ROOT, "train", "main.py")

@@ -15,6 +15,11 @@ round, so load from other processes shifts them alike):
                   weighted MSE), GaussianDiffusion.training_losses, label dropout from (seed, step)
                   as the trainer draws it (LabelDropout).
   fused-speed-compiled (CPU, with --cpu-compile) the same with the model under torch.compile.
+  fused-loss-moment (CPU) the fused step with the adaptive `loss_moment` strategy (importance
+                  weights) fed each step's losses, its table and weights rebuilt on the device at
+                  EVERY step (update_every 1: the worst case; a run rebuilds every update_every
+                  steps, default 100). Its cost is reported against fused-speed (static SpeeD), with
+                  the time of one rebuild alone.
 
 Two tiers on CPU: "step" (forward, backward and optimizer step of the model) and "objective"
 (the same without the model: a fixed leaf tensor stands in for its output, so only the diffusion
@@ -142,12 +147,23 @@ class Step:
     def eager_speed(self):
         return self._eager(torch.multinomial(self.probs, self.x0.shape[0], replacement=True), weighted=True)
 
-    def fused_speed(self):
+    def fused_speed(self, fused=None):
         self.step_id += 1
         drop = self.label_drop(self.step_id)
         model = self._model if self.with_model else (lambda x_t, t, y, d=None: self.out)
-        terms = self.diffusion.training_losses(model, self.x0, self.y, self.fused, step=self.step_id, drop=drop)
+        terms = self.diffusion.training_losses(model, self.x0, self.y, fused or self.fused, step=self.step_id,
+                                               drop=drop)
+        if fused is not None:  # the trainer's adaptive part: observe the losses, end the step
+            with torch.no_grad():
+                fused.observe(terms["t"], terms["mse"])
+                fused.end_step(self.step_id)
         return self._finish(terms["loss"])
+
+    def fused_loss_moment(self):
+        if not hasattr(self, "adaptive"):
+            st = make_strategy("loss_moment", self.speed.schedule, importance_weights=True, update_every=1)
+            self.adaptive = FusedSpeeD(self.speed.schedule, st, device=self.device, seed=self.seed)
+        return self.fused_speed(self.adaptive)
 
 
 def check_fused_against_eager(schedule, device) -> float:
@@ -186,7 +202,8 @@ def cpu_section(args) -> tuple[list[dict], dict]:
     per_tier = {}
     for tier, with_model in (("step", True), ("objective", False)):
         step = Step(model, x0, y0, schedule, "cpu", with_model=with_model)
-        fns = {"eager-uniform": step.eager_uniform, "eager-speed": step.eager_speed, "fused-speed": step.fused_speed}
+        fns = {"eager-uniform": step.eager_uniform, "eager-speed": step.eager_speed, "fused-speed": step.fused_speed,
+               "fused-loss-moment": step.fused_loss_moment}
         if with_model and args.cpu_compile:
             torch.manual_seed(0)
             compiled = Step(torch.compile(DiT(cfg)), x0, y0, schedule, "cpu")
@@ -208,9 +225,26 @@ def cpu_section(args) -> tuple[list[dict], dict]:
         per_tier["objective"]["fused-speed"]["ms_p50"] - per_tier["objective"]["eager-uniform"]["ms_p50"]) / step_base
     extra["reference_speed_overhead_step_pct"] = 100 * (
         per_tier["step"]["eager-speed"]["ms_p50"] - step_base) / step_base
+    fused = per_tier["step"]["fused-speed"]["ms_p50"]
+    extra["loss_moment_every_step_overhead_pct"] = 100 * (per_tier["step"]["fused-loss-moment"]["ms_p50"] - fused) / fused
+    extra["loss_moment_every_step_objective_pct_of_step"] = 100 * (
+        per_tier["objective"]["fused-loss-moment"]["ms_p50"] - per_tier["objective"]["fused-speed"]["ms_p50"]) / fused
+    extra["loss_moment_rebuild_ms"] = time_rebuild(step.adaptive, 20 if args.quick else 200)
     extra["digits_model"] = cfg.to_dict()
     extra["digits_batch"] = B
     return rows, extra
+
+
+def time_rebuild(fused, n: int) -> float:
+    """Median ms of one adaptive table rebuild (P from the histories, the alias sweep, w) on its device."""
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fused._adapt()
+        if fused.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[len(times) // 2]
 
 
 def gpu_section(args) -> tuple[list[dict], dict]:
@@ -285,6 +319,10 @@ def main(argv=None) -> int:
         print(f"SpeeD overhead vs eager-uniform, digits preset: step {extra['speed_overhead_step_pct']:+.2f}% "
               f"(objective-only difference: {extra['speed_overhead_objective_pct_of_step']:+.2f}% of the step); "
               f"the reference implementation's SpeeD step: {extra['reference_speed_overhead_step_pct']:+.2f}%")
+        print(f"loss_moment (rebuilt every step, the worst case) vs static SpeeD, digits preset: step "
+              f"{extra['loss_moment_every_step_overhead_pct']:+.2f}% (objective-only difference: "
+              f"{extra['loss_moment_every_step_objective_pct_of_step']:+.2f}% of the step); one rebuild "
+              f"{extra['loss_moment_rebuild_ms']:.3f} ms")
     print(f"GPU: {extra['gpu']}")
     for r in rows:
         if r.get("mfu") is not None:

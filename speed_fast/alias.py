@@ -4,6 +4,11 @@ A draw takes a column c uniformly in [0, T) and a coin u in [0, 1):
 t = c if u < prob[c] else alias[c]. The table is built in float64 and stored as
 float32 thresholds; the float32 rounding moves each implied mass by at most
 2^-24 / T, far below what any test of P(t) can see.
+
+`build_alias_table_device` builds a table for the same P with torch ops on P's own device, with
+no host synchronisation (the adaptive strategies rebuild their table during training). It pairs
+columns differently from Vose's loop (a sweep written as prefix sums and binary searches), so
+its table differs from `build_alias_table`'s while implying the same distribution.
 """
 
 from __future__ import annotations
@@ -55,6 +60,51 @@ def build_alias_table(p) -> tuple[torch.Tensor, torch.Tensor]:
             small.append(g)
     # Whatever is left (in either list) is 1 up to rounding.
     return torch.from_numpy(prob.astype(np.float32)), torch.from_numpy(alias.astype(np.int32))
+
+
+def build_alias_table_device(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An alias table of the distribution proportional to p (float64 [T], >= 0, positive sum), built
+    on p's device with fixed-shape torch ops: no value check and no read-back, so a CUDA stream never
+    waits for the host. Deterministic (the same p gives the same table, bit for bit, on one device).
+
+    The sweep (Hübschle-Schneider and Sanders, "Parallel weighted random sampling", 2022): with
+    q = T p / sum(p), light items (q < 1) in index order have deficits d = 1 - q with prefix sums D,
+    heavy items (q >= 1) in index order have excesses e = q - 1 with prefix sums E. Light i is
+    filled from the first heavy k with E_k >= D_{i-1} (its chunk fits in what that heavy has left);
+    heavy k runs below 1 after the first light with D_i > E_k, keeps w_k = E_k + 1 - D_i in its own
+    column and takes the rest from heavy k + 1. Items the sweep never reaches (the last heavy, and
+    rounding leftovers) keep probability 1, as in Vose's method. O(T log T) work: two stable
+    sorts, two binary searches."""
+    T = p.numel()
+    dev = p.device
+    q = p.to(torch.float64) * (T / p.to(torch.float64).sum())  # (T,) mean 1
+    heavy = q >= 1.0
+    idx = torch.arange(T, device=dev)
+    heavies_first = torch.argsort((~heavy).to(torch.int32), stable=True)  # (T,) heavy items, then light ones
+    lights_first = torch.argsort(heavy.to(torch.int32), stable=True)
+    n_heavy = heavy.sum()  # device scalar
+    n_light = T - n_heavy
+    deficit = torch.where(heavy, 0.0, 1.0 - q)
+    excess = torch.where(heavy, q - 1.0, 0.0)
+    D = torch.cumsum(deficit, 0)  # at a light item: D_i (inclusive)
+    E = torch.cumsum(excess, 0)  # at a heavy item: E_k (inclusive)
+    inf = torch.full((T,), float("inf"), dtype=torch.float64, device=dev)
+    E_heavy = torch.where(idx < n_heavy, E[heavies_first], inf)  # (T,) non-decreasing, padded
+    D_light = torch.where(idx < n_light, D[lights_first], inf)
+    last = T - 1
+    # Light items: served by heavy m = #{k: E_k < D_{i-1}}.
+    m = torch.searchsorted(E_heavy, D - deficit, right=False)
+    light_served = m < n_heavy
+    light_alias = heavies_first[m.clamp(max=last)]
+    # Heavy items: k-th heavy (0-based) runs below 1 after light i_k = #{lights: D_i <= E_k}.
+    k = torch.cumsum(heavy.to(torch.int64), 0) - 1
+    i_k = torch.searchsorted(D_light, E, right=True)
+    runs_out = (i_k < n_light) & (k + 1 < n_heavy)
+    keep = (E + 1.0 - D_light[i_k.clamp(max=last)]).clamp(0.0, 1.0)
+    heavy_alias = heavies_first[(k + 1).clamp(max=last)]
+    prob = torch.where(heavy, torch.where(runs_out, keep, 1.0), torch.where(light_served, q, 1.0))
+    alias = torch.where(heavy, torch.where(runs_out, heavy_alias, idx), torch.where(light_served, light_alias, idx))
+    return prob.to(torch.float32), alias.to(torch.int32)
 
 
 def implied_probabilities(prob: torch.Tensor, alias: torch.Tensor) -> torch.Tensor:

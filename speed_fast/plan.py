@@ -46,6 +46,10 @@ def plan_summary(schedule: NoiseSchedule, strategy: TimestepStrategy, step: int 
             schedule.T, schedule.beta_start, schedule.beta_end, theory.DEFAULT_MAGNITUDE)
     if getattr(strategy, "dual", False):
         out["dual_m"] = strategy.dual_m
+    if strategy.adaptive:
+        # P and w above are where the run starts; the run moves them (docs/CONTRACT.md).
+        out["adaptive"] = {"bins": strategy.bins, "update_every": strategy.update_every,
+                           "bin_edges": [int(e) for e in np.flatnonzero(np.diff(strategy.bin_of.numpy())) + 1]}
     return out
 
 
@@ -59,6 +63,10 @@ def format_summary(summary: dict) -> str:
     ]
     if "dual_m" in summary:
         lines.append(f"dual m    {summary['dual_m']}")
+    if "adaptive" in summary:
+        a = summary["adaptive"]
+        lines.append(f"adaptive  P(t), w(t) below are the start; every {a['update_every']} steps P follows the "
+                     f"run's RMS loss per bin ({a['bins']} bins)")
     lines.append("")
     lines.append(f"{'area':<14}{'steps':>12}{'share of T':>12}{'P mass':>10}{'mean w':>10}{'P*w share':>11}")
     for name, a in summary["areas"].items():
@@ -119,6 +127,11 @@ def plot_plan(schedule: NoiseSchedule, strategy: TimestepStrategy, summary: dict
     ax.plot(t, np.full(T, 1.0 / T), color="k", lw=1, label="uniform")
     ax.set_ylim(0, p.max() * 1.15)
     ax.set_title("Sampling distribution")
+    if "adaptive" in summary:  # the bins whose losses move P during the run
+        for e in summary["adaptive"]["bin_edges"]:
+            ax.axvline(e, color="C2", lw=0.5, alpha=0.5)
+        ax.set_title(f"Sampling distribution at the start (adapts every {summary['adaptive']['update_every']} "
+                     f"steps, per bin)")
     ax.legend(fontsize=7)
 
     ax = axes[1, 1]

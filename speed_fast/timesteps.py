@@ -1,9 +1,11 @@
 """Time-step strategies: the sampling distribution P(t) and the loss weight w(t).
 
-Each strategy is defined once here, in float64 on the CPU (see docs/CONTRACT.md for the
+Each strategy is defined once here, in float64 (see docs/CONTRACT.md for the
 formulas). The fused step (`speed_fast.ops.FusedSpeeD`) turns P into an alias
 table and w into a device vector once per run (or once per change of P, for
-strategies whose P depends on the training step).
+strategies whose P depends on the training step). An adaptive strategy
+(`loss_moment`) learns P from the run's losses: its statistics live on the
+training device (`speed_fast.adaptive`) and its formulas here.
 
 Two defects of the reference implementation are deliberately not reproduced:
 its Min-SNR weights were 5x P2's (a numpy `.min(axis=1)[0]` that returned a
@@ -21,12 +23,13 @@ import torch
 from . import theory
 from .schedule import NoiseSchedule
 
-STRATEGIES = ("uniform", "speed", "p2", "min_snr", "lognormal", "clts")
+STRATEGIES = ("uniform", "speed", "p2", "min_snr", "lognormal", "clts", "loss_moment")
 
 # Every strategy parameter and its type, across strategies (command-line flags are built from it;
 # make_strategy rejects the ones a strategy does not take). `dual` is SpeeD's one flag.
 STRATEGY_PARAMS = {"k": float, "tau": int, "r": float, "lam": float, "weighting": str, "gamma": float,
-                   "p_mean": float, "p_std": float, "mu": float, "sigma": float, "ramp_steps": int}
+                   "p_mean": float, "p_std": float, "mu": float, "sigma": float, "ramp_steps": int,
+                   "bins": int, "history": int, "floor": float, "update_every": int}
 
 #: SpeeD's change-aware weighting rules. "official": the authors' code (w rescales d/dt Psi into
 #: [1 - lam, lam] below tau, w = 1 from tau on; what produced the paper's tables). "paper": the rule
@@ -73,6 +76,10 @@ class TimestepStrategy:
     step_dependent = False
     #: The SpeeD threshold, when the strategy has one; areas use SpeeD's default otherwise.
     tau: int | None = None
+    #: True when P(t) (and possibly w) follow the run's own losses: the fused step keeps the
+    #: statistics and rebuilds the tables on the device (`speed_fast.adaptive`); `probs` is then the
+    #: distribution the run starts from.
+    adaptive = False
 
     def __init__(self, schedule: NoiseSchedule):
         if not isinstance(schedule, NoiseSchedule):
@@ -282,11 +289,64 @@ class CLTS(TimestepStrategy):
         return {"mu": self.mu, "sigma": self.sigma, "ramp_steps": self.ramp_steps}
 
 
-_REGISTRY = {cls.name: cls for cls in (Uniform, SpeeD, P2, MinSNR, LogNormal, CLTS)}
+class LossMoment(TimestepStrategy):
+    """Improved DDPM's loss-second-moment resampler (Nichol and Dhariwal 2021, LossSecondMomentResampler)
+    on `bins` equal time-step bins: bin j holds t with floor(t bins / T) = j, each keeps its last
+    `history` unweighted per-sample losses; every `update_every` optimizer steps
+    P(t) = (1 - floor) m_j / (sum_i m_i |bin j|) + floor / T, j the bin of t, m_j = sqrt(mean of
+    L^2 over bin j's history), and uniform until every bin's history is full. With
+    `importance_weights`, w(t) = 1 / (T P(t)) (the unbiased estimator of the uniform objective);
+    without, w = 1. The statistics and the tables live on the training device
+    (`speed_fast.adaptive.LossMomentStatistics`); here are the parameters and the formulas."""
+
+    name = "loss_moment"
+    adaptive = True
+
+    def __init__(self, schedule, bins: int = 20, history: int = 10, floor: float = 0.001, update_every: int = 100,
+                 importance_weights: bool = False):
+        super().__init__(schedule)
+        self.bins = _integer("bins", bins, 1, self.T)
+        self.history = _integer("history", history, 1)
+        self.floor = _real("floor", floor, lo=0.0, hi=1.0, lo_open=True)
+        self.update_every = _integer("update_every", update_every, 1)
+        if not isinstance(importance_weights, bool):
+            raise ValueError(f"importance_weights must be a bool, got {importance_weights!r}")
+        self.importance_weights = importance_weights
+        self.bin_of = torch.arange(self.T, dtype=torch.int64) * self.bins // self.T  # (T,) bin of each t
+        self.bin_size = torch.bincount(self.bin_of, minlength=self.bins).to(torch.float64)  # (bins,)
+
+    def _probs(self, step):
+        return torch.ones(self.T, dtype=torch.float64)
+
+    def probs_from_moments(self, mean_sq: torch.Tensor, ready: torch.Tensor, bin_of: torch.Tensor | None = None,
+                           bin_size: torch.Tensor | None = None) -> torch.Tensor:
+        """float64 [T] P(t) from the per-bin mean squared loss (float64 [bins]) and `ready` (a bool
+        tensor: every bin's history is full), on their device, with no read-back: uniform unless
+        ready and the moments have a positive finite sum. bin_of / bin_size: this strategy's, on
+        that device (default: the CPU ones)."""
+        bin_of = self.bin_of if bin_of is None else bin_of
+        bin_size = self.bin_size if bin_size is None else bin_size
+        m = mean_sq.sqrt()  # (bins,)
+        total = m.sum()
+        usable = ready & (total > 0) & torch.isfinite(total)
+        per_t = (m / torch.where(usable, total, 1.0) / bin_size)[bin_of]  # (T,)
+        p = (1.0 - self.floor) * per_t + self.floor / self.T
+        return torch.where(usable, p, torch.full_like(p, 1.0 / self.T))
+
+    def weights_for(self, p: torch.Tensor) -> torch.Tensor:
+        """w(t) for P(t) = p: 1 / (T p) with importance weights, else ones (p's device and dtype)."""
+        return 1.0 / (self.T * p) if self.importance_weights else torch.ones_like(p)
+
+    def params(self):
+        return {"bins": self.bins, "history": self.history, "floor": self.floor, "update_every": self.update_every,
+                "importance_weights": self.importance_weights}
+
+
+_REGISTRY = {cls.name: cls for cls in (Uniform, SpeeD, P2, MinSNR, LogNormal, CLTS, LossMoment)}
 
 
 def make_strategy(name: str, schedule: NoiseSchedule, **params) -> TimestepStrategy:
-    """Build a strategy by name ("uniform", "speed", "p2", "min_snr", "lognormal", "clts")."""
+    """Build a strategy by name (one of STRATEGIES)."""
     if name not in _REGISTRY:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
     cls = _REGISTRY[name]

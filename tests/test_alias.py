@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from speed_fast.alias import build_alias_table, implied_probabilities
+from speed_fast.alias import build_alias_table, build_alias_table_device, implied_probabilities
 from speed_fast.ops import sample_timesteps
 from speed_fast.schedule import NoiseSchedule
 from speed_fast.timesteps import make_strategy
@@ -24,6 +24,8 @@ def _cases():
         "one_hot": one_hot,
         "dirichlet": rng.dirichlet(np.full(257, 0.3)),
         "lognormal": make_strategy("lognormal", LIN).probs().numpy(),
+        "bins_of_50": np.repeat(rng.random(20), 50),  # a loss_moment P(t): constant within bins
+        "with_zeros": np.concatenate([np.zeros(10), rng.random(90), np.zeros(5)]),
     }
 
 
@@ -111,3 +113,31 @@ def test_sample_rejects_bad_arguments():
         sample_timesteps(prob, alias, 4, step=2**32, backend="torch")
     with pytest.raises(ValueError, match="backend"):
         sample_timesteps(prob, alias, 4, backend="cuda")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_device_built_table_is_exact(case):
+    """The sweep built with torch ops implies p up to the float32 storage of the thresholds: each
+    column's threshold is within 2^-25 of its float64 value, and an item's mass gathers its own
+    column and the columns aliasing to it (as for Vose's table)."""
+    p = CASES[case] / CASES[case].sum()
+    prob, alias = build_alias_table_device(torch.from_numpy(p))
+    assert prob.dtype == torch.float32 and alias.dtype == torch.int32 and prob.shape == alias.shape == p.shape
+    assert bool(((prob >= 0) & (prob <= 1)).all()) and bool(((alias >= 0) & (alias < p.size)).all())
+    implied = implied_probabilities(prob, alias).numpy()
+    in_degree = np.bincount(alias.numpy()[prob.numpy() < 1], minlength=p.size)
+    assert np.all(np.abs(implied - p) <= (1 + in_degree) * 2.0**-25 / p.size + 1e-15)
+    assert np.all(implied[p == 0] == 0)
+    again = build_alias_table_device(torch.from_numpy(p))
+    assert torch.equal(again[0], prob) and torch.equal(again[1], alias)  # deterministic
+
+
+@pytest.mark.parametrize("case", ["dirichlet", "bins_of_50", "with_zeros"])
+def test_device_built_table_draws_follow_p(case):
+    p = CASES[case] / CASES[case].sum()
+    prob, alias = build_alias_table_device(torch.from_numpy(p))
+    n = 400_000
+    counts = np.bincount(sample_timesteps(prob, alias, n, seed=4, step=1, backend="torch").numpy(), minlength=p.size)
+    assert counts[p == 0].sum() == 0
+    _, pvalue = chisquare(counts[p > 0], n * p[p > 0])
+    assert pvalue > 1e-4, f"chi-square rejects the device-built table for {case}: p={pvalue:.2e}"

@@ -93,6 +93,11 @@ def test_arm_specs_and_schedule():
     for flag, dual in (([], True), (["--no-dual"], False), (["--dual"], True)):
         cfg, _ = trainer_args(["--preset", "digits", *flag], configs)
         assert cfg.strategy_params["dual"] is dual, flag
+    # The adaptive arms: the trainer parses the bench's flags into the loss_moment strategy's parameters.
+    for arm, iw in (("loss_moment", False), ("loss_moment_iw", True)):
+        cmd = bench.trainer_command(args, "d.beton", arm, 0, "rd")
+        cfg, _ = trainer_args(cmd[cmd.index("--preset"):], configs)
+        assert cfg.strategy == "loss_moment" and cfg.strategy_params.get("importance_weights", False) is iw, cmd
 
 
 def test_clts_ramp_scales_with_the_run():

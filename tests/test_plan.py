@@ -44,6 +44,19 @@ def test_plan_other_strategies(capsys):
     assert d["tau"] == 477 and d["dual_m"] == 642
 
 
+def test_plan_adaptive_strategy(tmp_path, capsys):
+    out = tmp_path / "lm.png"
+    assert main(["plan", "--strategy", "loss_moment", "--importance-weights", "--bins", "8", "--update-every", "50",
+                 "--json", "--out", str(out)]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["strategy"]["importance_weights"] is True and d["strategy"]["bins"] == 8
+    assert d["adaptive"] == {"bins": 8, "update_every": 50, "bin_edges": [125, 250, 375, 500, 625, 750, 875]}
+    assert d["P"] == pytest.approx([1e-3] * 1000) and d["w"] == [1.0] * 1000  # where the run starts
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plan", "--strategy", "loss_moment"]) == 0
+    assert "adaptive  P(t), w(t) below are the start; every 100 steps" in capsys.readouterr().out
+
+
 def test_plan_errors_are_clean():
     r = subprocess.run([sys.executable, "-m", "speed_fast.cli", "plan", "--strategy", "p2", "--lam", "0.6"],
                        capture_output=True, text=True)

@@ -217,13 +217,16 @@ def test_step_dependent_tables_draw_what_a_fresh_table_draws(backend, device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="device synchronisation exists only on CUDA")
-@pytest.mark.parametrize("strategy", ["clts", "speed_dual"])
+@pytest.mark.parametrize("strategy", ["clts", "speed_dual", "loss_moment"])
 def test_fused_steps_never_synchronise_the_device(strategy):
-    """The per-step calls (table refresh of a step-dependent P(t), dual draws, the loss) run under
-    torch's sync debug mode set to raise on any synchronising call."""
+    """The per-step calls (table refresh of a step-dependent P(t), dual draws, the loss, an adaptive
+    P(t)'s statistics and its table rebuilt on the device) run under torch's sync debug mode set to
+    raise on any synchronising call."""
     s = NoiseSchedule.make("linear", T=1000, beta_start=1e-4, beta_end=0.02)
-    st = (make_strategy("clts", s, ramp_steps=10) if strategy == "clts"
-          else make_strategy("speed", s, k=5.0, tau=700, lam=0.6, dual=True))
+    st = {"clts": lambda: make_strategy("clts", s, ramp_steps=10),
+          "speed_dual": lambda: make_strategy("speed", s, k=5.0, tau=700, lam=0.6, dual=True),
+          "loss_moment": lambda: make_strategy("loss_moment", s, bins=4, history=2, update_every=2,
+                                               importance_weights=True)}[strategy]()
     fused = FusedSpeeD(s, st, device="cuda", seed=1)
     x0 = torch.randn(8, 4, 16, 16, device="cuda", dtype=torch.bfloat16)
     pred = torch.randn_like(x0, requires_grad=True)
@@ -235,6 +238,10 @@ def test_fused_steps_never_synchronise_the_device(strategy):
             loss, mse = fused.loss(pred, t, step=step)
             loss.backward()
             fused.area_losses(t, mse)
+            fused.observe(t, mse)
+            fused.end_step(step + 1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item()
+    if strategy == "loss_moment":
+        assert bool(fused.adaptive.ready()) and not bool((fused.prob == 1).all())  # it really adapted

@@ -114,6 +114,32 @@ def test_clts_ramps_and_never_goes_negative(lin):
     assert st.probs_key(10) != st.probs_key(20) and st.probs_key(200) == st.probs_key(300)
 
 
+def test_loss_moment_follows_the_root_mean_square_loss_per_bin(lin):
+    """P(t) = (1 - floor) m_j / (sum m |bin j|) + floor / T with m_j the RMS loss of t's bin (numpy,
+    bin by bin); uniform until ready or when the moments are all zero; w = 1 / (T P) with importance
+    weights, 1 without."""
+    st = make_strategy("loss_moment", lin, bins=7, history=3, floor=0.01, importance_weights=True)
+    mean_sq = torch.tensor([4.0, 1.0, 0.25, 9.0, 0.0, 1.0, 2.0], dtype=torch.float64)
+    p = st.probs_from_moments(mean_sq, torch.tensor(True)).numpy()
+    edges = [math.ceil(j * 1000 / 7) for j in range(8)]  # bin j: t with floor(7 t / 1000) = j
+    rms = np.sqrt(mean_sq.numpy())
+    for j in range(7):
+        size = edges[j + 1] - edges[j]
+        want = 0.99 * rms[j] / rms.sum() / size + 0.01 / 1000
+        np.testing.assert_allclose(p[edges[j]:edges[j + 1]], want, rtol=1e-12)
+    assert p.sum() == pytest.approx(1.0, abs=1e-12)
+    assert p[edges[4]:edges[5]].min() == pytest.approx(0.01 / 1000)  # the floor keeps a zero-loss bin alive
+    w = st.weights_for(torch.from_numpy(p)).numpy()
+    np.testing.assert_allclose(w, 1.0 / (1000 * p), rtol=1e-12)
+    uniform = torch.full((1000,), 1e-3, dtype=torch.float64)
+    assert torch.equal(st.probs_from_moments(mean_sq, torch.tensor(False)), uniform)
+    assert torch.equal(st.probs_from_moments(torch.zeros(7, dtype=torch.float64), torch.tensor(True)), uniform)
+    biased = make_strategy("loss_moment", lin, bins=7)
+    assert torch.equal(biased.weights_for(torch.from_numpy(p)), torch.ones(1000, dtype=torch.float64))
+    assert torch.allclose(st.probs(), uniform, rtol=1e-15, atol=0)  # where a run starts
+    assert torch.equal(st.weights, torch.ones(1000, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("name, params, needle", [
     ("speed", dict(k=0.5), "k must be"),
     ("speed", dict(k=float("nan")), "k must be"),
@@ -135,6 +161,13 @@ def test_clts_ramps_and_never_goes_negative(lin):
     ("clts", dict(sigma=-1.0), "sigma"),
     ("clts", dict(ramp_steps=0), "ramp_steps"),
     ("clts", dict(mu=1000.0), "mu"),
+    ("loss_moment", dict(bins=0), "bins must be"),
+    ("loss_moment", dict(bins=1001), "bins must be"),
+    ("loss_moment", dict(history=0), "history must be"),
+    ("loss_moment", dict(floor=0.0), "floor must be"),
+    ("loss_moment", dict(floor=1.5), "floor must be"),
+    ("loss_moment", dict(update_every=0), "update_every must be"),
+    ("loss_moment", dict(importance_weights=1), "importance_weights"),
     ("speed", dict(gamma=1.0), "unknown parameter"),
     ("edm", dict(), "strategy must be one of"),
 ])

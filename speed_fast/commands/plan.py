@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..timesteps import STRATEGY_PARAMS
+from ..timesteps import STRATEGIES, STRATEGY_PARAMS
 
 # The plan needs a finite-difference rate over T - 1 increments (T >= 3) and works in O(T) float64
 # arrays plus a T-point figure; past 10^6 steps it stops being a quick look (T = 10^8 took 75 s).
@@ -19,12 +19,12 @@ def add_arguments(p) -> None:
     p.add_argument("--T", type=int, default=1000, help="number of diffusion steps")
     p.add_argument("--beta-start", type=float, default=None, help="linear/quadratic only (default 1e-4)")
     p.add_argument("--beta-end", type=float, default=None, help="linear/quadratic only (default 0.02)")
-    p.add_argument("--strategy", default="speed",
-                   choices=["uniform", "speed", "p2", "min_snr", "lognormal", "clts"])
+    p.add_argument("--strategy", default="speed", choices=STRATEGIES)
     for name, typ in STRATEGY_PARAMS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
                        help=f"strategy parameter {name} (only for strategies that have it)")
     p.add_argument("--dual", action="store_true", help="speed: the reference code's paired draws")
+    p.add_argument("--importance-weights", action="store_true", help="loss_moment: w = 1 / (T P(t))")
     p.add_argument("--step", type=int, default=0, help="training step at which to evaluate P(t) (clts)")
     p.add_argument("--out", default=None, help="write the figure (PNG) here")
     p.add_argument("--json", action="store_true", help="print the numbers (and P, w arrays) as JSON")
@@ -34,6 +34,8 @@ def strategy_params(args) -> dict:
     params = {k: getattr(args, k) for k in STRATEGY_PARAMS if getattr(args, k) is not None}
     if args.dual:
         params["dual"] = True
+    if args.importance_weights:
+        params["importance_weights"] = True
     return params
 
 

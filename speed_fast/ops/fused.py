@@ -9,6 +9,14 @@ per-step calls never synchronise the device: no value checks, no `.item()`, no b
 A step-dependent P(t) (CLTS) gets a new alias table whenever its key changes; the table is
 built on the host (the same table the reference builds, so the same t) and sent from pinned
 memory with a non-blocking copy that queues behind the work already submitted.
+
+An adaptive strategy (`loss_moment`) learns P(t) from the run: the trainer gives the fused step
+every step's per-sample losses (`observe`, device tensors) and calls `end_step` after each
+optimizer step; every `update_every` steps the new P(t) becomes an alias table built on the device
+(`speed_fast.alias.build_alias_table_device`) and copied into the tables in place, as does w(t)
+with importance weights. Nothing is read back, so the table in force at step s is a function of
+the losses of steps before the last multiple of `update_every` <= s; `state_dict` holds it with
+the statistics for a checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ from __future__ import annotations
 import torch
 
 from .. import rng
-from ..alias import build_alias_table
+from ..adaptive import LossMomentStatistics
+from ..alias import build_alias_table, build_alias_table_device, check_alias_table
 from ..schedule import NoiseSchedule
 from ..theory import area_index
 from ..timesteps import TimestepStrategy
@@ -60,6 +69,7 @@ class FusedSpeeD:
         self.areas = area_index(schedule, strategy.area_tau()).to(self.device)  # (T,) 0/1/2
         self._probs_key = None
         self._refresh(0)
+        self.adaptive = LossMomentStatistics(strategy, self.device) if strategy.adaptive else None
 
     def _refresh(self, step: int, strategy_step: int | None = None) -> None:
         """Point prob/alias at the alias table of P(t) at `strategy_step` (default `step`) when its key
@@ -114,6 +124,50 @@ class FusedSpeeD:
                              f"got pred on {pred.device} and t of shape {tuple(t.shape)}")
         step, offset = rng.check_step_offset(step, offset)
         return WeightedMSEFunction.apply(pred, t, self.weights, self.seed, step, offset, self._loss_fwd)
+
+    def observe(self, t: torch.Tensor, loss: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Give an adaptive strategy the per-sample unweighted losses (float [n]) of time steps t (int64 [n])
+        on this device; `keep` (bool [n] or [1]) masks out losses of a skipped step. No-op otherwise."""
+        if self.adaptive is not None:
+            self.adaptive.observe(t, loss, keep)
+
+    def end_step(self, steps_done: int) -> None:
+        """After optimizer step `steps_done - 1`: an adaptive strategy rebuilds P(t)'s alias table (and w)
+        on the device when `steps_done` is a multiple of its update_every."""
+        if self.adaptive is not None and steps_done % self.strategy.update_every == 0:
+            self._adapt()
+
+    @torch.no_grad()
+    def _adapt(self) -> None:
+        p = self.adaptive.probs()  # (T,) float64, on the device
+        prob, alias = build_alias_table_device(p)
+        self.prob.copy_(prob)
+        self.alias.copy_(alias)
+        self.weights.copy_(self.strategy.weights_for(p))
+
+    def state_dict(self) -> dict:
+        """An adaptive strategy's statistics and the tables in force (CPU tensors; {} for a fixed P)."""
+        if self.adaptive is None:
+            return {}
+        return {**self.adaptive.state_dict(), "prob": self.prob.cpu(), "alias": self.alias.cpu(),
+                "weights": self.weights.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.adaptive is None:
+            if state:
+                raise ValueError(f"strategy {self.strategy.name} keeps no state, got {sorted(state)}")
+            return
+        missing = sorted({"ring", "counts", "prob", "alias", "weights"} - set(state))
+        if missing:
+            raise ValueError(f"{self.strategy.name} state lacks {missing}")
+        self.adaptive.load_state_dict(state)
+        for name in ("prob", "alias", "weights"):
+            value, mine = state[name], getattr(self, name)
+            if not isinstance(value, torch.Tensor) or value.shape != mine.shape or value.dtype != mine.dtype:
+                raise ValueError(f"{self.strategy.name} state {name!r}: expected {mine.dtype} {tuple(mine.shape)}, "
+                                 f"got {value!r:.80}")
+            mine.copy_(value)
+        check_alias_table(self.prob, self.alias)
 
     def area_losses(self, t: torch.Tensor, per_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum, count) fp32 [3] of per-sample values in the acceleration/deceleration/convergence areas."""

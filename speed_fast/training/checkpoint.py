@@ -10,6 +10,8 @@ Layout of <run_dir>/checkpoints:
         model.pt           full fp32 master weights {name: tensor} (rank 0)
         ema.pt             full fp32 EMA weights {name: tensor} (rank 0)
         rng-rank<r>.pt     torch / numpy / python (/ CUDA) RNG states of rank r, as tensors and numbers
+        sampler.pt         an adaptive time-step strategy's statistics and tables in force (rank 0;
+                           the same on every rank)
         state.json         step, micro-step, data position, counters, and "files": the size and
                            SHA-256 of every other file (written last)
     .tmp-step-00001000/    a checkpoint being written (never read; removed on the next start)
@@ -53,6 +55,7 @@ LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 MODEL_FILE = "model.pt"
 EMA_FILE = "ema.pt"
+SAMPLER_FILE = "sampler.pt"
 _TAG = re.compile(r"^step-(\d+)$")
 # The rank that writes (and hashes) a file: the number in zero_pp_rank_<r>_... / rng-rank<r>.pt, else rank 0.
 _OWNER = re.compile(r"^(?:zero_pp_rank_|rng-rank)(\d+)[_.]")
@@ -238,10 +241,11 @@ def _owned_files(directory: str, rank: int, world: int) -> dict:
 
 
 def save(engine, ckpt_root: str, step: int, state: dict, model_sd: dict, ema_sd: dict, rank: int,
-         barrier, keep: int) -> str:
+         barrier, keep: int, extra: dict | None = None) -> str:
     """Write one checkpoint collectively (every rank calls this) and publish it; returns its path.
 
-    `state` must be JSON-serialisable; model_sd / ema_sd are the full fp32 state dicts (used on rank 0).
+    `state` must be JSON-serialisable; model_sd / ema_sd are the full fp32 state dicts (used on rank 0);
+    `extra` maps more file names to dicts of CPU tensors that rank 0 writes (e.g. SAMPLER_FILE).
     Each rank hashes the files it wrote; rank 0 lists them all in state.json."""
     import torch.distributed as dist
 
@@ -258,6 +262,8 @@ def save(engine, ckpt_root: str, step: int, state: dict, model_sd: dict, ema_sd:
     if rank == 0:
         torch.save(model_sd, os.path.join(tmp_dir, MODEL_FILE))
         torch.save(ema_sd, os.path.join(tmp_dir, EMA_FILE))
+        for name, tensors in (extra or {}).items():
+            torch.save(tensors, os.path.join(tmp_dir, name))
     barrier()  # every rank's files are in tmp_dir
     # Each rank hashes what it wrote and leaves the list in a small file (no tensor traffic, so no
     # device synchronisation); rank 0 merges them into state.json.
@@ -356,6 +362,16 @@ def find_resumable(ckpt_root: str) -> tuple[str | None, dict | None, list[tuple[
 
 
 # ---- load ---------------------------------------------------------------------------------------
+
+def load_extra(path: str, name: str) -> dict:
+    """A file that `save` wrote from `extra` (e.g. SAMPLER_FILE), verified against state.json's list
+    and loaded safely; CheckpointError when it is not listed, damaged or not a dict."""
+    verify(path, files=[name])
+    value = safe_load(os.path.join(path, name))
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{os.path.join(path, name)} holds {type(value).__name__}, expected a dict")
+    return value
+
 
 def load(engine, path: str, rank: int) -> dict:
     """Restore model and optimizer (DeepSpeed), this rank's RNG states; returns state.json's dict.

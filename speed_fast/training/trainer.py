@@ -11,9 +11,12 @@ rank r, micro batch B):
 then one all-reduce of the step's named statistics (`stats.STEP_FIELDS`: loss sums, per-area
 sums and counts, a non-finite count) gives every rank the same view of the step, on the device:
 if any rank saw a non-finite loss the optimizer update and the EMA update are cancelled
-everywhere by a device flag (counted in `skipped_steps`). Nothing in a step waits for the
-device: the statistics are added up in a log window on the device and read back once per log
-line (and per checkpoint); label-dropout masks reach the device in chunks, asynchronously. A
+everywhere by a device flag (counted in `skipped_steps`). An adaptive time-step strategy
+(`loss_moment`) then gets every rank's per-sample (t, unweighted MSE) of the applied step (one
+all-gather on the device) and rebuilds its alias table on the device every `update_every` steps
+(`FusedSpeeD.observe` / `end_step`); its statistics and tables are checkpointed (sampler.pt).
+Nothing in a step waits for the device: the statistics are added up in a log window on the
+device and read back once per log line (and per checkpoint); label-dropout masks reach the device in chunks, asynchronously. A
 SIGTERM/SIGINT seen by any rank is agreed on through a CPU all-reduce each step (it never
 waits for the device), and all ranks save a checkpoint and exit together. A run of
 --max-nonfinite non-finite steps is noticed at the next log line or checkpoint (no update is
@@ -150,6 +153,7 @@ class Trainer:
         Its statistics go to the log window on the device (see `record`); nothing is read back."""
         self.engine.train()
         self.step_stats.zero_()
+        observed = []  # (t, unweighted mse) of each micro-batch, for an adaptive strategy
         for i in range(self.plan.grad_accum):
             if i:
                 self.engine.step()  # DeepSpeed counts micro-batches in step(); it updates only at the boundary
@@ -164,6 +168,7 @@ class Trainer:
             self.micro_step += 1
             with torch.no_grad():
                 self._accumulate(terms)
+            observed.append((terms["t"], terms["mse"]))
         if self.world > 1:
             dist.all_reduce(self.step_stats.vector)  # enqueued on the device; nobody waits for it here
         skip = self.step_stats["nonfinite"] > 0  # (1,) bool, the same on every rank
@@ -181,7 +186,10 @@ class Trainer:
                 skip = skip | ~torch.isfinite(grad_norm.reshape(1))
         self.ema.update(skip)
         self._add_to_window(skip, grad_norm)
+        if self.fused.adaptive is not None:
+            self._observe(observed, skip)
         self.step += 1
+        self.fused.end_step(self.step)  # an adaptive P(t) may get its new table (on the device)
 
     @torch.no_grad()
     def _add_to_window(self, skip: torch.Tensor, grad_norm) -> None:
@@ -199,6 +207,20 @@ class Trainer:
         streak.mul_(skipped).add_(skipped)  # +1 on a skipped step, 0 otherwise
         limit = log["limit_step"]
         limit.copy_(torch.where((limit < 0) & (streak >= self.cfg.max_nonfinite), float(self.step + 1), limit))
+
+    @torch.no_grad()
+    def _observe(self, observed: list, skip: torch.Tensor) -> None:
+        """Every rank's per-sample (t, unweighted MSE) of this step, in rank order, to the adaptive
+        strategy (one all-gather on the device), so that its statistics and tables are the same on
+        every rank; the losses of a skipped step are left out."""
+        pairs = torch.stack([torch.cat([t for t, _ in observed]).double(),
+                             torch.cat([m for _, m in observed]).double()])  # (2, grad_accum * B), exact
+        if self.world > 1:
+            parts = [torch.empty_like(pairs) for _ in range(self.world)]
+            dist.all_gather(parts, pairs)
+            pairs = torch.cat(parts, dim=1)  # (2, world * grad_accum * B)
+        loss = pairs[1].float()
+        self.fused.observe(pairs[0].long(), loss, ~skip & torch.isfinite(loss))
 
     def record(self, sums: dict | None = None) -> dict:
         """The log record of the steps since the last record (one device-to-host read unless `sums`,
@@ -244,8 +266,9 @@ class Trainer:
     def save(self) -> str:
         model_sd = self.ema.full_master_state_dict()
         ema_sd = self.ema.full_state_dict()
+        extra = {ckpt.SAMPLER_FILE: self.fused.state_dict()} if self.fused.adaptive is not None else {}
         path = ckpt.save(self.engine, self.ckpt_root, self.step, self.state(), model_sd, ema_sd, self.rank,
-                         barrier=dist.barrier, keep=self.cfg.keep_ckpts)
+                         barrier=dist.barrier, keep=self.cfg.keep_ckpts, extra=extra)
         self.last_ckpt = path
         return path
 
@@ -261,6 +284,8 @@ class Trainer:
         self.log_stats.load({**window, "skipped_steps": state["skipped_steps"],
                              "nonfinite_streak": state["nonfinite_streak"], "limit_step": -1})
         self.ema.num_updates = self.step - state["skipped_steps"]  # one EMA update per applied step
+        if self.fused.adaptive is not None:  # the statistics and the tables in force at this step
+            self.fused.load_state_dict(ckpt.load_extra(path, ckpt.SAMPLER_FILE))
         self._loader_state = state["loader"]
         self.last_ckpt = path
 

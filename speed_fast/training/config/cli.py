@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar=name.upper())
     g.add_argument("--dual", dest="strategy.dual", action=argparse.BooleanOptionalAction, default=S,
                    help="SpeeD: mirror half of each batch's draws (the authors' default, on in the presets)")
+    g.add_argument("--importance-weights", dest="strategy.importance_weights", action=argparse.BooleanOptionalAction,
+                   default=S, help="loss_moment: weight the loss by 1 / (T P(t)) (unbiased; default off)")
     g.add_argument("--backend", default=S, help="fused SpeeD ops backend: auto | torch | cpp | triton")
     g = p.add_argument_group("optimisation")
     g.add_argument("--global-batch", type=int, default=S)
