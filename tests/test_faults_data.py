@@ -319,3 +319,130 @@ def test_a_second_write_latents_is_refused(tmp_path, capsys):
         holder.kill()
         holder.wait()
     assert_untouched(tmp_path, out)
+
+
+# export-dit: never over a run's files or an existing file; damaged runs named in one line
+
+
+def small_run(root):
+    """A run directory as train/main.py lays it out: config.json and one complete checkpoint."""
+    import torch
+
+    from speed_fast.models import DiT, DiTConfig
+
+    cfg = DiTConfig.named("DiT-S/8", input_size=16, in_channels=4, num_classes=10)
+    run = root / "run"
+    ckpt = run / "checkpoints" / "step-00000010"
+    ckpt.mkdir(parents=True)
+    torch.save(DiT(cfg).state_dict(), ckpt / "ema.pt")
+    (ckpt / "state.json").write_text(json.dumps({"step": 10}))
+    (run / "checkpoints" / "latest").write_text("step-00000010\n")
+    (run / "config.json").write_text(json.dumps({
+        "train": {"schedule": {"kind": "linear", "T": 1000, "beta_start": 1e-4, "beta_end": 0.02}},
+        "dit_config": cfg.to_dict(), "data_meta": {"num_classes": 10, "shape": [4, 16, 16]}}))
+    return run
+
+
+def test_export_dit_never_writes_into_a_run_or_over_a_file(tmp_path, capsys):
+    run = small_run(tmp_path)
+    config = (run / "config.json").read_bytes()
+    for target in (run / "config.json", run / "checkpoints" / "x.pt", run / "new.pt"):
+        line = assert_refused(capsys, cli_main(["export-dit", str(run), str(target)]), target)
+        assert "inside the run directory" in line
+    assert (run / "config.json").read_bytes() == config and not (run / "new.pt").exists()
+    out = tmp_path / "dit.pt"
+    out.write_bytes(b"someone's file")
+    assert "--force" in assert_refused(capsys, cli_main(["export-dit", str(run), str(out)]), out)
+    assert out.read_bytes() == b"someone's file"
+    assert cli_main(["export-dit", str(run), str(out), "--force"]) == 0
+    assert out.read_bytes() != b"someone's file"
+    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+
+
+@pytest.mark.parametrize("damage", ["wrong_shape", "no_config", "unknown_key", "config_not_json"])
+def test_export_dit_of_a_damaged_run_is_one_line(tmp_path, capsys, damage):
+    import torch
+
+    run = small_run(tmp_path)
+    if damage == "wrong_shape":
+        ema = torch.load(run / "checkpoints" / "step-00000010" / "ema.pt", weights_only=True)
+        key = next(k for k, v in ema.items() if v.ndim == 2)
+        ema[key] = torch.zeros(3, 7)
+        torch.save(ema, run / "checkpoints" / "step-00000010" / "ema.pt")
+        expected = "do not load"
+    elif damage == "no_config":
+        (run / "config.json").unlink()
+        expected = "config.json"
+    elif damage == "unknown_key":
+        config = json.loads((run / "config.json").read_text())
+        config["dit_config"]["mystery"] = 1
+        (run / "config.json").write_text(json.dumps(config))
+        expected = "mystery"
+    else:
+        (run / "config.json").write_bytes(b"\x80\x03weights")
+        expected = "config.json"
+    out = tmp_path / "dit.pt"
+    assert expected in assert_refused(capsys, cli_main(["export-dit", str(run), str(out)]), run)
+    assert not out.exists() and not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+
+
+# sample: impossible requests refused up front, outputs published whole, one writer per --out
+
+
+def sample_run(root):
+    """A digits-shaped run (1x8x8 pixels) with a small DiT: config.json and one checkpoint."""
+    import torch
+
+    from speed_fast.models import DiT, DiTConfig
+
+    cfg = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+    run = root / "run"
+    ckpt = run / "checkpoints" / "step-00000010"
+    ckpt.mkdir(parents=True)
+    torch.save(DiT(cfg).state_dict(), ckpt / "ema.pt")
+    torch.save(DiT(cfg).state_dict(), ckpt / "model.pt")
+    (ckpt / "state.json").write_text(json.dumps({"step": 10}))
+    (run / "checkpoints" / "latest").write_text("step-00000010\n")
+    (run / "config.json").write_text(json.dumps({
+        "train": {"schedule": {"kind": "linear", "T": 1000, "beta_start": 1e-4, "beta_end": 0.02}},
+        "dit_config": cfg.to_dict(), "data_meta": {"num_classes": 10, "shape": [1, 8, 8]}}))
+    return run
+
+
+def test_sample_refuses_what_cannot_fit_before_loading_anything(tmp_path, capsys):
+    run = sample_run(tmp_path)
+    grid = tmp_path / "grid.png"
+    grid.write_bytes(b"old grid")
+    t0 = time.time()
+    line = assert_refused(capsys, cli_main(["sample", "--ckpt", str(run), "--n", str(10 ** 12), "--out", str(grid),
+                                            "--device", "cpu"]), "--n 1000000000000", "free")
+    assert "1x8x8" in line and time.time() - t0 < 30
+    assert "-3" in assert_refused(capsys, cli_main(["sample", "--ckpt", str(run), "--nrow", "-3", "--out", str(grid),
+                                                     "--device", "cpu"]), "--nrow")
+    (tmp_path / "file").write_bytes(b"")
+    assert_refused(capsys, cli_main(["sample", "--ckpt", str(run), "--out", str(tmp_path / "file" / "g.png"),
+                                     "--device", "cpu"]), "cannot write")
+    assert grid.read_bytes() == b"old grid"
+
+
+def test_sample_replaces_its_outputs_only_when_both_are_written(tmp_path, capsys):
+    run = sample_run(tmp_path)
+    grid, npz = tmp_path / "grid.png", tmp_path / "s.npz"
+    args = ["sample", "--ckpt", str(run), "--n", "4", "--steps", "2", "--out", str(grid), "--save", str(npz),
+            "--device", "cpu"]
+    assert cli_main(args) == 0
+    assert np.load(npz)["samples"].shape == (4, 1, 8, 8)
+    before = grid.read_bytes(), npz.read_bytes()
+    capsys.readouterr()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, lock_path(str(grid))], stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert "another sample" in assert_refused(capsys, cli_main(args + ["--seed", "1"]), f"pid {holder.pid}")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (grid.read_bytes(), npz.read_bytes()) == before
+    assert cli_main(args + ["--seed", "1"]) == 0
+    assert npz.read_bytes() != before[1]
+    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]

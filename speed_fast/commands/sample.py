@@ -12,7 +12,6 @@ shown directly. --save PATH.npz also writes the raw samples (and labels) for `sp
 from __future__ import annotations
 
 import math
-import os
 
 from .common import add_sampling_arguments, check_output, sampling_options
 
@@ -29,26 +28,28 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    import numpy as np
-
     from ..devices import resolve_device
-    from ..generate import check_sampling_options, generate
-    from ..sampling import save_grid
+    from ..generate import check_sampling_options, generate, sample_footprint, write_samples
+    from ..lockfile import output_lock
 
     check_sampling_options(args.n, args.batch_size, args.cfg, args.eta, args.labels)
+    if args.nrow is not None and args.nrow < 1:
+        raise ValueError(f"--nrow must be >= 1, got {args.nrow}")
     resolve_device(args.device)
     check_output(args.out, "--out", (".png", ".jpg", ".jpeg"))
     if args.save:
         check_output(args.save, "--save", (".npz",))
-    x, y = generate(args.ckpt, args.n, return_labels=True, **sampling_options(args))
-    if x.shape[1] not in (1, 3):
-        raise ValueError(f"samples have {x.shape[1]} channels; pass --vae DIR to decode latents to images")
-    nrow = args.nrow or max(1, math.isqrt(args.n - 1) + 1 if args.n > 1 else 1)
-    save_grid(x.clamp(-1, 1), args.out, nrow=nrow)
+    footprint = sample_footprint(args.ckpt, args.n, args.vae, {"--out": args.out, "--save": args.save})
+    print(f"sampling {args.n} x {'x'.join(map(str, footprint['shape']))}: about {footprint['memory_bytes']:,} bytes "
+          f"in memory, {footprint['disk_bytes']:,} on disk")
+    with output_lock(args.out, "sample"):
+        x, y = generate(args.ckpt, args.n, return_labels=True, **sampling_options(args))
+        if x.shape[1] not in (1, 3):
+            raise ValueError(f"samples have {x.shape[1]} channels; pass --vae DIR to decode latents to images")
+        nrow = args.nrow or max(1, math.isqrt(args.n - 1) + 1 if args.n > 1 else 1)
+        write_samples(x, y, args.out, args.save, nrow)
     print(f"wrote {args.out}: {args.n} samples {tuple(x.shape[1:])}, {args.method} {args.steps} steps, "
           f"cfg {args.cfg}, seed {args.seed}{', EMA' if args.ema else ''}")
     if args.save:
-        os.makedirs(os.path.dirname(os.path.abspath(args.save)), exist_ok=True)
-        np.savez(args.save, samples=x.numpy(), labels=y.numpy())
         print(f"wrote {args.save}")
     return 0
