@@ -446,3 +446,45 @@ def test_sample_replaces_its_outputs_only_when_both_are_written(tmp_path, capsys
     assert cli_main(args + ["--seed", "1"]) == 0
     assert npz.read_bytes() != before[1]
     assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+
+
+# eval: headers checked against the file before allocating; a bad --ref named before sampling
+
+
+def lying_npy(rows=10 ** 12):
+    """An .npy whose header declares `rows` x 1x8x8 float32 but holds the data of 2."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (rows, 1, 8, 8)})
+    return buf.getvalue() + bytes(2 * 64 * 4)
+
+
+def test_eval_checks_npy_headers_against_the_file_size(tmp_path, capsys):
+    import zipfile
+
+    ref = tmp_path / "ref.npy"
+    np.save(ref, np.zeros((4, 1, 8, 8), np.float32))
+    (tmp_path / "huge.npy").write_bytes(lying_npy())
+    line = assert_refused(capsys, cli_main(["eval", "--gen", str(tmp_path / "huge.npy"), "--ref", str(ref)]),
+                          "huge.npy", "declares shape")
+    assert "1000000000000" in line
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as z:
+        z.writestr("samples.npy", lying_npy())
+    assert "declares shape" in assert_refused(capsys, cli_main(["eval", "--gen", str(tmp_path / "huge.npz"), "--ref",
+                                                                 str(ref)]), "huge.npz")
+
+
+def test_eval_of_an_empty_array_is_named(tmp_path, capsys):
+    np.save(tmp_path / "empty.npy", np.zeros((0, 1, 8, 8), np.float32))
+    np.save(tmp_path / "ref.npy", np.zeros((4, 1, 8, 8), np.float32))
+    line = assert_refused(capsys, cli_main(["eval", "--gen", str(tmp_path / "empty.npy"), "--ref",
+                                            str(tmp_path / "ref.npy")]), "empty.npy", "0 samples")
+    assert "torch.cat" not in line
+
+
+def test_eval_of_a_run_names_a_bad_ref_before_sampling(tmp_path, capsys):
+    run = sample_run(tmp_path)
+    (tmp_path / "bad.npy").write_bytes(b"not an array at all")
+    t0 = time.time()
+    assert_refused(capsys, cli_main(["eval", "--gen", str(run), "--n", "10000", "--steps", "1000", "--ref",
+                                     str(tmp_path / "bad.npy"), "--device", "cpu"]), "bad.npy")
+    assert time.time() - t0 < 30  # 10000 samples x 1000 steps would take far longer
