@@ -103,3 +103,57 @@ def test_train_main_stops_with_one_line_and_no_run_directory(files):
             assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
             assert lines[0].startswith("train/main.py: error: --init-from ") and files["paths"][kind] in lines[0]
             assert not run_dir.exists()
+
+
+def test_a_named_model_replaces_the_presets_custom_sizes():
+    """`train/main.py --model DiT-S/2` on the default (digits) preset, whose custom sizes used to reach
+    DiTConfig.named a second time ("multiple values for keyword argument 'hidden_size'")."""
+    configs = os.path.join(ROOT, "train", "configs")
+    default, _ = parse_args([], configs)
+    assert default.model == "custom" and "hidden_size" in default.dit
+    cfg, _ = parse_args(["--model", "DiT-S/2"], configs)
+    assert not set(cfg.dit) & {"depth", "hidden_size", "num_heads", "patch_size"}
+    plan = resolve(cfg, 1, configs, False)
+    assert (plan.dit.depth, plan.dit.hidden_size, plan.dit.num_heads, plan.dit.patch_size) == (12, 384, 6, 2)
+    assert plan.dit.input_size == 8 and plan.dit.in_channels == 1  # still fixed by the data
+
+
+def test_the_end_of_run_grid_is_bounded_by_the_runs_length():
+    from speed_fast.training.artefacts import grid_sampler
+
+    configs = os.path.join(ROOT, "train", "configs")
+    for flags, expected in ((["--max-steps", "4", "--sample-steps", "10"], ("10", "ddpm")),  # 1000 <= 3 x 4 x 128
+                            (["--max-steps", "2000"], ("250", "ddpm")),
+                            (["--max-steps", "20"], ("ddim25", "ddim")),  # 25000 > 7680 >= 2500 calls
+                            (["--max-steps", "2"], ("7", "ddim"))):  # 768 // 100 DDIM steps
+        cfg, _ = parse_args(flags, configs)
+        steps, method, why = grid_sampler(resolve(cfg, 1, configs, False), 100)
+        assert (steps, method) == expected, flags
+        assert (why == "") == (expected[0] in ("10", "250")), why
+
+
+def test_a_stop_signal_ends_the_end_of_run_grid_promptly(tmp_path):
+    """SIGTERM's flag (what preemption's handler sets) while the 250-step grid is being drawn: the
+    grid is skipped at the next model call and finish returns at once with the loss plot."""
+    import json
+    import signal
+    import threading
+    import time
+
+    from speed_fast.training import artefacts, preemption
+
+    configs = os.path.join(ROOT, "train", "configs")
+    cfg, _ = parse_args(["--max-steps", "400000"], configs)
+    plan = resolve(cfg, 1, configs, False)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2)))
+    timer = threading.Timer(1.0, preemption.request, (signal.SIGTERM, "SIGTERM"))
+    t0 = time.time()
+    timer.start()
+    try:
+        paths = artefacts.finish(plan, str(tmp_path), DiT(plan.dit), "cpu")
+    finally:
+        timer.cancel()
+        preemption._state.update(signum=0, reason="")
+    assert time.time() - t0 < 30
+    assert paths[0] == "skipped (SIGTERM)" and os.path.isfile(paths[1])
+    assert not (tmp_path / "samples.png").exists()
