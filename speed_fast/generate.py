@@ -126,10 +126,24 @@ def check_run_config(run_dir: str) -> dict:
 def load_checked(run_dir: str, ema: bool, device="cpu", checkpoint: str | None = None):
     """load_for_inference(run_dir, ...) with config.json checked first and weights that do not fit
     the model (a wrong shape) named as a ValueError instead of torch's RuntimeError."""
-    from .training.checkpoint import load_for_inference
+    import sys
+
+    from .training.checkpoint import checkpoint_tags, load_for_inference
 
     check_run_config(run_dir)
     try:
+        if checkpoint is None:  # the newest usable one, saying which when newer ones are damaged
+            problems = []
+            for tag in reversed(checkpoint_tags(os.path.join(run_dir, "checkpoints"))):
+                try:
+                    loaded = load_for_inference(run_dir, ema=ema, device=device, checkpoint=tag)
+                except ValueError as exc:
+                    problems.append(str(exc))
+                    continue
+                if problems:
+                    print(f"[speed_fast] warning: using checkpoint {tag} of {run_dir}; {len(problems)} newer one(s) "
+                          f"are unusable: {'; '.join(problems)}", file=sys.stderr)
+                return loaded
         return load_for_inference(run_dir, ema=ema, device=device, checkpoint=checkpoint)
     except (RuntimeError, TypeError, KeyError) as exc:
         reason = " ".join(str(exc).split())

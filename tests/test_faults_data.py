@@ -488,3 +488,19 @@ def test_eval_of_a_run_names_a_bad_ref_before_sampling(tmp_path, capsys):
     assert_refused(capsys, cli_main(["eval", "--gen", str(run), "--n", "10000", "--steps", "1000", "--ref",
                                      str(tmp_path / "bad.npy"), "--device", "cpu"]), "bad.npy")
     assert time.time() - t0 < 30  # 10000 samples x 1000 steps would take far longer
+
+
+def test_sample_says_which_checkpoint_it_used_when_the_newest_is_damaged(tmp_path, capsys):
+    import shutil
+
+    run = sample_run(tmp_path)
+    newest = run / "checkpoints" / "step-00000020"
+    shutil.copytree(run / "checkpoints" / "step-00000010", newest)
+    (newest / "state.json").write_text(json.dumps({"step": 20}))
+    with open(newest / "ema.pt", "r+b") as f:
+        f.truncate(100)
+    (run / "checkpoints" / "latest").write_text("step-00000020\n")
+    assert cli_main(["sample", "--ckpt", str(run), "--n", "2", "--steps", "2", "--ema", "--out",
+                     str(tmp_path / "g.png"), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "using checkpoint step-00000010" in err and "step-00000020" in err
