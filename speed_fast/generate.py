@@ -31,8 +31,9 @@ def check_sampling_options(n: int, batch_size: int, cfg: float, eta: float, labe
     parse_labels(labels, 1)
 
 
-def parse_labels(spec: str | None, n: int) -> torch.Tensor | None:
-    """int64 [n]: comma-separated class labels cycled over n samples (None: random per sample)."""
+def parse_labels(spec: str | None, n: int, start: int = 0) -> torch.Tensor | None:
+    """int64 [n]: comma-separated class labels cycled over samples start .. start + n - 1 of a set
+    (None: random per sample)."""
     if spec is None:
         return None
     try:
@@ -41,14 +42,15 @@ def parse_labels(spec: str | None, n: int) -> torch.Tensor | None:
         raise ValueError(f"--labels must be comma-separated integers, got {spec!r}") from None
     if not values:
         raise ValueError(f"--labels must name at least one class, got {spec!r}")
-    return torch.tensor([values[i % len(values)] for i in range(n)], dtype=torch.int64)
+    return torch.tensor([values[(start + i) % len(values)] for i in range(n)], dtype=torch.int64)
 
 
-def sample_footprint(run_dir: str, n: int, vae: str | None, outputs: dict[str, str | None]) -> dict:
-    """What `n` samples of the run will take, checked before any model is loaded: bytes per sample
-    (float32 samples in memory; a uint8 grid PNG and float32 .npz on disk, both at most their raw
-    size), n x those against the free disk of each output's file system and the available memory.
-    ValueError with the estimate when they do not fit; else the estimate (for printing)."""
+def sample_footprint(run_dir: str, n: int, vae: str | None, batch_size: int, outputs: dict[str, str | None]) -> dict:
+    """What `n` samples of the run will take (sample_to_files), checked before any model is loaded:
+    on disk n x bytes per sample (float32 .npz; the grid PNG at most its raw uint8 size, of at most
+    MAX_GRID_IMAGES samples) against the free disk of each output's file system; in memory one
+    batch and the grid's samples (float32) against the available memory. ValueError with the
+    estimate when they do not fit; else the estimate (for printing)."""
     import shutil
 
     if not os.path.isdir(run_dir):
@@ -63,10 +65,10 @@ def sample_footprint(run_dir: str, n: int, vae: str | None, outputs: dict[str, s
     for flag, path in outputs.items():
         if path is None:
             continue
-        per = (c * (h + 1) * (w + 1)) if flag == "--out" else 4 * c * h * w + 8
+        need = min(n, MAX_GRID_IMAGES) * c * (h + 1) * (w + 1) if flag == "--out" else n * (4 * c * h * w + 8)
         device = os.stat(_existing_parent(path)).st_dev
         entry = need_disk.setdefault(device, [path, 0])
-        entry[1] += n * per
+        entry[1] += 2 * need if flag == "--save" else need  # the .npy files, then the .npz made of them
     for path, need in need_disk.values():
         free = shutil.disk_usage(_existing_parent(path)).free
         if need > free:
@@ -76,10 +78,10 @@ def sample_footprint(run_dir: str, n: int, vae: str | None, outputs: dict[str, s
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # no sysconf: the disk check stands alone
         available = None
-    need_mem = n * per_sample_mem
+    need_mem = (min(n, batch_size) + min(n, MAX_GRID_IMAGES)) * per_sample_mem
     if available is not None and need_mem > available:
-        raise ValueError(f"--n {n}: {n} samples of {c}x{h}x{w} (float32) need about {need_mem:,} bytes of memory, "
-                         f"{available:,} are available; draw fewer samples per command")
+        raise ValueError(f"--batch-size {batch_size}: a batch and the grid of {c}x{h}x{w} samples (float32) need "
+                         f"about {need_mem:,} bytes of memory, {available:,} are available; use a smaller --batch-size")
     return {"shape": (c, h, w), "memory_bytes": need_mem, "disk_bytes": sum(v[1] for v in need_disk.values())}
 
 
@@ -190,28 +192,87 @@ def generate(run_dir: str, n: int, *, ema: bool = False, steps="250", method: st
     return (x, y) if return_labels else x
 
 
-def write_samples(x: torch.Tensor, y: torch.Tensor, grid: str, npz: str | None, nrow: int) -> None:
-    """The grid PNG (and the samples + labels .npz) written under temporary names and published
-    together (speed_fast.atomic): a failure leaves any existing files as they were."""
+MAX_GRID_IMAGES = 1024  # the grid PNG shows at most the first 1024 samples (32 x 32 tiles); the .npz holds all
+
+
+def sample_to_files(run_dir: str, n: int, grid: str, npz: str | None, *, nrow: int | None = None, ema: bool = False,
+                    steps="250", method: str = "ddpm", eta: float = 0.0, cfg: float = 1.0, seed: int = 0,
+                    labels: str | None = None, batch_size: int = 64, device=None, vae: str | None = None,
+                    clip_denoised: bool = False) -> dict:
+    """n samples of the run drawn batch by batch (the same set as generate(), any batch size) and
+    streamed to disk: all of them (and their labels) to the .npz `npz` through .npy files appended batch
+    by batch, the first MAX_GRID_IMAGES to the grid PNG `grid`. Resident memory is one batch plus the
+    grid, whatever n is. Both files are written under temporary names and published together
+    (speed_fast.atomic): a failure (e.g. non-finite samples) leaves existing files as they were.
+    Returns {"shape": per-sample shape, "grid_images": how many the grid shows}."""
     import numpy as np
 
     from .atomic import publish, temporary_name
-    from .sampling import save_grid
+    from .sampling import sample, save_grid
+    from .vae import decode_latents, load_vae
 
-    moves = []
+    device = resolve_device(device)
+    model, schedule, meta = load_run(run_dir, ema, device)
+    channels = int(model.in_channels)
+    if channels not in (1, 3) and vae is None:
+        raise ValueError(f"{run_dir} was trained on {channels}-channel latents {meta.get('shape')}; "
+                         "pass --vae DIR (a local diffusers AutoencoderKL) to decode them")
+    decoder = load_vae(vae, device) if vae is not None else None
+    grid_n = min(n, MAX_GRID_IMAGES)
+    shown, temps, arrays = [], [], {}
+    tmp_npz = temporary_name(npz) if npz else None
     try:
-        tmp = temporary_name(grid) + os.path.splitext(grid)[1]  # PIL picks the format from the suffix
-        moves.append((tmp, os.path.abspath(grid)))
-        save_grid(x.clamp(-1, 1), tmp, nrow=nrow)
+        from tqdm import tqdm
+
+        for start in tqdm(range(0, n, batch_size), desc="sampling", unit="batch", leave=False):
+            k = min(batch_size, n - start)
+            x, y = sample(model, schedule, k, parse_labels(labels, k, start), steps=steps, method=method, eta=eta,
+                          cfg_scale=cfg, seed=seed, device=device, batch_size=k, clip_denoised=clip_denoised,
+                          return_labels=True, first_index=start)  # (k, C, H, W)
+            bad = int((~torch.isfinite(x)).flatten(1).any(dim=1).sum())
+            if bad:
+                raise ValueError(f"{bad} of {k} samples are not finite (NaN or infinity) with --cfg {cfg:g}, --steps "
+                                 f"{steps} ({method}), in the batch from sample {start}; nothing was written")
+            if decoder is not None:
+                x = decode_latents(decoder, x)
+            if x.shape[1] not in (1, 3):
+                raise ValueError(f"samples have {x.shape[1]} channels; pass --vae DIR to decode latents to images")
+            if npz and not arrays:  # plain appends, not a memory map: written pages never count as ours
+                for name, shape, dtype in (("samples", (n,) + tuple(x.shape[1:]), "<f4"), ("labels", (n,), "<i8")):
+                    path = f"{tmp_npz}.{name}.npy"
+                    temps.append(path)
+                    arrays[name] = open(path, "wb")
+                    np.lib.format.write_array_header_1_0(arrays[name], {"descr": dtype, "fortran_order": False,
+                                                                        "shape": shape})
+            if npz:
+                arrays["samples"].write(x.numpy().astype("<f4", copy=False).tobytes())
+                arrays["labels"].write(y.numpy().astype("<i8", copy=False).tobytes())
+            if sum(len(t) for t in shown) < grid_n:
+                shown.append(x[: grid_n - sum(len(t) for t in shown)].clone())
+        tmp_grid = temporary_name(grid) + os.path.splitext(grid)[1]  # PIL picks the format from the suffix
+        temps.append(tmp_grid)
+        images = torch.cat(shown)  # (grid_n, C, H, W)
+        save_grid(images.clamp(-1, 1), tmp_grid, nrow=nrow or max(1, math.isqrt(grid_n - 1) + 1))
+        moves = [(tmp_grid, os.path.abspath(grid))]
         if npz:
-            tmp = temporary_name(npz)
-            moves.append((tmp, os.path.abspath(npz)))
-            os.makedirs(os.path.dirname(tmp), exist_ok=True)
-            with open(tmp, "wb") as f:
-                np.savez(f, samples=x.numpy(), labels=y.numpy())
-    except BaseException:
-        for tmp, _ in moves:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        raise
-    publish(moves)
+            import zipfile
+
+            for f in arrays.values():
+                f.close()
+            arrays.clear()
+            temps.append(tmp_npz)
+            with zipfile.ZipFile(tmp_npz, "w", zipfile.ZIP_STORED, allowZip64=True) as z:  # what np.savez writes
+                for name in ("samples", "labels"):
+                    with open(f"{tmp_npz}.{name}.npy", "rb") as src, \
+                            z.open(f"{name}.npy", "w", force_zip64=True) as dst:
+                        while chunk := src.read(1 << 24):
+                            dst.write(chunk)
+            moves.append((tmp_npz, os.path.abspath(npz)))
+        publish(moves)
+        return {"shape": tuple(images.shape[1:]), "grid_images": grid_n}
+    finally:
+        for f in arrays.values():
+            f.close()
+        for path in temps:
+            if os.path.exists(path):
+                os.remove(path)
