@@ -554,3 +554,21 @@ def test_a_large_n_streams_to_disk_with_bounded_memory(tmp_path):
         with np.load(tmp_path / "s1024.npz") as z1:
             np.testing.assert_array_equal(z["samples"][:1024], z1["samples"])
     assert Image.open(tmp_path / "g8192.png").size == (32 * 65 + 1, 32 * 65 + 1)
+
+
+def test_raw_features_of_large_images_never_hold_the_whole_projection(monkeypatch):
+    """eval of 3x1024x1024 arrays needed a 12.9 GB projection matrix before anything was checked; past
+    PROJECTION_CACHE_BYTES it is drawn block by block: the same matrix (same generator stream), so
+    the same features up to summation order."""
+    import torch
+
+    from speed_fast.evaluation import features as feats
+
+    x = torch.randn(5, 3, 20, 20, dtype=torch.float64)
+    whole = feats.RawFeatures(max_dim=37, seed=3)(x)
+    monkeypatch.setattr(feats, "PROJECTION_CACHE_BYTES", 1024)
+    monkeypatch.setattr(feats, "STREAM_BLOCK_BYTES", 37 * 8 * 40)  # 32-row blocks (a multiple of 16)
+    streamed_features = feats.RawFeatures(max_dim=37, seed=3)
+    streamed = streamed_features(x)
+    assert streamed_features._proj is None  # never built whole
+    torch.testing.assert_close(streamed, whole, rtol=1e-12, atol=1e-12)
