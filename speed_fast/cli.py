@@ -51,10 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
+    from .lockfile import Locked
+
     try:
         return int(args._run(args) or 0)
-    except ValueError as exc:  # invalid user input: a clear message, no traceback
+    except (ValueError, Locked) as exc:  # invalid user input, or an output in use: a clear message, no traceback
         print(f"speed-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file that cannot be read or written (full disk, permissions): named, one line
+        print(f"speed-fast {args.command}: error: {exc.strerror or exc}"
+              f"{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
         return 2
 
 

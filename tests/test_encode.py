@@ -321,3 +321,46 @@ def test_write_latents_label_range_and_empty_inputs(tmp_path, capsys):
     assert run_cli("write-latents", tmp_path / "cut.npz", "--out", tmp_path / "a.beton") == 2
     assert "is not a readable .npy/.npz array" in capsys.readouterr().err
     assert not (tmp_path / "a.beton").exists()
+
+
+def test_a_fifo_is_never_opened_and_a_second_encode_is_refused(vae_dir, tmp_path, capsys):
+    """Issue 22: a FIFO named *.png used to hang encode forever (now skipped, counted, warned); an empty
+    class keeps its label and is reported; a second encode of the same --out is refused naming the
+    first (it used to resume from the first one's live .parts/ and die on a vanished shard)."""
+    import json
+    import subprocess
+    import sys
+
+    from speed_fast.lockfile import lock_path
+
+    root = tmp_path / "imgs"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        Image.fromarray(np.full((RES, RES, 3), 100, np.uint8)).save(root / cls / "0.png")
+    os.mkfifo(root / "a" / "pipe.png")
+    (root / "c").mkdir()
+    out = tmp_path / "lat.beton"
+    cmd = [sys.executable, "-m", "speed_fast.cli", "encode", str(root), "--vae", vae_dir, "--out", str(out),
+           "--resolution", str(RES), "--workers", "0", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    assert proc.returncode == 0, proc.stderr
+    assert "a/pipe.png" in proc.stderr and "['c']" in proc.stderr
+    meta = read_latent_meta(str(out))
+    assert meta["num_samples"] == 2 and meta["class_names"] == ["a", "b", "c"]
+    assert meta["source"]["not_regular"] == 1 and meta["source"]["empty_classes"] == ["c"]
+    before = out.read_bytes()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom speed_fast.lockfile import FileLock\n"
+                               "FileLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\ntime.sleep(120)",
+                               lock_path(str(out))], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        assert run_cli(*cmd[3:]) == 2
+        err = capsys.readouterr().err
+        assert "another encode" in err and f"pid {holder.pid}" in err and "Traceback" not in err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert out.read_bytes() == before and not os.path.exists(str(out) + ".parts")
+    assert json.loads(open(str(out) + ".json").read())["num_samples"] == 2

@@ -48,6 +48,7 @@ def run(args) -> int:
                               run_eval_sampling)
 
     device = resolve_device(args.device)
+    reference, _ = load_reference(args.ref, args.n_ref)  # a bad --ref is named before any sampling
     if os.path.isdir(args.gen):
         from ..generate import check_sampling_options, generate, run_dir_of
 
@@ -60,7 +61,6 @@ def run(args) -> int:
     else:
         generated, _ = read_array(args.gen, "--gen")
         source = args.gen
-    reference, _ = load_reference(args.ref, args.n_ref)
     if generated.shape[1:] != reference.shape[1:]:
         raise ValueError(f"generated samples are {tuple(generated.shape[1:])} but the reference is "
                          f"{tuple(reference.shape[1:])}; compare like with like (decode latents with --vae)")

@@ -9,7 +9,6 @@ with a warning, since DiT would sample it with the wrong one.
 
 from __future__ import annotations
 
-import os
 import sys
 
 HELP = "write a run's EMA weights as a facebookresearch/DiT checkpoint (for DiT's sample.py)"
@@ -17,36 +16,22 @@ HELP = "write a run's EMA weights as a facebookresearch/DiT checkpoint (for DiT'
 
 def add_arguments(p) -> None:
     p.add_argument("run", help="run directory written by train/main.py")
-    p.add_argument("out", help="output .pt file")
+    p.add_argument("out", help="output .pt file (outside any run directory)")
     p.add_argument("--checkpoint", help="checkpoint tag (e.g. step-00010000) or path; default: the newest")
     p.add_argument("--raw", action="store_true", help="the raw model weights instead of the EMA")
+    p.add_argument("--force", action="store_true", help="replace OUT when it exists")
 
 
 def run(args) -> int:
-    import torch
+    from ..export import export_dit
 
-    from ..models.interop import dit_model_name, to_dit_state_dict
-    from ..training.checkpoint import load_for_inference
-
-    model, config, _, meta = load_for_inference(args.run, ema=not args.raw, checkpoint=args.checkpoint)
-    cfg = model.config
-    name = dit_model_name(cfg)
-    state = to_dit_state_dict(model.state_dict(), cfg)
-    out = os.path.abspath(args.out)
-    if os.path.isdir(out):
-        raise ValueError(f"{args.out} is a directory; expected a file path such as {args.out}/dit.pt")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, out)
-    schedule = config["train"]["schedule"]
-    if (schedule.get("kind"), schedule.get("T"), schedule.get("beta_start"), schedule.get("beta_end")) != \
-            ("linear", 1000, 1e-4, 0.02):
-        print(f"speed-fast export-dit: warning: the run used the schedule {schedule}; DiT's samplers assume "
+    info = export_dit(args.run, args.out, checkpoint=args.checkpoint, raw=args.raw, force=args.force)
+    if not info["dit_schedule"]:
+        print(f"speed-fast export-dit: warning: the run used the schedule {info['schedule']}; DiT's samplers assume "
               "linear 1e-4..0.02 with T=1000", file=sys.stderr)
-    which = "raw" if args.raw else "EMA"
-    print(f"wrote {out}: {name}, {which} weights, {len(state)} tensors, {meta.get('num_classes', cfg.num_classes)} "
-          f"classes")
-    print(f"sample with DiT: python sample.py --model {name} --image-size {8 * cfg.input_size} "
+    cfg, out = info["config"], info["path"]
+    print(f"wrote {out}: {info['name']}, {'raw' if args.raw else 'EMA'} weights, {info['tensors']} tensors, "
+          f"{info['num_classes']} classes")
+    print(f"sample with DiT: python sample.py --model {info['name']} --image-size {8 * cfg.input_size} "
           f"--num-classes {cfg.num_classes} --ckpt {out}")
     return 0

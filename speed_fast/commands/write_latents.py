@@ -24,6 +24,7 @@ def run(args) -> int:
 
     from ..data.latents import write_latents
     from ..data.sources import load_latent_source
+    from ..lockfile import output_lock
 
     latents, labels, class_names = load_latent_source(args.source, args.labels, progress=not args.no_progress)
     if args.class_names is not None:
@@ -31,9 +32,10 @@ def run(args) -> int:
             raise ValueError(f"--class-names {args.class_names!r} is not a file")
         with open(args.class_names) as f:
             class_names = [line.rstrip("\n") for line in f if line.strip()]
-    meta = write_latents(args.out, latents, labels, class_names=class_names, store_dtype=args.store_dtype,
-                         flip_copies=args.flip_copies, progress=not args.no_progress,
-                         extra={"converted_from": os.path.abspath(args.source)})
+    with output_lock(args.out, "write-latents"):
+        meta = write_latents(args.out, latents, labels, class_names=class_names, store_dtype=args.store_dtype,
+                             flip_copies=args.flip_copies, progress=not args.no_progress,
+                             extra={"converted_from": os.path.abspath(args.source)})
     print(f"wrote {args.out}: {meta['num_samples']} latents of shape {meta['shape']} ({meta['store_dtype']}), "
           f"{meta['num_classes']} classes")
     return 0

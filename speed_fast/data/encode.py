@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import sys
 import uuid
 
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from ..devices import resolve_device
+from ..lockfile import output_lock
 from ..vae import latent_factors, load_vae, to_latents
 from .latents import write_latents
 
@@ -47,8 +49,16 @@ _MANIFEST_KEYS = ("image_dir", "files_sha256", "num_images", "class_names", "vae
                   "resolution", "flip", "sample_posterior", "seed")
 
 
-def scan_image_folder(image_dir: str) -> tuple[list[str], np.ndarray, list[str]]:
-    """(relative image paths, int64 labels, class names) of a class-per-folder image tree."""
+def scan_image_folder(image_dir: str, report: dict | None = None) -> tuple[list[str], np.ndarray, list[str]]:
+    """(relative image paths, int64 labels, class names) of a class-per-folder image tree.
+
+    Entries with an image name that are not regular files (FIFOs, sockets, devices) are never
+    opened (a FIFO would block the reader forever): they are left out and listed in
+    report["not_regular"]; class folders without images keep their label and are listed in
+    report["empty_classes"]."""
+    report = {} if report is None else report
+    not_regular = report.setdefault("not_regular", [])
+    empty = report.setdefault("empty_classes", [])
     if not os.path.isdir(image_dir):
         raise ValueError(f"IMAGE_DIR {image_dir!r} is not a directory")
     classes = sorted(d for d in os.listdir(image_dir)
@@ -69,21 +79,37 @@ def scan_image_folder(image_dir: str) -> tuple[list[str], np.ndarray, list[str]]
             found += [os.path.relpath(os.path.join(root, f), image_dir) for f in files
                       if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
         found.sort()
+        count = len(paths)
         for rel in found:
             try:
                 st = os.stat(os.path.join(image_dir, rel))
             except OSError:  # a dangling link: kept, reported as unreadable when it is encoded
                 st = None
             if st is not None:
+                if not stat.S_ISREG(st.st_mode):
+                    not_regular.append(rel)
+                    continue
                 if (st.st_dev, st.st_ino) in seen_files:
                     continue
                 seen_files.add((st.st_dev, st.st_ino))
             paths.append(rel)
             labels.append(label)
+        if len(paths) == count:
+            empty.append(cls)
     if not paths:
         raise ValueError(f"IMAGE_DIR {image_dir!r} has class folders {classes[:5]} but no image files "
                          f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
     return paths, np.asarray(labels, dtype=np.int64), classes
+
+
+def warn_scan(found: dict, command: str, log) -> None:
+    """One warning line each for the non-regular entries and the empty classes scan_image_folder found."""
+    if found.get("not_regular"):
+        log(f"[{command}] warning: skipped {len(found['not_regular'])} entries that are not regular files "
+            f"(FIFOs, sockets, devices), never opened: {found['not_regular'][:5]}")
+    if found.get("empty_classes"):
+        log(f"[{command}] warning: {len(found['empty_classes'])} class folders hold no images (their labels are "
+            f"kept, with no samples): {found['empty_classes'][:10]}")
 
 
 def center_crop_arr(pil_image, image_size: int):
@@ -207,8 +233,19 @@ def encode_folder(image_dir: str, vae_path: str, out: str, *, resolution: int = 
     """Encode IMAGE_DIR into the latent file `out`; returns a status dict (done, images, skipped, meta).
 
     max_images stops after that many more images (a resumable partial run). See the module docstring.
+    One encode per output: `<out>.lock` (speed_fast.lockfile) is held throughout, so a second encode
+    of the same `out` is refused (naming the holder) instead of resuming from the first one's live parts.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    with output_lock(out, "encode", log):
+        return _encode_folder(image_dir, vae_path, out, resolution=resolution, flip=flip, batch_size=batch_size,
+                              sample_posterior=sample_posterior, seed=seed, device=device, workers=workers,
+                              shard_size=shard_size, max_images=max_images, keep_parts=keep_parts,
+                              progress=progress, log=log)
+
+
+def _encode_folder(image_dir, vae_path, out, *, resolution, flip, batch_size, sample_posterior, seed, device,
+                   workers, shard_size, max_images, keep_parts, progress, log) -> dict:
     for name, value, lo in (("resolution", resolution, 8), ("batch_size", batch_size, 1),
                             ("shard_size", shard_size, 1), ("workers", workers, 0), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < lo:
@@ -218,7 +255,9 @@ def encode_folder(image_dir: str, vae_path: str, out: str, *, resolution: int = 
     image_dir = os.path.abspath(image_dir)
     vae_path = os.path.abspath(vae_path)
     dev = resolve_device(device)
-    paths, labels, class_names = scan_image_folder(image_dir)
+    found = {}
+    paths, labels, class_names = scan_image_folder(image_dir, found)
+    warn_scan(found, "encode", log)
     n_images = len(paths)
     vae = load_vae(vae_path, dev)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -283,7 +322,8 @@ def encode_folder(image_dir: str, vae_path: str, out: str, *, resolution: int = 
                          f"(first error: {paths[failed[0][0]]}: {failed[0][1]})")
     ok = np.ones(n_images, dtype=bool)
     ok[[i for i, _ in failed]] = False
-    extra = dict(manifest, encoder="speed_fast.data.encode",
+    extra = dict(manifest, encoder="speed_fast.data.encode", not_regular=len(found["not_regular"]),
+                 not_regular_files=found["not_regular"][:100], empty_classes=found["empty_classes"],
                  images_skipped=len(failed), skipped=[{"path": paths[i], "error": m} for i, m in failed])
     meta = write_latents(out, source, labels[ok], class_names=class_names, store_dtype="bfloat16",
                          flip_copies=bool(flip), extra=extra, progress=progress)

@@ -19,13 +19,13 @@ import contextlib
 import hashlib
 import json
 import os
-import uuid
 import zlib
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from ..atomic import check_replaceable, publish, temporary_name
 from . import beton
 
 FORMAT = "speed_fast.latents"
@@ -75,6 +75,9 @@ def _to_torch(block: Any, what: str) -> torch.Tensor:
     if arr.dtype.kind != "f":
         raise ValueError(f"{what} must hold floating-point latents (float16/32/64 or torch bfloat16), "
                          f"got dtype {arr.dtype}")
+    if arr.dtype not in (np.float16, np.float32, np.float64):  # longdouble: torch has no such dtype
+        raise ValueError(f"{what} has dtype {arr.dtype} ({arr.dtype.itemsize * 8}-bit extended precision); "
+                         "expected float16, float32 or float64 (convert with .astype(np.float64))")
     if not arr.flags.writeable:  # e.g. a read-only memory map; torch wants writable memory
         arr = arr.copy()
     return torch.from_numpy(np.ascontiguousarray(arr))
@@ -90,11 +93,16 @@ def _to_bits(block: Any, store: str, first_index: int) -> np.ndarray:
         bad = int(torch.nonzero(~finite)[0, 0]) + first_index
         raise ValueError(f"latents[{bad}] holds a NaN or infinity; latents must be finite")
     value_dtype, field_dtype = STORE_DTYPES[store]
-    if value_dtype == torch.float32:
-        out = t.to(torch.float32).contiguous().numpy()
-    else:
-        # torch's casts round to nearest even, the same rounding the VAE output gets on GPU.
-        out = t.to(value_dtype).contiguous().view(torch.int16).numpy()
+    # torch's casts round to nearest even, the same rounding the VAE output gets on GPU.
+    stored = t.to(value_dtype).contiguous()
+    if t.dtype != value_dtype and not bool(torch.isfinite(stored).all()):
+        # A finite value past the store dtype's range would be stored as infinity: refuse before writing.
+        mags = t.detach().abs().flatten(1).amax(dim=1).double()  # (n,)
+        bad = int(torch.argmax(mags))
+        raise ValueError(f"latents[{bad + first_index}] holds a value of magnitude {float(mags[bad]):.6g}, beyond "
+                         f"{store}'s largest finite value {torch.finfo(value_dtype).max:.6g}; it would be stored as "
+                         "infinity (rescale the latents, or store them with a wider --store-dtype)")
+    out = stored.numpy() if value_dtype == torch.float32 else stored.view(torch.int16).numpy()
     return out.astype(field_dtype, copy=False)
 
 
@@ -105,10 +113,14 @@ def _check_labels(labels: Any, n: int, class_names: Sequence[str] | None) -> tup
     if lab.ndim != 1 or lab.shape[0] != n:
         raise ValueError(f"labels must have shape [N] = [{n}] (one per latent), got shape {list(lab.shape)}")
     if lab.dtype.kind not in "iu":
-        if lab.dtype.kind == "f" and np.all(np.isfinite(lab)) and np.all(lab == np.round(lab)):
-            lab = lab.astype(np.int64)
-        else:
+        if not (lab.dtype.kind == "f" and np.all(np.isfinite(lab)) and np.all(lab == np.round(lab))):
             raise ValueError(f"labels must be integers, got dtype {lab.dtype}")
+    if n and lab.max() >= MAX_CLASSES:  # before the int64 cast, which would wrap 1e30 or 2^64 - 1 to a negative
+        bad = int(np.argmax(lab))
+        raise ValueError(f"labels[{bad}] = {lab[bad]:.6g}; class indices must be < {MAX_CLASSES} (MAX_CLASSES: "
+                         "the model's class-embedding table has one row per class)" if lab.dtype.kind == "f" else
+                         f"labels[{bad}] = {int(lab[bad])}; class indices must be < {MAX_CLASSES} (MAX_CLASSES: "
+                         "the model's class-embedding table has one row per class)")
     lab = lab.astype(np.int64, copy=False)
     if n and lab.min() < 0:
         bad = int(np.argmin(lab))
@@ -163,7 +175,8 @@ def write_latents(
     extra: JSON-serialisable provenance stored under "source" in the sidecar (e.g. the VAE used).
     writer: "numpy" (default: speed_fast.data.beton, no FFCV needed) or "ffcv" (FFCV's DatasetWriter
       driven from this process); the two write the same bytes (tests/test_beton.py).
-    Both files appear atomically (temporary file + rename); on any error nothing is left behind.
+    Both files appear atomically (temporary files, published together by speed_fast.atomic.publish);
+    on any error nothing is left behind and an existing pair is kept as it was.
     """
     path = os.fspath(path)
     if writer not in ("numpy", "ffcv"):
@@ -199,9 +212,11 @@ def write_latents(
                                  f"expected {[stop - start] + list(shape[1:])}")
             yield block.reshape((-1,) + chw), np.repeat(lab[start:stop], copies), stop - start
 
+    check_replaceable(path, "latent file")
+    check_replaceable(sidecar_path(path), "sidecar")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = temporary_name(path)
     tmp_json = tmp + ".json"
     bar = None
     if progress:
@@ -228,8 +243,7 @@ def write_latents(
         with open(tmp_json, "w") as f:
             json.dump(meta, f, indent=1)
             f.write("\n")
-        os.replace(tmp, path)
-        os.replace(tmp_json, sidecar_path(path))
+        publish([(tmp, path), (tmp_json, sidecar_path(path))])  # both, or the old pair stays
         return meta
     finally:
         if bar is not None:

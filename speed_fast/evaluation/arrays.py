@@ -24,7 +24,8 @@ def load_array(path) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise ValueError(f"no such array file: {path}")
     labels = None
     if path.endswith(".npz"):
-        with np.load(path) as z:
+        check_npz_headers(path)
+        with np.load(path, allow_pickle=False) as z:
             key = next((k for k in ARRAY_KEYS if k in z.files), None)
             if key is None:
                 raise ValueError(f"{path} holds {z.files}; expected one of {ARRAY_KEYS}")
@@ -32,19 +33,24 @@ def load_array(path) -> tuple[torch.Tensor, torch.Tensor | None]:
             lab_key = next((k for k in ("labels", "y") if k in z.files), None)
             labels = torch.as_tensor(z[lab_key].astype(np.int64)) if lab_key else None
     elif path.endswith(".npy"):
-        arr = np.load(path)
+        with open(path, "rb") as f:
+            _check_header(f, os.path.getsize(path), path)
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)  # (N, ...) read as it is converted below
     else:
         raise ValueError(f"expected a .npy or .npz file, got {path}")
+    if arr.ndim >= 1 and arr.shape[0] < 2:
+        raise ValueError(f"{path} holds {arr.shape[0]} samples (shape {list(arr.shape)}); a Fréchet distance needs "
+                         "at least 2")
     if arr.ndim == 3:
         arr = arr[:, None]
     if arr.ndim != 4:
         raise ValueError(f"{path}: expected [N, C, H, W] (or [N, H, W], [N, H, W, C]), got shape {arr.shape}")
     if arr.shape[-1] in (1, 3) and arr.shape[1] not in (1, 3, 4):
         arr = arr.transpose(0, 3, 1, 2)
-    if arr.dtype == np.uint8:
-        data = torch.from_numpy(np.ascontiguousarray(arr)).float() / 127.5 - 1.0
+    if arr.dtype == np.uint8:  # np.array: a writable copy out of the read-only memory map
+        data = torch.from_numpy(np.array(arr, order="C")).float() / 127.5 - 1.0
     elif arr.dtype.kind == "f":
-        data = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        data = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))
     else:
         raise ValueError(f"{path}: expected uint8 images or float data, got dtype {arr.dtype}")
     if not torch.isfinite(data).all():
@@ -54,16 +60,46 @@ def load_array(path) -> tuple[torch.Tensor, torch.Tensor | None]:
     return data, labels
 
 
+def _check_header(f, size: int, name: str) -> None:
+    """The .npy header at f's position against the `size` bytes that hold it: the data it declares
+    must be exactly what follows, before anything is allocated for it."""
+    try:
+        version = np.lib.format.read_magic(f)
+        shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0(f))
+    except ValueError as exc:
+        raise ValueError(f"{name}: not a readable .npy header ({exc})") from None
+    if dtype.hasobject:
+        raise ValueError(f"{name}: dtype {dtype} holds Python objects; expected numbers")
+    header = f.tell()
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if header + declared != size:
+        raise ValueError(f"{name}: the header declares shape {list(shape)} of {dtype} ({declared:,} bytes) but "
+                         f"{size - header:,} bytes follow it (truncated or damaged)")
+
+
+def check_npz_headers(path: str) -> None:
+    """Every .npy member of an .npz checked against its uncompressed size in the zip directory."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            if info.filename.endswith(".npy"):
+                with z.open(info) as f:
+                    _check_header(f, info.file_size, f"{path}[{info.filename[:-4]}]")
+
+
 def read_array(path: str, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`load_array` with unreadable files (empty, truncated, not an array) reported as a ValueError
     naming `what` (the flag) and the file."""
     import zipfile
 
-    from ..data.sources import load_array_file
-
-    load_array_file(path, what)  # exists, not empty, opens as .npy/.npz
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} {path!r} is not a file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{what} {path!r} is empty (0 bytes); expected a .npy or .npz array file")
     try:
-        return load_array(path)
+        return load_array(path)  # headers checked against the file before anything is allocated
     except (EOFError, OSError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{what} {path!r} is not a readable .npy/.npz array ({type(exc).__name__}: {exc})") from None
 

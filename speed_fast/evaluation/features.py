@@ -22,6 +22,10 @@ from .frechet import frechet_distance, gaussian_stats
 from .inception import InceptionFeatures
 
 
+PROJECTION_CACHE_BYTES = 1 << 30  # a larger random projection is drawn block by block, never held whole
+STREAM_BLOCK_BYTES = 1 << 26
+
+
 class RawFeatures:
     """Flattened data, randomly projected to `max_dim` dims when larger (see the module docstring)."""
 
@@ -45,8 +49,24 @@ class RawFeatures:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         flat = images.detach().cpu().double().reshape(images.shape[0], -1)  # (N, D)
-        proj = self.projection(flat.shape[1])
+        dim = flat.shape[1]
+        if dim > self.max_dim and dim * self.max_dim * 8 > PROJECTION_CACHE_BYTES:
+            return self._streamed(flat)
+        proj = self.projection(dim)
         return flat if proj is None else flat @ proj
+
+    def _streamed(self, flat: torch.Tensor) -> torch.Tensor:
+        """flat @ projection(D) without holding the [D, max_dim] matrix (3x1024x1024 images would need
+        12.9 GB): its rows are drawn block by block from the same generator, which gives the same
+        matrix (blocks of a multiple of 16 rows: torch's CPU normal_fill works in groups of 16)."""
+        dim = flat.shape[1]
+        rows = max(16, (STREAM_BLOCK_BYTES // (self.max_dim * 8)) // 16 * 16)
+        g = torch.Generator().manual_seed(self.seed)
+        out = torch.zeros(flat.shape[0], self.max_dim, dtype=torch.float64)  # (N, max_dim)
+        for s in range(0, dim, rows):
+            block = torch.randn(min(rows, dim - s), self.max_dim, generator=g, dtype=torch.float64)
+            out += flat[:, s:s + rows] @ (block / math.sqrt(self.max_dim))
+        return out
 
 
 def make_features(kind: str = "raw", *, inception_path=None, device="cpu", max_dim: int = 512, seed: int = 0):

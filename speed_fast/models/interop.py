@@ -109,3 +109,49 @@ def load_dit_state_dict(model: DiT, state_dict: dict) -> DiT:
                          f"{unexpected[:5]}, shapes {shapes}")
     model.load_state_dict(sd)
     return model
+
+
+def read_dit_checkpoint(path: str, config: DiTConfig) -> dict:
+    """The state dict in the file `path` (a facebookresearch/DiT checkpoint for --init-from),
+    checked against the model `config` builds before any model exists: loadable with
+    weights_only=True (nothing in it runs), every tensor of the model present with its shape,
+    nothing extra, real floating-point and finite. ValueError naming the file and the problem."""
+    import os
+    import pickle
+    import zipfile
+
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is empty (0 bytes); expected a facebookresearch/DiT checkpoint")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise ValueError(f"{path} is not a loadable weights-only torch file ({type(exc).__name__}: {reason})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} holds {type(raw).__name__}, expected a state dict")
+    try:
+        sd = from_dit_state_dict(raw, config)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    with torch.device("meta"):
+        ours = {k: v.shape for k, v in DiT(config).state_dict().items()}
+    missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
+    wrong = sorted(k for k in set(ours) & set(sd)
+                   if not isinstance(sd[k], torch.Tensor) or tuple(sd[k].shape) != tuple(ours[k]))
+    if missing or unexpected or wrong:
+        shapes = {k: f"{tuple(getattr(sd[k], 'shape', ()))} vs ours {tuple(ours[k])}" for k in wrong[:3]}
+        raise ValueError(f"{path} does not match {dit_model_name_or_custom(config)}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, shapes {shapes}")
+    for name, t in sd.items():
+        if not t.is_floating_point():
+            raise ValueError(f"{path}: {name} has dtype {t.dtype}; expected real floating-point weights")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{path}: {name} holds NaN or infinite values; expected finite weights")
+    return raw
+
+
+def dit_model_name_or_custom(config: DiTConfig) -> str:
+    try:
+        return dit_model_name(config)
+    except ValueError:
+        return f"this model (hidden {config.hidden_size}, depth {config.depth}, patch {config.patch_size})"

@@ -83,18 +83,66 @@ def make_evaluator(plan: Plan, rank: int, device, torch_threads: int):
                              world=plan.world_size, **eval_sampling(plan.data_meta, cfg.eval_sampler, cfg.eval_clip))
 
 
+class GridStopped(Exception):
+    """A stop signal arrived while the end-of-run grid was drawn."""
+
+
+def grid_sampler(plan: Plan, n: int) -> tuple[str, str, str]:
+    """(steps, method, why) of the end-of-run grid: --sample-steps (DDPM) while its n x steps model
+    calls stay within the run's own work (3 x max_steps x global_batch sample passes: forward and
+    backward); else the evaluation sampler when it is cheaper; else DDIM with as many steps as
+    that work allows (at least 2). A 2-step run no longer spends minutes on a 250-step grid."""
+    from ..evaluation.policy import sampler_method
+    from ..sampling import space_timesteps
+
+    cfg = plan.cfg
+    budget = 3 * cfg.max_steps * cfg.global_batch
+
+    def calls(spec) -> int:
+        return n * len(space_timesteps(plan.schedule.T, spec))
+
+    if calls(cfg.sample_steps) <= budget:
+        return cfg.sample_steps, "ddpm", ""
+    note = f" (--sample-steps {cfg.sample_steps} would take {calls(cfg.sample_steps)} model calls, more than " \
+           f"this run's {budget} sample passes of training)"
+    if calls(cfg.eval_sampler) < calls(cfg.sample_steps) and calls(cfg.eval_sampler) <= budget:
+        return cfg.eval_sampler, sampler_method(cfg.eval_sampler), note + "; the evaluation sampler instead"
+    steps = str(max(2, min(budget // n, len(space_timesteps(plan.schedule.T, cfg.sample_steps)))))
+    return steps, "ddim", note + "; fewer DDIM steps instead"
+
+
 def finish(plan: Plan, run_dir: str, model: DiT, device) -> list[str]:
     """End of run on rank 0: the EMA sample grid (samples.png, or samples.npz for latents), loss.png
     and, with --eval-every, quality.png. Returns the paths written."""
     from .. import sampling
 
+    from . import preemption
+
     cfg = plan.cfg
     C, K = plan.dit.in_channels, plan.dit.num_classes
     per_class = 10 if K <= 10 else 1
     labels = torch.arange(min(K, 64)).repeat_interleave(per_class)  # (n,)
-    x = sampling.sample(model, plan.schedule, labels.numel(), y=labels, steps=cfg.sample_steps,
-                        method="ddpm", cfg_scale=cfg.sample_cfg, seed=cfg.seed, device=device,
-                        batch_size=min(labels.numel(), 128), learn_sigma=plan.dit.learn_sigma)
+    steps, method, why = grid_sampler(plan, labels.numel())
+    print(f"[speed_fast] drawing the end-of-run sample grid: {labels.numel()} EMA samples, {method} {steps} "
+          f"steps{why} (a stop signal skips it)", file=sys.stderr, flush=True)
+
+    def stop_requested(module, args):
+        if preemption.requested():
+            raise GridStopped(preemption.reason())
+
+    hook = model.register_forward_pre_hook(stop_requested)  # checked before every model call
+    try:
+        x = sampling.sample(model, plan.schedule, labels.numel(), y=labels, steps=steps, method=method,
+                            cfg_scale=cfg.sample_cfg, seed=cfg.seed, device=device,
+                            batch_size=min(labels.numel(), 128), learn_sigma=plan.dit.learn_sigma)
+    except GridStopped as stop:
+        # The checkpoint is safe already: end now, without the grid (speed-fast sample draws it later).
+        print(f"[speed_fast] {stop} arrived while drawing the sample grid: skipped it", file=sys.stderr, flush=True)
+        return [f"skipped ({stop})", plot_loss(os.path.join(run_dir, "metrics.jsonl"),
+                                               os.path.join(run_dir, "loss.png"),
+                                               title=f"{cfg.preset}: {plan.strategy.describe()['name']}")]
+    finally:
+        hook.remove()
     if C in (1, 3):
         grid = sampling.save_grid(x, os.path.join(run_dir, "samples.png"), nrow=per_class if K <= 10 else 8)
     else:  # latents: decoding needs the VAE (speed-fast sample --ckpt RUN_DIR)

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+MODEL_SIZE_KEYS = ("depth", "hidden_size", "num_heads", "patch_size")  # what a DiT-{S,B,L,XL}/{2,4,8} name fixes
+
+
 def parse_args(argv: list[str], configs_dir: str) -> tuple[TrainConfig, argparse.Namespace]:
     """(config, raw namespace): the preset with the given flags applied."""
     ns = build_parser().parse_args(argv)
@@ -95,6 +98,10 @@ def parse_args(argv: list[str], configs_dir: str) -> tuple[TrainConfig, argparse
     strategy_flags = {k.split(".", 1)[1]: v for k, v in flags.items() if k.startswith("strategy.")}
     if "strategy" in flags and flags["strategy"] != cfg.strategy:
         cfg.strategy_params = {}  # the preset's parameters belong to its own strategy
+    if "model" in flags and flags["model"] != cfg.model and flags["model"] != "custom":
+        # A named model replaces the preset's custom sizes (the digits preset's hidden_size, depth, ...),
+        # which DiTConfig.named would otherwise receive twice; the preset's other DiT settings stay.
+        cfg.dit = {k: v for k, v in cfg.dit.items() if k not in MODEL_SIZE_KEYS}
     for key, value in flags.items():
         if not key.startswith("strategy."):
             setattr(cfg, key, value)

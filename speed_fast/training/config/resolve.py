@@ -119,6 +119,13 @@ def resolve(cfg: TrainConfig, world_size: int, configs_dir: str, cuda_available:
     if cfg.init_from is not None and not os.path.isfile(cfg.init_from):
         raise ConfigError(f"--init-from {cfg.init_from!r}: no such file (expected a facebookresearch/DiT "
                           f"checkpoint such as DiT-XL-2-256x256.pt)")
+    if cfg.init_from is not None:
+        from ...models.interop import read_dit_checkpoint
+
+        try:  # before the run directory exists: a bad file leaves nothing behind
+            read_dit_checkpoint(cfg.init_from, dit)
+        except ValueError as exc:
+            raise ConfigError(f"--init-from {exc}") from None
     ds = deepspeed_config(cfg, configs_dir, world_size, micro, accum, precision)
     return Plan(cfg=cfg, world_size=world_size, micro_batch=micro, grad_accum=accum, data_path=data_path,
                 data_meta=meta, dit=dit, schedule=schedule, strategy=strategy, ds_config=ds,
