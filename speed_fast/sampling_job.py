@@ -25,7 +25,9 @@ The files.
   per finished chunk (`images` uint8 [k, H, W, 3], `labels` int64 [k]), each written under a
   temporary name and renamed. Rerunning the same command keeps every finished chunk and draws the
   rest; when all are there, rank 0 streams them in order into the outputs, which are published
-  together with the sidecar (speed_fast.atomic), and removes the parts.
+  together with the sidecar (speed_fast.atomic), and removes the parts. A job that fails (or is
+  killed) before its first chunk leaves nothing that binds a rerun: parts without a finished
+  chunk are discarded, whatever their settings.
 
 The settings are everything that changes the bytes: the weights (SHA-256 of the loaded state
 dict), --ema, --steps, --method, --eta, --cfg, --cfg-channels, --seed, --labels, --batch-size,
@@ -157,7 +159,9 @@ def prepare_outputs(out: str, grid: str | None, settings: dict, overwrite: bool 
     if os.path.isdir(parts):
         old = _read_record(manifest)
         diff = ["no readable manifest.json"] if old is None else differences(old["settings"], settings)
-        if diff and not overwrite:
+        if diff and not finished_chunks(parts):  # nothing drawn yet: nothing to keep
+            shutil.rmtree(parts)
+        elif diff and not overwrite:
             raise ValueError(f"{parts} holds unfinished chunks made with other settings ({'; '.join(diff)}); rerun "
                              "with those settings to finish them, or pass --overwrite to discard them")
         if diff:
@@ -165,12 +169,24 @@ def prepare_outputs(out: str, grid: str | None, settings: dict, overwrite: bool 
     os.makedirs(parts, exist_ok=True)
     if _read_record(manifest) is None:
         _write_json(manifest, {"format": FORMAT, "version": VERSION, "settings": settings})
+    return {"complete": False, "done": finished_chunks(parts)}
+
+
+def finished_chunks(parts: str) -> list[int]:
+    """The ids of the finished chunks in a parts directory (none when it does not exist)."""
     done = []
-    for name in sorted(os.listdir(parts)):
+    for name in sorted(os.listdir(parts)) if os.path.isdir(parts) else ():
         if name.startswith("chunk-") and name.endswith(".npz"):
             with contextlib.suppress(ValueError):
                 done.append(int(name[len("chunk-"):-len(".npz")]))
-    return {"complete": False, "done": done}
+    return done
+
+
+def discard_if_empty(parts: str) -> None:
+    """Rank 0, after a failed job: a parts directory without a finished chunk holds nothing worth
+    keeping (only the manifest), so the failure leaves no files behind."""
+    if os.path.isdir(parts) and not finished_chunks(parts):
+        shutil.rmtree(parts, ignore_errors=True)
 
 
 def to_adm_images(x: torch.Tensor) -> np.ndarray:

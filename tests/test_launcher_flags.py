@@ -16,6 +16,7 @@ SCRIPT = "/venv/bin/speed-fast"
 # commands that no launcher runs.
 KNOWN_EXCEPTIONS = {
     ("sample", "--n"): "the old name of --num-samples, kept as an alias for one process",
+    ("eval", "--n"): "the old name of --num-samples, kept as an alias for one process",
     ("plan", "--r"): "`plan` is a one-process calculator (nothing to launch); r is the paper's symbol for the "
                      "noise-magnitude ratio (torchrun: ambiguous with --rdzv-*, --role, --run-path)",
 }

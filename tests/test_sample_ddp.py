@@ -5,6 +5,7 @@ forward_with_cfg) against an independent computation; bf16 autocast and torch.co
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -103,6 +104,11 @@ def test_two_ranks_under_torchrun_and_deepspeed_write_the_same_bytes(run, refere
     assert (tmp_path / "t.npz").read_bytes() == (reference / "s.npz").read_bytes()
     assert (tmp_path / "t.png").read_bytes() == (reference / "g.png").read_bytes()
     assert "3 chunk(s) drawn on 2 rank(s)" in proc.stdout and proc.stdout.count("wrote") == 2  # said once, rank 0
+    # Progress on rank 0 only: images of the whole set, images/s and ETA.
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("[sample]")]
+    assert progress and all(re.fullmatch(r"\[sample\] \d+/10 images, [0-9.e+]+ images/s, ETA \d+m\d\ds", line)
+                            for line in progress), progress
+    assert progress[-1].startswith("[sample] 10/10 images") and sum("10/10" in line for line in progress) == 1
     proc = launch(deepspeed(sample_args(run, tmp_path / "d.npz")))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert (tmp_path / "d.npz").read_bytes() == (reference / "s.npz").read_bytes()

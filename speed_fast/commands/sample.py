@@ -63,9 +63,9 @@ def _check(args) -> dict:
 
 
 def run(args) -> int:
-    from ..distributed import launch_job
+    from ..distributed import JobError, launch_job
     from ..generate import MAX_GRID_IMAGES, RunSampler
-    from ..sampling_job import assemble, draw_chunks, parts_dir, prepare_outputs, settings_of
+    from ..sampling_job import assemble, discard_if_empty, draw_chunks, parts_dir, prepare_outputs, settings_of
 
     n, options = args.num_samples, sampling_options(args)
     with launch_job(args.device) as job:
@@ -84,8 +84,13 @@ def run(args) -> int:
             if plan["done"]:
                 say(f"continuing: {len(plan['done'])} finished chunk(s) of {args.batch_size} kept in "
                     f"{parts_dir(args.out)}")
-            drawn = job.agree(draw_chunks, job, sampler, parts_dir(args.out), n, args.batch_size, set(plan["done"]),
-                              not args.no_progress)
+            try:
+                drawn = job.agree(draw_chunks, job, sampler, parts_dir(args.out), n, args.batch_size,
+                                  set(plan["done"]), not args.no_progress)
+            except JobError:
+                if job.is_main:
+                    discard_if_empty(parts_dir(args.out))
+                raise
             done = job.on_main(assemble, parts_dir(args.out), n, args.batch_size, settings, args.out, args.grid,
                                args.nrow, MAX_GRID_IMAGES)
             drawn = sum(job.all_gather(drawn))
