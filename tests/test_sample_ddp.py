@@ -68,6 +68,16 @@ def one_line_error(capsys, code, *names):
     return lines[0]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The in-process commands on one thread, as the launched ranks (OMP_NUM_THREADS=1): a tiny
+    model's forward pass on two threads of a loaded machine is ~100x slower (threads spinning)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     return _tiny_run(tmp_path_factory.mktemp("ddp") / "run", 1, 8)
@@ -118,7 +128,7 @@ def test_a_killed_job_resumes_to_the_same_bytes_and_a_second_job_is_refused(run,
     """A 2-rank job is killed after its first chunks; meanwhile a second job on its output is refused.
     The same command then finishes it (here on one rank) with the bytes of an uninterrupted run; a
     changed flag is refused naming it."""
-    n, batch, steps = 24, 2, "60"
+    n, batch, steps = 12, 2, "1000"  # 6 chunks, 3 per rank (~1 s each): the kill lands before the last
     out = tmp_path / "s.npz"
     parts = tmp_path / "s.npz.parts"
     job = subprocess.Popen(torchrun(sample_args(run, out, "--no-progress", n=n, batch=batch, steps=steps)),
