@@ -4,6 +4,7 @@ job, one writer per output, refused settings and bad input; guidance on 3 of 4 c
 forward_with_cfg) against an independent computation; bf16 autocast and torch.compile."""
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -106,6 +107,13 @@ def test_one_process_writes_adms_format_with_every_sample_seeded_by_its_index(ru
     np.testing.assert_array_equal(labels, y.numpy())
     assert 0 < len(set(labels.tolist())) and images.std() > 10
     assert not os.path.exists(str(reference / "s.npz") + ".parts")  # the finished chunks are removed
+
+
+def test_eval_reads_the_npz_of_a_one_channel_run_against_its_data(reference, capsys):
+    capsys.readouterr()
+    assert cli(["eval", "--gen", str(reference / "s.npz"), "--ref", "digits", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_generated"] == N and result["fd_raw"] > 0
 
 
 def test_two_ranks_under_torchrun_and_deepspeed_write_the_same_bytes(run, reference, tmp_path):

@@ -63,6 +63,9 @@ def run(args) -> int:
     else:
         generated, _ = read_array(args.gen, "--gen")
         source = args.gen
+    if generated.shape[1] == 3 and reference.shape[1] == 1 and generated.shape[2:] == reference.shape[2:] \
+            and bool((generated[:, 1:] == generated[:, :1]).all()):
+        generated = generated[:, :1]  # `sample --out X.npz` of 1-channel data: the channel repeated to 3 (ADM's format)
     if generated.shape[1:] != reference.shape[1:]:
         raise ValueError(f"generated samples are {tuple(generated.shape[1:])} but the reference is "
                          f"{tuple(reference.shape[1:])}; compare like with like (decode latents with --vae)")
