@@ -18,16 +18,26 @@ import torch
 from .devices import resolve_device
 
 
-def check_sampling_options(n: int, batch_size: int, cfg: float, eta: float, labels: str | None) -> None:
+PRECISIONS = ("fp32", "bf16")  # the model's forward pass; the sampler's arithmetic is always fp32 (float64 tables)
+
+
+def check_sampling_options(n: int, batch_size: int, cfg: float, eta: float, labels: str | None,
+                           cfg_channels: int | None = None, precision: str = "fp32",
+                           n_flag: str = "--num-samples") -> None:
     """The sampling options' values, before a model is loaded (ValueError naming the flag)."""
     if n < 1:
-        raise ValueError(f"--n must be >= 1, got {n}")
+        raise ValueError(f"{n_flag} must be >= 1, got {n}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if not math.isfinite(cfg) or cfg < 0:
         raise ValueError(f"--cfg must be a finite number >= 0, got {cfg!r}")
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"--eta must be in [0, 1], got {eta!r}")
+    if cfg_channels is not None and cfg_channels < 1:
+        raise ValueError(f"--cfg-channels must be >= 1 (how many leading eps channels guidance acts on), "
+                         f"got {cfg_channels}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     parse_labels(labels, 1)
 
 
@@ -46,11 +56,12 @@ def parse_labels(spec: str | None, n: int, start: int = 0) -> torch.Tensor | Non
 
 
 def sample_footprint(run_dir: str, n: int, vae: str | None, batch_size: int, outputs: dict[str, str | None]) -> dict:
-    """What `n` samples of the run will take (sample_to_files), checked before any model is loaded:
-    on disk n x bytes per sample (float32 .npz; the grid PNG at most its raw uint8 size, of at most
-    MAX_GRID_IMAGES samples) against the free disk of each output's file system; in memory one
-    batch and the grid's samples (float32) against the available memory. ValueError with the
-    estimate when they do not fit; else the estimate (for printing)."""
+    """What `n` samples of the run will take (speed_fast.sampling_job), checked before any model is
+    loaded: on disk the finished chunks (uint8 [H, W, 3] and an int64 label per sample, next to the
+    first output) plus each output (the .npz the same again; a grid PNG at most its raw uint8 size,
+    of at most MAX_GRID_IMAGES samples) against the free disk of each output's file system; in
+    memory one batch (float32) and the grid (uint8) against the available memory. ValueError with
+    the estimate when they do not fit; else the estimate (for printing)."""
     import shutil
 
     if not os.path.isdir(run_dir):
@@ -60,27 +71,27 @@ def sample_footprint(run_dir: str, n: int, vae: str | None, batch_size: int, out
                                                            config["dit_config"].get("input_size", 32),
                                                            config["dit_config"].get("input_size", 32)]
     c, h, w = (3, 8 * shape[1], 8 * shape[2]) if vae is not None else tuple(shape)
-    per_sample_mem = 4 * c * h * w
+    per_image = 3 * h * w + 8  # uint8 [H, W, 3] and its int64 label
     need_disk = {}
-    for flag, path in outputs.items():
-        if path is None:
-            continue
-        need = min(n, MAX_GRID_IMAGES) * c * (h + 1) * (w + 1) if flag == "--out" else n * (4 * c * h * w + 8)
+    for i, (flag, path) in enumerate((f, p) for f, p in outputs.items() if p is not None):
+        need = n * per_image if path.lower().endswith(".npz") else min(n, MAX_GRID_IMAGES) * 3 * (h + 1) * (w + 1)
+        if i == 0:
+            need += n * per_image  # the finished chunks, kept next to the first output until it is written
         device = os.stat(_existing_parent(path)).st_dev
         entry = need_disk.setdefault(device, [path, 0])
-        entry[1] += 2 * need if flag == "--save" else need  # the .npy files, then the .npz made of them
+        entry[1] += need
     for path, need in need_disk.values():
         free = shutil.disk_usage(_existing_parent(path)).free
         if need > free:
-            raise ValueError(f"--n {n}: the outputs need about {need:,} bytes ({n} samples of {c}x{h}x{w}), "
-                             f"{free:,} are free on the file system of {path}")
+            raise ValueError(f"--num-samples {n}: the outputs need about {need:,} bytes ({n} samples of {h}x{w}x3 "
+                             f"uint8, from {c}x{h}x{w}), {free:,} are free on the file system of {path}")
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # no sysconf: the disk check stands alone
         available = None
-    need_mem = (min(n, batch_size) + min(n, MAX_GRID_IMAGES)) * per_sample_mem
+    need_mem = min(n, batch_size) * 4 * c * h * w + min(n, MAX_GRID_IMAGES) * 3 * h * w
     if available is not None and need_mem > available:
-        raise ValueError(f"--batch-size {batch_size}: a batch and the grid of {c}x{h}x{w} samples (float32) need "
+        raise ValueError(f"--batch-size {batch_size}: a batch of {c}x{h}x{w} samples (float32) and the grid need "
                          f"about {need_mem:,} bytes of memory, {available:,} are available; use a smaller --batch-size")
     return {"shape": (c, h, w), "memory_bytes": need_mem, "disk_bytes": sum(v[1] for v in need_disk.values())}
 
@@ -166,113 +177,97 @@ def load_run(run_dir: str, ema: bool, device):
     return model, schedule, meta
 
 
+class _Autocast(torch.nn.Module):
+    """The model's forward pass under autocast (bf16); its output back in float32, so guidance and
+    the sampler's arithmetic stay fp32."""
+
+    def __init__(self, model, dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x, t, y):
+        with torch.autocast(device_type=x.device.type, dtype=self.dtype):
+            out = self.model(x, t, y)
+        return out.float()
+
+
+class RunSampler:
+    """A run's model, ready to draw any chunk of one seeded sample set (speed_fast.sampling.sample
+    with first_index): `draw(start, k)` gives samples start .. start + k - 1 as images (decoded by
+    the VAE for runs on latents), float32 on the CPU, and their labels. A chunk's values depend on
+    its start and size only, not on which process draws it or what it drew before.
+
+    precision "bf16" runs the model's forward pass under bf16 autocast; compile=True puts it
+    through torch.compile; cfg_channels guides only the first cfg_channels eps channels (None: all;
+    3 reproduces DiT's forward_with_cfg on 4-channel latents)."""
+
+    def __init__(self, run_dir: str, *, ema: bool = False, steps="250", method: str = "ddpm", eta: float = 0.0,
+                 cfg: float = 1.0, cfg_channels: int | None = None, seed: int = 0, labels: str | None = None,
+                 device=None, vae: str | None = None, clip_denoised: bool = False, precision: str = "fp32",
+                 compile: bool = False, batch_size: int = 64):
+        from .vae import load_vae
+
+        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
+        model, self.schedule, meta = load_run(run_dir, ema, self.device)
+        channels = int(model.in_channels)
+        if channels not in (1, 3) and vae is None:
+            raise ValueError(f"{run_dir} was trained on {channels}-channel latents {meta.get('shape')}; "
+                             "pass --vae DIR (a local diffusers AutoencoderKL) to decode them")
+        if cfg_channels is not None and cfg_channels > channels:
+            raise ValueError(f"--cfg-channels {cfg_channels}: {run_dir} has {channels}-channel data")
+        if precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.model = model  # fp32 weights; what the state hash (speed_fast.sampling_job) reads
+        net = model
+        if compile:
+            net = torch.compile(net, dynamic=False)
+        if precision == "bf16":
+            net = _Autocast(net, torch.bfloat16)
+        self.net = net
+        self.decoder = load_vae(vae, self.device) if vae is not None else None
+        self.num_classes = int(model.num_classes)
+        self.shape = (channels, int(model.input_size), int(model.input_size))
+        self.learn_sigma = bool(model.config.learn_sigma)
+        self.options = dict(steps=steps, method=method, eta=eta, cfg_scale=cfg, seed=seed,
+                            clip_denoised=clip_denoised, guided_channels=cfg_channels)
+        self.labels, self.cfg, self.batch_size = labels, cfg, batch_size
+
+    def draw(self, start: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images float32 [k, C, H, W] on the CPU, labels int64 [k]) of samples start .. start + k - 1.
+        ValueError when a sample is not finite (e.g. a huge guidance scale)."""
+        from .sampling import sample
+        from .vae import decode_latents
+
+        x, y = sample(self.net, self.schedule, k, parse_labels(self.labels, k, start), device=self.device,
+                      batch_size=k, num_classes=self.num_classes, shape=self.shape, learn_sigma=self.learn_sigma,
+                      return_labels=True, first_index=start, **self.options)  # (k, C, H, W)
+        bad = int((~torch.isfinite(x)).flatten(1).any(dim=1).sum())
+        if bad:
+            raise ValueError(f"{bad} of {k} samples are not finite (NaN or infinity) with --cfg {self.cfg:g}, --steps "
+                             f"{self.options['steps']} ({self.options['method']}), in the batch from sample {start}; "
+                             "nothing was written")
+        if self.decoder is not None:
+            x = decode_latents(self.decoder, x)
+        return x, y
+
+
 def generate(run_dir: str, n: int, *, ema: bool = False, steps="250", method: str = "ddpm", eta: float = 0.0,
              cfg: float = 1.0, seed: int = 0, labels: str | None = None, batch_size: int = 64, device=None,
-             vae: str | None = None, clip_denoised: bool = False, return_labels: bool = False):
-    """n samples of the run at `run_dir`, decoded to images when `vae` (a local AutoencoderKL
-    directory) is given. Raises ValueError when any sample is not finite (e.g. a huge guidance scale)."""
-    from .sampling import sample
-    from .vae import decode_latents, load_vae
-
-    device = resolve_device(device)
-    model, schedule, meta = load_run(run_dir, ema, device)
-    channels = int(model.in_channels)
-    if channels not in (1, 3) and vae is None:
-        raise ValueError(f"{run_dir} was trained on {channels}-channel latents {meta.get('shape')}; "
-                         "pass --vae DIR (a local diffusers AutoencoderKL) to decode them")
-    x, y = sample(model, schedule, n, parse_labels(labels, n), steps=steps, method=method, eta=eta, cfg_scale=cfg,
-                  seed=seed, device=device, batch_size=batch_size, clip_denoised=clip_denoised, return_labels=True,
-                  progress=True)
-    bad = int((~torch.isfinite(x)).flatten(1).any(dim=1).sum())
-    if bad:
-        raise ValueError(f"{bad} of {n} samples are not finite (NaN or infinity) with --cfg {cfg:g}, --steps "
-                         f"{steps} ({method}); nothing was written")
-    if vae is not None:
-        x = decode_latents(load_vae(vae, device), x)
+             vae: str | None = None, clip_denoised: bool = False, cfg_channels: int | None = None,
+             precision: str = "fp32", compile: bool = False, return_labels: bool = False):
+    """n samples of the run at `run_dir` (float32 [n, C, H, W] on the CPU), decoded to images when
+    `vae` (a local AutoencoderKL directory) is given, drawn in chunks of `batch_size` consecutive
+    samples (RunSampler). Raises ValueError when any sample is not finite (e.g. a huge guidance scale)."""
+    sampler = RunSampler(run_dir, ema=ema, steps=steps, method=method, eta=eta, cfg=cfg, cfg_channels=cfg_channels,
+                         seed=seed, labels=labels, device=device, vae=vae, clip_denoised=clip_denoised,
+                         precision=precision, compile=compile, batch_size=batch_size)
+    xs, ys = [], []
+    for start in range(0, n, batch_size):
+        x, y = sampler.draw(start, min(batch_size, n - start))
+        xs.append(x)
+        ys.append(y)
+    x, y = torch.cat(xs), torch.cat(ys)
     return (x, y) if return_labels else x
 
 
-MAX_GRID_IMAGES = 1024  # the grid PNG shows at most the first 1024 samples (32 x 32 tiles); the .npz holds all
-
-
-def sample_to_files(run_dir: str, n: int, grid: str, npz: str | None, *, nrow: int | None = None, ema: bool = False,
-                    steps="250", method: str = "ddpm", eta: float = 0.0, cfg: float = 1.0, seed: int = 0,
-                    labels: str | None = None, batch_size: int = 64, device=None, vae: str | None = None,
-                    clip_denoised: bool = False) -> dict:
-    """n samples of the run drawn batch by batch (the same set as generate(), any batch size) and
-    streamed to disk: all of them (and their labels) to the .npz `npz` through .npy files appended batch
-    by batch, the first MAX_GRID_IMAGES to the grid PNG `grid`. Resident memory is one batch plus the
-    grid, whatever n is. Both files are written under temporary names and published together
-    (speed_fast.atomic): a failure (e.g. non-finite samples) leaves existing files as they were.
-    Returns {"shape": per-sample shape, "grid_images": how many the grid shows}."""
-    import numpy as np
-
-    from .atomic import publish, temporary_name
-    from .sampling import sample, save_grid
-    from .vae import decode_latents, load_vae
-
-    device = resolve_device(device)
-    model, schedule, meta = load_run(run_dir, ema, device)
-    channels = int(model.in_channels)
-    if channels not in (1, 3) and vae is None:
-        raise ValueError(f"{run_dir} was trained on {channels}-channel latents {meta.get('shape')}; "
-                         "pass --vae DIR (a local diffusers AutoencoderKL) to decode them")
-    decoder = load_vae(vae, device) if vae is not None else None
-    grid_n = min(n, MAX_GRID_IMAGES)
-    shown, temps, arrays = [], [], {}
-    tmp_npz = temporary_name(npz) if npz else None
-    try:
-        from tqdm import tqdm
-
-        for start in tqdm(range(0, n, batch_size), desc="sampling", unit="batch", leave=False):
-            k = min(batch_size, n - start)
-            x, y = sample(model, schedule, k, parse_labels(labels, k, start), steps=steps, method=method, eta=eta,
-                          cfg_scale=cfg, seed=seed, device=device, batch_size=k, clip_denoised=clip_denoised,
-                          return_labels=True, first_index=start)  # (k, C, H, W)
-            bad = int((~torch.isfinite(x)).flatten(1).any(dim=1).sum())
-            if bad:
-                raise ValueError(f"{bad} of {k} samples are not finite (NaN or infinity) with --cfg {cfg:g}, --steps "
-                                 f"{steps} ({method}), in the batch from sample {start}; nothing was written")
-            if decoder is not None:
-                x = decode_latents(decoder, x)
-            if x.shape[1] not in (1, 3):
-                raise ValueError(f"samples have {x.shape[1]} channels; pass --vae DIR to decode latents to images")
-            if npz and not arrays:  # plain appends, not a memory map: written pages never count as ours
-                for name, shape, dtype in (("samples", (n,) + tuple(x.shape[1:]), "<f4"), ("labels", (n,), "<i8")):
-                    path = f"{tmp_npz}.{name}.npy"
-                    temps.append(path)
-                    arrays[name] = open(path, "wb")
-                    np.lib.format.write_array_header_1_0(arrays[name], {"descr": dtype, "fortran_order": False,
-                                                                        "shape": shape})
-            if npz:
-                arrays["samples"].write(x.numpy().astype("<f4", copy=False).tobytes())
-                arrays["labels"].write(y.numpy().astype("<i8", copy=False).tobytes())
-            if sum(len(t) for t in shown) < grid_n:
-                shown.append(x[: grid_n - sum(len(t) for t in shown)].clone())
-        tmp_grid = temporary_name(grid) + os.path.splitext(grid)[1]  # PIL picks the format from the suffix
-        temps.append(tmp_grid)
-        images = torch.cat(shown)  # (grid_n, C, H, W)
-        save_grid(images.clamp(-1, 1), tmp_grid, nrow=nrow or max(1, math.isqrt(grid_n - 1) + 1))
-        moves = [(tmp_grid, os.path.abspath(grid))]
-        if npz:
-            import zipfile
-
-            for f in arrays.values():
-                f.close()
-            arrays.clear()
-            temps.append(tmp_npz)
-            with zipfile.ZipFile(tmp_npz, "w", zipfile.ZIP_STORED, allowZip64=True) as z:  # what np.savez writes
-                for name in ("samples", "labels"):
-                    with open(f"{tmp_npz}.{name}.npy", "rb") as src, \
-                            z.open(f"{name}.npy", "w", force_zip64=True) as dst:
-                        while chunk := src.read(1 << 24):
-                            dst.write(chunk)
-            moves.append((tmp_npz, os.path.abspath(npz)))
-        publish(moves)
-        return {"shape": tuple(images.shape[1:]), "grid_images": grid_n}
-    finally:
-        for f in arrays.values():
-            f.close()
-        for path in temps:
-            if os.path.exists(path):
-                os.remove(path)
+MAX_GRID_IMAGES = 1024  # a grid PNG shows at most the first 1024 samples (32 x 32 tiles); the .npz holds all

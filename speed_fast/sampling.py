@@ -11,9 +11,10 @@ each, "ddim50" keeps range(0, T, stride) with exactly 50 entries. The kept steps
 beta_i = 1 - abar_{k_i} / abar_{k_{i-1}}, so the respaced chain has the same marginals, and the
 model is always called with the original step k_i (`GaussianDiffusion.timestep_map`).
 
-Classifier-free guidance (Ho & Salimans 2022) is applied to ALL C eps channels:
+Classifier-free guidance (Ho & Salimans 2022) is applied to ALL C eps channels by default:
 eps = eps_uncond + s (eps_cond - eps_uncond). DiT's `forward_with_cfg` guides only the first 3
-of 4 latent channels (a known bug); the learned-sigma half is taken from the conditional branch.
+of 4 latent channels (a known bug); `guided_channels=3` reproduces it (to match published DiT
+numbers). The learned-sigma half (and unguided eps channels) is taken from the conditional branch.
 
 Determinism: sample i of a call with seed s draws everything (its label when y is None, x_T,
 then one noise tensor per step) from its own CPU `torch.Generator` seeded with
@@ -189,7 +190,7 @@ def sample(model, schedule: NoiseSchedule, n: int, y=None, *, steps=250, method:
            cfg_scale: float = 1.0, eta: float = 0.0, seed: int = 0, device=None, batch_size: int = 64,
            num_classes: int | None = None, shape=None, learn_sigma: bool | None = None,
            clip_denoised: bool = False, return_labels: bool = False, progress: bool = False,
-           first_index: int = 0):
+           first_index: int = 0, guided_channels: int | None = None):
     """Draw n samples x0 (float32 [n, C, H, W], on the CPU) from `model` trained on `schedule`.
 
     steps: respacing spec (int, "250", "ddim50", "10,20"); method "ddpm" (ancestral, learned sigma)
@@ -199,7 +200,9 @@ def sample(model, schedule: NoiseSchedule, n: int, y=None, *, steps=250, method:
     learn_sigma to model.learn_sigma (or model.config.learn_sigma), else True.
     The model is put in eval mode for the call and restored afterwards. With return_labels=True,
     returns (x0, labels). first_index: the samples are items first_index .. first_index + n - 1
-    of the seed's set (so ranks can each draw a slice of one set; the default draws its start)."""
+    of the seed's set (so ranks can each draw a slice of one set; the default draws its start).
+    guided_channels: how many leading eps channels guidance acts on (default all C; 3 of 4 is DiT's
+    `forward_with_cfg`, the others then come from the conditional branch)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     n, batch_size = operator.index(n), operator.index(batch_size)
@@ -224,6 +227,9 @@ def sample(model, schedule: NoiseSchedule, n: int, y=None, *, steps=250, method:
     if isinstance(first_index, bool) or not hasattr(first_index, "__index__") or operator.index(first_index) < 0:
         raise ValueError(f"first_index must be a non-negative integer, got {first_index!r}")
     first_index = operator.index(first_index)
+    guided = shape[0] if guided_channels is None else operator.index(guided_channels)
+    if not 1 <= guided <= shape[0]:
+        raise ValueError(f"guided_channels must be in [1, {shape[0]}] (the data's channels), got {guided_channels!r}")
     gens = [torch.Generator().manual_seed(sample_seed(seed, first_index + i)) for i in range(n)]
     labels = _labels(y, n, num_classes, gens)
     if cfg_scale != 1.0 and num_classes is not None and bool((labels == num_classes).any()):
@@ -245,7 +251,7 @@ def sample(model, schedule: NoiseSchedule, n: int, y=None, *, steps=250, method:
             yb = labels[b.start:b.stop].to(device)
             for i in range(diffusion.T - 1, -1, -1):
                 t = torch.full((len(b),), i, dtype=torch.int64, device=device)
-                model_out = guided_output(model, x, diffusion.timestep_map[t], yb, cfg_scale, num_classes, shape[0])
+                model_out = guided_output(model, x, diffusion.timestep_map[t], yb, cfg_scale, num_classes, guided)
                 noise = torch.stack([torch.randn(shape, generator=gens[j]) for j in b]).to(device) if need_noise else 0.0
                 if method == "ddpm":
                     x = ddpm_step(diffusion, model_out, x, t, noise, clip_denoised)

@@ -258,22 +258,23 @@ def test_sample_and_eval_command_line_edges(base, tmp_path, capsys):
     from speed_fast.cli import main as cli
 
     run_dir, out = base["run"], str(tmp_path / "grid.png")
-    common = ["sample", "--ckpt", run_dir, "--n", "4", "--steps", "5", "--device", "cpu"]
+    common = ["sample", "--ckpt", run_dir, "--num-samples", "4", "--steps", "5", "--device", "cpu"]
+    npz = str(tmp_path / "s.npz")
     # Output paths and flag values are checked before the model is loaded or anything is sampled.
     for extra, message in ((["--out", str(tmp_path)], f"--out '{tmp_path}' is a directory"),
                            (["--out", str(tmp_path / "grid")], "--out '" + str(tmp_path / "grid") + "' must end in"),
-                           (["--out", out, "--save", str(tmp_path)], f"--save '{tmp_path}' is a directory"),
-                           (["--out", out, "--save", str(tmp_path / "s")], "must end in .npz"),
+                           (["--out", npz, "--grid", str(tmp_path)], f"--grid '{tmp_path}' is a directory"),
+                           (["--out", npz, "--grid", str(tmp_path / "g.gif")], "must end in .png"),
                            (["--out", out, "--cfg", "inf"], "--cfg must be a finite number >= 0, got inf"),
                            (["--out", out, "--device", "foo"], "--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'foo'"),
                            (["--out", out, "--device", "cuda:1"], "CUDA is not available")):
         assert cli(common[:-2] + extra) == 2, extra
         assert message in capsys.readouterr().err, extra
     # A guidance scale that blows the samples up: a non-zero exit that says how many, and no files.
-    assert cli(common + ["--cfg", "1e30", "--out", out, "--save", str(tmp_path / "s.npz")]) == 2
+    assert cli(common + ["--cfg", "1e30", "--out", npz, "--grid", out]) == 2
     assert "4 of 4 samples are not finite (NaN or infinity) with --cfg 1e+30" in capsys.readouterr().err
-    assert not os.path.exists(out) and not os.path.exists(tmp_path / "s.npz")
-    assert cli(common + ["--out", out, "--save", str(tmp_path / "s.npz")]) == 0
+    assert not os.path.exists(out) and not os.path.exists(npz) and not os.path.exists(npz + ".parts")
+    assert cli(common + ["--out", npz, "--grid", out]) == 0
     assert os.path.isfile(out) and os.path.isfile(tmp_path / "s.npz")
     # eval: empty or broken array files are named, not a traceback.
     (tmp_path / "empty.npy").write_bytes(b"")

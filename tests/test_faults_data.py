@@ -414,12 +414,13 @@ def test_sample_refuses_what_cannot_fit_before_loading_anything(tmp_path, capsys
     grid = tmp_path / "grid.png"
     grid.write_bytes(b"old grid")
     t0 = time.time()
-    line = assert_refused(capsys, cli_main(["sample", "--ckpt", str(run), "--n", str(10 ** 12), "--out", str(grid),
-                                            "--save", str(tmp_path / "s.npz"), "--device", "cpu"]),
-                          "--n 1000000000000", "free")
+    line = assert_refused(capsys, cli_main(["sample", "--ckpt", str(run), "--num-samples", str(10 ** 12), "--out",
+                                            str(tmp_path / "s.npz"), "--grid", str(grid), "--device", "cpu"]),
+                          "--num-samples 1000000000000", "free")
     assert "1x8x8" in line and time.time() - t0 < 30
-    assert "--save" in assert_refused(capsys, cli_main(["sample", "--ckpt", str(run), "--n", str(10 ** 12), "--out",
-                                                        str(grid), "--device", "cpu"]), "--n 1000000000000")
+    assert "--out FILE.npz" in assert_refused(capsys, cli_main(["sample", "--ckpt", str(run), "--num-samples",
+                                                                str(10 ** 12), "--out", str(grid), "--device", "cpu"]),
+                                              "--num-samples 1000000000000")
     assert not (tmp_path / "s.npz").exists()
     assert "-3" in assert_refused(capsys, cli_main(["sample", "--ckpt", str(run), "--nrow", "-3", "--out", str(grid),
                                                      "--device", "cpu"]), "--nrow")
@@ -432,22 +433,23 @@ def test_sample_refuses_what_cannot_fit_before_loading_anything(tmp_path, capsys
 def test_sample_replaces_its_outputs_only_when_both_are_written(tmp_path, capsys):
     run = sample_run(tmp_path)
     grid, npz = tmp_path / "grid.png", tmp_path / "s.npz"
-    args = ["sample", "--ckpt", str(run), "--n", "4", "--steps", "2", "--out", str(grid), "--save", str(npz),
+    args = ["sample", "--ckpt", str(run), "--num-samples", "4", "--steps", "2", "--out", str(npz), "--grid", str(grid),
             "--device", "cpu"]
     assert cli_main(args) == 0
-    assert np.load(npz)["samples"].shape == (4, 1, 8, 8)
+    assert np.load(npz)["arr_0"].shape == (4, 8, 8, 3)
     before = grid.read_bytes(), npz.read_bytes()
     capsys.readouterr()
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, lock_path(str(grid))], stdout=subprocess.PIPE, text=True,
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, lock_path(str(npz))], stdout=subprocess.PIPE, text=True,
                               cwd=ROOT)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        assert "another sample" in assert_refused(capsys, cli_main(args + ["--seed", "1"]), f"pid {holder.pid}")
+        assert "another sample" in assert_refused(capsys, cli_main(args + ["--seed", "1", "--overwrite"]),
+                                                  f"pid {holder.pid}")
     finally:
         holder.kill()
         holder.wait()
     assert (grid.read_bytes(), npz.read_bytes()) == before
-    assert cli_main(args + ["--seed", "1"]) == 0
+    assert cli_main(args + ["--seed", "1", "--overwrite"]) == 0
     assert npz.read_bytes() != before[1]
     assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
 
@@ -489,7 +491,7 @@ def test_eval_of_a_run_names_a_bad_ref_before_sampling(tmp_path, capsys):
     run = sample_run(tmp_path)
     (tmp_path / "bad.npy").write_bytes(b"not an array at all")
     t0 = time.time()
-    assert_refused(capsys, cli_main(["eval", "--gen", str(run), "--n", "10000", "--steps", "1000", "--ref",
+    assert_refused(capsys, cli_main(["eval", "--gen", str(run), "--num-samples", "10000", "--steps", "1000", "--ref",
                                      str(tmp_path / "bad.npy"), "--device", "cpu"]), "bad.npy")
     assert time.time() - t0 < 30  # 10000 samples x 1000 steps would take far longer
 
@@ -504,7 +506,7 @@ def test_sample_says_which_checkpoint_it_used_when_the_newest_is_damaged(tmp_pat
     with open(newest / "ema.pt", "r+b") as f:
         f.truncate(100)
     (run / "checkpoints" / "latest").write_text("step-00000020\n")
-    assert cli_main(["sample", "--ckpt", str(run), "--n", "2", "--steps", "2", "--ema", "--out",
+    assert cli_main(["sample", "--ckpt", str(run), "--num-samples", "2", "--steps", "2", "--ema", "--out",
                      str(tmp_path / "g.png"), "--device", "cpu"]) == 0
     err = capsys.readouterr().err
     assert "using checkpoint step-00000010" in err and "step-00000020" in err
@@ -520,9 +522,9 @@ sys.exit(rc)
 
 
 def test_a_large_n_streams_to_disk_with_bounded_memory(tmp_path):
-    """8192 samples of 3x64x64 (402 MB as float32) with --save: the peak resident memory of the
-    process stays within 120 MB of drawing 1024 (it held every sample before, +352 MB here), and
-    the .npz holds all of them, equal to a run drawn with another batch size where they overlap."""
+    """8192 samples of 3x64x64 (100 MB as uint8) to --out FILE.npz: the peak resident memory of the
+    process stays within 120 MB of drawing 1024 (it held every sample before, +88 MB here), and
+    the .npz holds all of them, equal to the smaller set where they overlap."""
     import torch
 
     from speed_fast.models import DiT, DiTConfig
@@ -539,20 +541,21 @@ def test_a_large_n_streams_to_disk_with_bounded_memory(tmp_path):
         "dit_config": cfg.to_dict(), "data_meta": {"num_classes": 10, "shape": [3, 64, 64]}}))
 
     def peak(n, batch):
-        proc = subprocess.run([sys.executable, "-c", RSS, "sample", "--ckpt", str(run), "--n", str(n), "--steps", "1",
-                               "--batch-size", str(batch), "--out", str(tmp_path / f"g{n}.png"), "--save",
-                               str(tmp_path / f"s{n}.npz"), "--device", "cpu"],
+        proc = subprocess.run([sys.executable, "-c", RSS, "sample", "--ckpt", str(run), "--num-samples", str(n),
+                               "--steps", "1", "--batch-size", str(batch), "--out", str(tmp_path / f"s{n}.npz"),
+                               "--grid", str(tmp_path / f"g{n}.png"), "--device", "cpu"],
                               capture_output=True, text=True, timeout=400, cwd=ROOT,
                               env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr[-2000:]
         return int(proc.stdout.split("maxrss_kib")[1].split()[0]) * 1024
 
-    small, large = peak(1024, 256), peak(8192, 512)
+    # The same batch size: the per-batch working set (which grows with it) is the same in both.
+    small, large = peak(1024, 512), peak(8192, 512)
     assert large - small < 120 * 2 ** 20, (small, large)
     with np.load(tmp_path / "s8192.npz") as z:
-        assert z["samples"].shape == (8192, 3, 64, 64) and z["labels"].shape == (8192,)
+        assert z["arr_0"].shape == (8192, 64, 64, 3) and z["arr_1"].shape == (8192,)
         with np.load(tmp_path / "s1024.npz") as z1:
-            np.testing.assert_array_equal(z["samples"][:1024], z1["samples"])
+            np.testing.assert_array_equal(z["arr_0"][:1024], z1["arr_0"])
     assert Image.open(tmp_path / "g8192.png").size == (32 * 65 + 1, 32 * 65 + 1)
 
 

@@ -315,25 +315,27 @@ def test_sample_cli_end_to_end_on_digits_shaped_run(tmp_path, capsys):
 
     run = _tiny_run(tmp_path / "run", 1, 8)
     out = tmp_path / "grid.png"
-    args = ["sample", "--ckpt", str(run), "--n", "6", "--steps", "10", "--cfg", "1.5", "--seed", "3",
-            "--out", str(out), "--save", str(tmp_path / "s.npz"), "--device", "cpu", "--labels", "1,2"]
+    args = ["sample", "--ckpt", str(run), "--num-samples", "6", "--steps", "10", "--cfg", "1.5", "--seed", "3",
+            "--out", str(tmp_path / "s.npz"), "--grid", str(out), "--device", "cpu", "--labels", "1,2"]
     assert main(args + ["--ema"]) == 0
     assert Image.open(out).size == (3 * 65 + 1, 2 * 65 + 1)
     import numpy as np
 
-    ema_samples = np.load(tmp_path / "s.npz")["samples"]
-    assert np.load(tmp_path / "s.npz")["labels"].tolist() == [1, 2, 1, 2, 1, 2]
-    assert main(args + ["--ema"]) == 0
-    np.testing.assert_array_equal(np.load(tmp_path / "s.npz")["samples"], ema_samples)  # same seed, same images
-    assert main(args) == 0  # raw weights: different images
-    assert np.abs(np.load(tmp_path / "s.npz")["samples"] - ema_samples).max() > 1e-3
-    # The checkpoint directory itself is accepted too.
+    ema_samples = np.load(tmp_path / "s.npz")["arr_0"]
+    assert ema_samples.shape == (6, 8, 8, 3) and ema_samples.dtype == np.uint8
+    assert np.load(tmp_path / "s.npz")["arr_1"].tolist() == [1, 2, 1, 2, 1, 2]
+    assert main(args + ["--ema", "--overwrite"]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npz")["arr_0"], ema_samples)  # same seed, same images
+    assert main(args + ["--overwrite"]) == 0  # raw weights: different images
+    assert np.abs(np.load(tmp_path / "s.npz")["arr_0"].astype(int) - ema_samples).max() > 0
+    # The checkpoint directory itself is accepted too (the same weights: the output is already complete).
     assert main(args[:2] + [str(run / "checkpoints" / "step-00000010")] + args[3:]) == 0
+    assert "already complete" in capsys.readouterr().out
     assert main(["sample", "--ckpt", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "no such run directory" in capsys.readouterr().err
     # `speed-fast eval` samples a run directory the same way and compares it with digits.
     capsys.readouterr()
-    assert main(["eval", "--gen", str(run), "--n", "16", "--steps", "5", "--ref", "digits", "--ema",
+    assert main(["eval", "--gen", str(run), "--num-samples", "16", "--steps", "5", "--ref", "digits", "--ema",
                  "--device", "cpu", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["fd_raw"] > 0 and result["n_generated"] == 16 and result["n_reference"] == 1797
@@ -352,15 +354,16 @@ def test_sample_cli_decodes_latents_with_a_local_vae(tmp_path, capsys):
     vae.save_pretrained(tmp_path / "vae")
     run = _tiny_run(tmp_path / "run", 4, 4)  # 4x4x4 latents -> 3x8x8 images
     out = tmp_path / "grid.png"
-    base = ["sample", "--ckpt", str(run), "--n", "4", "--steps", "ddim5", "--method", "ddim", "--out", str(out),
+    base = ["sample", "--ckpt", str(run), "--num-samples", "4", "--steps", "ddim5", "--method", "ddim", "--out", str(out),
             "--device", "cpu"]
     assert main(base) == 2
     assert "pass --vae" in capsys.readouterr().err
-    assert main(base + ["--vae", str(tmp_path / "vae"), "--save", str(tmp_path / "s.npz")]) == 0
+    assert main(base[:-4] + ["--out", str(tmp_path / "s.npz"), "--grid", str(out), "--device", "cpu",
+                             "--vae", str(tmp_path / "vae")]) == 0
     import numpy as np
 
-    images = np.load(tmp_path / "s.npz")["samples"]
-    assert images.shape == (4, 3, 8, 8) and images.min() >= -1 and images.max() <= 1
+    images = np.load(tmp_path / "s.npz")["arr_0"]
+    assert images.shape == (4, 8, 8, 3) and images.dtype == np.uint8 and images.std() > 0
     assert Image.open(out).size == (2 * 65 + 1, 2 * 65 + 1)
     assert main(base + ["--vae", str(tmp_path / "missing")]) == 2
     assert "AutoencoderKL directory" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """`speed-fast eval`: Fréchet distance between a generated set and a reference set.
 
     speed-fast eval --gen samples.npy --ref ref.npz                    # raw data (fd_raw)
-    speed-fast eval --gen RUN_DIR --n 1000 --steps 250 --ref digits     # sample a run, then compare
+    speed-fast eval --gen RUN_DIR --num-samples 1000 --steps 250 --ref digits     # sample a run, then compare
     speed-fast eval --gen samples.npz --ref ref.npz --features inception --inception PATH   # FID
 
 --gen is a .npy/.npz array (see `speed_fast.evaluation.load_array`) or a run directory, which is
@@ -33,7 +33,9 @@ def add_arguments(p) -> None:
                    help="TorchScript inception-2015-12-05.pt (default $SPEED_FAST_INCEPTION or "
                         "~/.cache/speed_fast/inception-2015-12-05.pt); never downloaded")
     p.add_argument("--max-dim", type=int, default=512, help="raw features: project above this many dims")
-    p.add_argument("--n", type=int, default=1000, help="samples to draw when --gen is a run directory")
+    p.add_argument("--num-samples", "--n", dest="n", type=int, default=1000,
+                   help="samples to draw when --gen is a run directory (--n: an alias that only works without a "
+                        "launcher)")
     add_sampling_arguments(p)
     p.add_argument("--no-clip-denoised", dest="clip_denoised", action="store_false",
                    help="do not clip the predicted x0 (default for a run: its evaluator's setting)")
@@ -61,6 +63,9 @@ def run(args) -> int:
     else:
         generated, _ = read_array(args.gen, "--gen")
         source = args.gen
+    if generated.shape[1] == 3 and reference.shape[1] == 1 and generated.shape[2:] == reference.shape[2:] \
+            and bool((generated[:, 1:] == generated[:, :1]).all()):
+        generated = generated[:, :1]  # `sample --out X.npz` of 1-channel data: the channel repeated to 3 (ADM's format)
     if generated.shape[1:] != reference.shape[1:]:
         raise ValueError(f"generated samples are {tuple(generated.shape[1:])} but the reference is "
                          f"{tuple(reference.shape[1:])}; compare like with like (decode latents with --vae)")

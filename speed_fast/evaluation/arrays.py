@@ -18,7 +18,7 @@ def load_array(path) -> tuple[torch.Tensor, torch.Tensor | None]:
     uint8 arrays are images in [0, 255] and are mapped to [-1, 1]; float arrays are taken as they
     are (images in [-1, 1] or latents). [N, H, W] gets a channel axis; [N, H, W, 1 or 3] (NHWC)
     is transposed. An .npz is read from the first of the keys images, latents, samples, x, arr_0
-    it holds; labels from "labels" or "y" when present."""
+    it holds; labels from "labels" or "y" (or "arr_1" beside "arr_0") when present."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"no such array file: {path}")
@@ -30,7 +30,8 @@ def load_array(path) -> tuple[torch.Tensor, torch.Tensor | None]:
             if key is None:
                 raise ValueError(f"{path} holds {z.files}; expected one of {ARRAY_KEYS}")
             arr = z[key]
-            lab_key = next((k for k in ("labels", "y") if k in z.files), None)
+            # ADM's sample batches (speed-fast sample --out X.npz): arr_0 images, arr_1 labels
+            lab_key = next((k for k in ("labels", "y", "arr_1" if key == "arr_0" else "") if k in z.files), None)
             labels = torch.as_tensor(z[lab_key].astype(np.int64)) if lab_key else None
     elif path.endswith(".npy"):
         with open(path, "rb") as f:
