@@ -153,9 +153,11 @@ def adm_metrics(generated, reference, net, job=None, *, batch_size: int = 64,
         ref_stats = gaussian_stats(ref_pool)
         if reference_statistics == "stored":
             stored = reference.stored
-            if stored["mu"].shape != (ref_pool.shape[1],) or stored["mu_s"].shape[0] != 2023:
+            spatial_dims = gen_spatial.shape[1] if gen_spatial is not None else stored["mu_s"].shape[0]
+            if stored["mu"].shape != (ref_pool.shape[1],) or stored["mu_s"].shape != (spatial_dims,):
                 raise ValueError(f"{reference.name}: stored mu has {stored['mu'].shape[0]} dims and mu_s "
-                                 f"{stored['mu_s'].shape[0]}; this network gives {ref_pool.shape[1]} and 2023")
+                                 f"{stored['mu_s'].shape[0]}; this network gives {ref_pool.shape[1]} and "
+                                 f"{spatial_dims}")
             ref_stats = (stored["mu"], stored["sigma"])
             ref_spatial_stats = (stored["mu_s"], stored["sigma_s"])
         result = {"fid": _fd(gaussian_stats(gen_pool), ref_stats)}
