@@ -105,9 +105,12 @@ def download(url: str, dest, sha256: str, timeout: float = 60.0) -> Path:
     return dest
 
 
-def resolve_inception(path=None, *, url: str = INCEPTION_URL, sha256: str = INCEPTION_SHA256) -> Path:
+def resolve_inception(path=None, *, url: str | None = None, sha256: str | None = None) -> Path:
     """The Inception file to load (see the module docstring): an explicit path or $SPEED_FAST_INCEPTION
-    as it is, else the cache's copy, checked against `sha256` and downloaded from `url` when absent."""
+    as it is, else the cache's copy, checked against `sha256` and downloaded from `url` when absent
+    (default: INCEPTION_SHA256 and INCEPTION_URL, read when called)."""
+    url = INCEPTION_URL if url is None else url
+    sha256 = INCEPTION_SHA256 if sha256 is None else sha256
     explicit = Path(path) if path is not None else (Path(os.environ[INCEPTION_ENV])
                                                       if os.environ.get(INCEPTION_ENV) else None)
     if explicit is not None:

@@ -103,7 +103,7 @@ class InceptionNet:
     """The loaded network and what it can give: pool features always, sFID's spatial features and
     IS logits when the module exposes them (see the module docstring)."""
 
-    def __init__(self, path=None, device="cpu", *, url: str = INCEPTION_URL, sha256: str = INCEPTION_SHA256):
+    def __init__(self, path=None, device="cpu", *, url: str | None = None, sha256: str | None = None):
         self.path = resolve_inception(path, url=url, sha256=sha256)
         self.device = torch.device(device)
         self.net = load_inception(self.path, self.device)
