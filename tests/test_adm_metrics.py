@@ -257,13 +257,44 @@ def test_stored_reference_statistics_are_used_for_fid_and_sfid(tiny, tmp_path):
     gen, ref = open_images(tmp_path / "gen.npy", "--gen"), open_images(tmp_path / "ref.npz", "--ref")
     got = adm_metrics(gen, ref, net, reference_statistics="stored")
     g_pool, g_sp, _ = module_features(module, gen_arr)
-    r_pool, _, _ = module_features(module, ref_arr)
+    r_pool, r_sp, _ = module_features(module, ref_arr)
     assert got["fid"] == pytest.approx(frechet_distance(g_pool.mean(0), np.cov(g_pool, rowvar=False),
                                                         stored["mu"], stored["sigma"]), rel=1e-6)
     assert got["sfid"] == pytest.approx(frechet_distance(g_sp.mean(0), np.cov(g_sp, rowvar=False),
                                                          stored["mu_s"], stored["sigma_s"]), rel=1e-6)
     assert (got["precision"], got["recall"]) == pytest.approx(brute_pr(r_pool, g_pool), abs=1e-12)  # from arr_0
     assert "TensorFlow" in got["reference_statistics"]
+    # The default is ADM's rule: stored statistics whenever the file has them.
+    auto = adm_metrics(gen, ref, net)
+    assert all(auto[key] == got[key] for key in ("fid", "sfid", "is", "precision", "recall"))
+    # recompute ignores them: the reference images' own statistics.
+    own = adm_metrics(gen, ref, net, reference_statistics="recompute")
+    assert own["fid"] == pytest.approx(scipy_fid(g_pool, r_pool), rel=1e-5)
+    assert own["sfid"] == pytest.approx(scipy_fid(g_sp, r_sp), rel=1e-5) and "recomputed" in own["reference_statistics"]
+    # Stored statistics of another network's size: auto recomputes and says why, stored refuses.
+    np.savez(tmp_path / "other.npz", arr_0=ref_arr, **{**stored, "mu": np.zeros(2048), "sigma": np.eye(2048)})
+    other = open_images(tmp_path / "other.npz", "--ref")
+    fallback = adm_metrics(gen, other, net)
+    assert fallback["fid"] == own["fid"] and "stored mu is [2048] but this network gives [12]" in (
+        fallback["reference_statistics"])
+    with pytest.raises(ValueError, match=r"stored mu is \[2048\].*--ref-stats recompute"):
+        adm_metrics(gen, other, net, reference_statistics="stored")
+
+
+def test_ieee_fp32_turns_tf32_off_and_restores_the_setting():
+    """InceptionNet.extract runs inside it: torch enables TF32 for cuDNN convolutions by default."""
+    from speed_fast.evaluation.inception import ieee_fp32
+
+    conv = torch.backends.cudnn.conv
+    before = (conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    seen = []
+    with ieee_fp32():
+        seen.append((conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
+    assert seen == [("ieee", "ieee")]
+    assert (conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before
+    with pytest.raises(RuntimeError), ieee_fp32():
+        raise RuntimeError("restored on errors too")
+    assert (conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before
 
 
 def test_image_files_in_every_layout_read_the_same(tmp_path):
@@ -271,9 +302,12 @@ def test_image_files_in_every_layout_read_the_same(tmp_path):
     np.savez(tmp_path / "stored.npz", arr_0=u8)
     np.savez_compressed(tmp_path / "deflated.npz", arr_0=u8)          # streamed, not mapped
     np.save(tmp_path / "nchw.npy", u8.transpose(0, 3, 1, 2))
-    np.save(tmp_path / "float.npy", u8.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1)  # older --save
+    np.save(tmp_path / "float.npy", u8.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1)
+    np.savez(tmp_path / "save.npz", samples=u8.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1,
+             labels=np.arange(6))                                     # the older `sample --save` file
+    np.savez(tmp_path / "sample_out.npz", arr_0=u8, arr_1=np.arange(6))  # `sample --out`: ADM's, labels in arr_1
     want = torch.from_numpy(u8).permute(0, 3, 1, 2)
-    for name in ("stored.npz", "deflated.npz", "nchw.npy", "float.npy"):
+    for name in ("stored.npz", "deflated.npz", "nchw.npy", "float.npy", "save.npz", "sample_out.npz"):
         s = open_images(tmp_path / name, "--gen")
         assert (s.n, s.shape) == (6, (3, 5, 5))
         got = torch.cat(list(s.batches(range(2, 6), 3)))
@@ -318,6 +352,16 @@ def test_raw_features_report_precision_and_recall(tmp_path, capsys):
     assert result["fd_raw"] == pytest.approx(scipy_fid(g, r), rel=1e-6)
     assert (result["precision"], result["recall"]) == pytest.approx(brute_pr(r, g), abs=1e-12)
     assert result["sfid"] is None and "spatial" in result["sfid_unavailable"] and result["is"] is None
+    # `sample --out`'s format (ADM's arr_0 uint8 [N, H, W, 3], labels in arr_1) reads as images in [-1, 1].
+    u8 = np.random.default_rng(4).integers(0, 256, size=(2, 20, 4, 4, 3), dtype=np.uint8)
+    np.savez(tmp_path / "gen.npz", arr_0=u8[0], arr_1=np.arange(20))
+    np.savez(tmp_path / "ref.npz", arr_0=u8[1], arr_1=np.arange(20))
+    code, out, err = run_eval(capsys, "--gen", tmp_path / "gen.npz", "--ref", tmp_path / "ref.npz", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    g, r = (u8.transpose(0, 1, 4, 2, 3).reshape(2, 20, -1) / 127.5 - 1).astype(np.float32).astype(np.float64)
+    assert result["fd_raw"] == pytest.approx(scipy_fid(g, r), rel=1e-5)
+    assert (result["precision"], result["recall"]) == pytest.approx(brute_pr(r, g), abs=1e-12)
 
 
 def test_bad_inputs_are_one_line_and_exit_2(tiny, tmp_path, capsys):

@@ -11,15 +11,22 @@ from the TorchScript Inception (downloaded once into the cache and checked again
 SHA-256 unless --inception PATH / $SPEED_FAST_INCEPTION name a file, or $SPEED_FAST_OFFLINE /
 $HF_HUB_OFFLINE forbid it). Under torchrun or deepspeed each rank computes the features of its
 share of both sets on its GPU; rank 0 prints. The reference's features are cached by content
-hash; --ref-stats stored uses the TensorFlow mu/sigma/mu_s/sigma_s an ADM reference batch holds
-for FID and sFID instead of recomputing them with this network.
+hash (`speed_fast.evaluation.refcache`; --no-ref-cache skips it). FID and sFID use the
+mu/sigma/mu_s/sigma_s an ADM reference batch stores (whole-dataset statistics from ADM's
+TensorFlow graph, as ADM's evaluator does; --ref-stats auto, the default), else the reference
+images' statistics with this network (--ref-stats recompute forces that; not the published
+numbers against an ADM batch, whose arr_0 is 10,000 images). Precision and recall use the
+reference images (arr_0). The expected difference from ADM's TensorFlow numbers is in
+`speed_fast.evaluation.suite`.
 --features raw (default): the Fréchet distance of the raw data (fd_raw) and precision/recall on it.
 
---gen is a .npy/.npz array (ADM's format `arr_0` uint8 [N, H, W, 3], or the older float [N, C, H, W]
-in [-1, 1]) or a run directory, which is sampled like `speed-fast sample` (one process; --ema,
---steps, --method, --cfg, --seed, --vae); unless given, --steps, --method and --clip-denoised are
-the run's own evaluator settings (`speed_fast.evaluation.eval_sampling`). --ref is an array file,
-a latent .beton (at most --n-ref samples), or `digits`. `--n` is the one-process spelling of
+--gen is a .npy/.npz array (ADM's format `arr_0` uint8 [N, H, W, 3], as `speed-fast sample --out`
+writes it with the labels in `arr_1`, which eval does not need; or the older `--save` file,
+`samples` float [N, C, H, W] in [-1, 1] with `labels`) or a run directory, which is sampled like
+`speed-fast sample` (one process; --ema, --steps, --method, --cfg, --seed, --vae); unless given,
+--steps, --method and --clip-denoised are the run's own evaluator settings
+(`speed_fast.evaluation.eval_sampling`). --ref is an array file, a latent .beton (at most --n-ref
+samples), or `digits`. A file that holds no image array is refused with one line (exit 2). `--n` is the one-process spelling of
 --num-samples (a launcher takes `--n` for its own `--nnodes`/`--nproc-per-node`).
 """
 
@@ -45,9 +52,10 @@ def add_arguments(p) -> None:
     p.add_argument("--inception", default=None,
                    help="a local TorchScript inception-2015-12-05.pt (default $SPEED_FAST_INCEPTION, else the cache, "
                         "downloaded once unless $SPEED_FAST_OFFLINE or $HF_HUB_OFFLINE is set)")
-    p.add_argument("--ref-stats", default="recompute", choices=["recompute", "stored"],
-                   help="recompute: the reference's FID/sFID statistics from its images with this network (default); "
-                        "stored: the TensorFlow mu/sigma/mu_s/sigma_s an ADM reference batch holds")
+    p.add_argument("--ref-stats", default="auto", choices=["auto", "stored", "recompute"],
+                   help="FID/sFID reference statistics. auto (default, ADM's rule): the mu/sigma/mu_s/sigma_s an ADM "
+                        "reference batch stores, when present and of this network's size, else recompute; stored: "
+                        "require them; recompute: from the reference images with this network")
     p.add_argument("--no-ref-cache", dest="ref_cache", action="store_false",
                    help="neither read nor write the reference-features cache")
     p.add_argument("--max-dim", type=int, default=512, help="raw features: project above this many dims")

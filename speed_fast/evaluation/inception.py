@@ -31,6 +31,10 @@ input to `mixed_6.conv` are the module's; that `layers.mixed_6.conv` is TensorFl
 sFID code read the same child). This machine cannot fetch the real file, so no figure has been
 compared with ADM's TensorFlow output here.
 
+Precision: features are computed in full float32 (`ieee_fp32` turns off the TF32 that torch
+enables for cuDNN convolutions by default on Ampere and later GPUs), as ADM's and StyleGAN2-ADA's
+metrics are.
+
 Loading: `load_inception(path)` loads a local file; `InceptionNet(path=None)` and
 `InceptionFeatures(path=None)` resolve the file first (`speed_fast.evaluation.download`:
 explicit path / $SPEED_FAST_INCEPTION as is, else the cache, downloaded once and checked against
@@ -40,6 +44,7 @@ small random ones). torchvision is not needed.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import warnings
 from pathlib import Path
@@ -99,6 +104,33 @@ def resize_and_normalise(images: torch.Tensor) -> torch.Tensor:
     return (x - 128.0) / 128.0
 
 
+@contextlib.contextmanager
+def ieee_fp32():
+    """Full-precision float32 for cuDNN convolutions and CUDA matmuls inside the block, restored after.
+
+    torch runs float32 convolutions in TF32 on Ampere and later GPUs by default (cuDNN's
+    allow_tf32 is True), which rounds inputs to a 10-bit mantissa: ADM's and StyleGAN2-ADA's
+    metrics run in full float32, so features here do too. No effect on the CPU."""
+    owners = [o for o in (getattr(torch.backends.cudnn, "conv", None), getattr(torch.backends.cuda, "matmul", None))
+              if o is not None and hasattr(o, "fp32_precision")]
+    if len(owners) == 2:  # torch >= 2.9: the per-backend precision settings
+        saved = [o.fp32_precision for o in owners]
+        try:
+            for o in owners:
+                o.fp32_precision = "ieee"
+            yield
+        finally:
+            for o, value in zip(owners, saved):
+                o.fp32_precision = value
+        return
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 class InceptionNet:
     """The loaded network and what it can give: pool features always, sFID's spatial features and
     IS logits when the module exposes them (see the module docstring)."""
@@ -143,7 +175,12 @@ class InceptionNet:
 
     @torch.no_grad()
     def extract(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(pool float32 [B, D], spatial float32 [B, 2023] or None) of uint8 images [B, 1 or 3, H, W], on the CPU."""
+        """(pool float32 [B, D], spatial float32 [B, 2023] or None) of uint8 images [B, 1 or 3, H, W], on the CPU,
+        computed in full float32 (`ieee_fp32`)."""
+        with ieee_fp32():
+            return self._extract(images)
+
+    def _extract(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"Inception features need images [N, 1 or 3, H, W], got {tuple(images.shape)}")
         x = images if images.dtype == torch.uint8 else to_uint8(images)
@@ -192,5 +229,6 @@ class InceptionFeatures:
             batch = batch if batch.dtype == torch.uint8 else to_uint8(batch)
             if batch.shape[1] == 1:
                 batch = batch.repeat(1, 3, 1, 1)
-            out.append(self.net(batch.to(self.device), return_features=True).double().cpu())
+            with ieee_fp32():
+                out.append(self.net(batch.to(self.device), return_features=True).double().cpu())
         return torch.cat(out)

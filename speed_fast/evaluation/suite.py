@@ -12,20 +12,35 @@ Definitions and conventions, as ADM's evaluator:
 * precision / recall: k = 3 nearest-neighbour manifolds of the pool features, the radii of each
   set from all of its own samples (`speed_fast.evaluation.manifold`).
 
-The reference side: its features are recomputed from its images (`arr_0`) with the same network
-as the generated side (`reference_statistics="recompute"`, the default), so both sides of every
-metric come from one network. A reference batch of ADM's also stores `mu`/`sigma` and
-`mu_s`/`sigma_s`; those come from ADM's TensorFlow graph, and `reference_statistics="stored"`
-uses them for FID and sFID (as ADM's evaluator does), comparing TensorFlow statistics with this
-network's: closer to ADM's own numbers in principle, but mixing two implementations of the
-network. Precision and recall always use the reference images' features from this network (ADM
-computes those from arr_0 too).
+The reference side. An ADM reference batch (VIRTUAL_imagenet256_labeled.npz and the others of
+guided-diffusion's evaluations/README.md) holds `arr_0`, 10,000 images of the dataset, and
+`mu`/`sigma`/`mu_s`/`sigma_s`: pool_3 and spatial statistics that ADM's README says are computed
+over the whole dataset (1.28 M images for ImageNet), by ADM's TensorFlow graph. ADM's evaluator
+uses the stored statistics for FID and sFID whenever a file has them, and the `arr_0` images only
+for precision and recall. `reference_statistics`:
+* "auto" (the default, ADM's rule): the stored statistics when the file holds all four and their
+  sizes match this network's features (2048 and 2023 for inception-2015-12-05.pt), else the
+  statistics of the reference images recomputed with this network (the result says which, and
+  why when stored ones were present but not usable);
+* "stored": the stored statistics, or an error when they are absent or of the wrong size;
+* "recompute": ignore them; mean and covariance of the `arr_0` images' features. Against an ADM
+  batch this compares with 10,000 images instead of the whole dataset, so FID and sFID are NOT
+  the numbers papers report (a different reference, with its own finite-sample bias; the size
+  of the gap has not been measured here): use it for self-consistent comparisons only.
+Precision and recall always use the reference images' pool features from this network (as ADM
+computes them from `arr_0`); IS uses the generated set only.
 
-Expected difference from ADM's TensorFlow numbers: the TorchScript file is a translation of the
-same graph and weights, with the same resize (see `speed_fast.evaluation.inception`), so the
-features differ only by float rounding and the metrics should agree to a small fraction of a
-percent; precision/recall can move by a few boundary points (ADM computes distances in float16).
-Not measured here: this environment cannot fetch the network file.
+Expected difference from ADM's TensorFlow numbers (default statistics, an ADM reference batch):
+the TorchScript file is NVIDIA's translation of the same graph and weights, with TensorFlow's
+resize replicated (see `speed_fast.evaluation.inception`), so this network's features should
+differ from TensorFlow's by floating-point rounding only (different kernels; TF32 matmuls on GPU,
+when enabled, round more), and the reference side of FID and sFID is ADM's own stored TensorFlow
+statistics. FID, sFID and IS are therefore expected to agree with ADM's printout up to that
+rounding (small next to the run-to-run spread of a 50,000-sample FID), not exactly. Precision
+and recall can differ by a few points that lie within rounding of a manifold boundary (ADM
+computes distances in float16 when they are finite, here in float32). None of this has been
+measured: this environment cannot fetch the network file or ADM's batches, so the first run that
+has both should compare against ADM's numbers for a published sample batch.
 
 Sharding: each rank takes a contiguous share of each set (rank r: rows [r N / W, (r + 1) N / W)),
 extracts features on its device, and every rank's features are gathered in rank order, so the
@@ -45,7 +60,7 @@ from .inception_score import ADM_SPLIT_SIZE, inception_score
 from .manifold import ADM_K, precision_recall
 from . import refcache
 
-REFERENCE_STATISTICS = ("recompute", "stored")
+REFERENCE_STATISTICS = ("auto", "stored", "recompute")
 METRIC_ROWS = (("fid", "FID"), ("fd_raw", "FD (raw)"), ("sfid", "sFID"), ("is", "Inception Score"),
                ("precision", "precision"), ("recall", "recall"))
 
@@ -110,8 +125,21 @@ def _check_sets(generated, reference) -> None:
                              f"covariances need at least {ADM_K + 1}")
 
 
+def _stored_mismatch(stored: dict, pool_dims: int, spatial_dims: int | None) -> str | None:
+    """Why stored mu/sigma/mu_s/sigma_s cannot stand for this network's statistics, or None."""
+    want = {"mu": (pool_dims,), "sigma": (pool_dims, pool_dims)}
+    if spatial_dims is not None:
+        want.update(mu_s=(spatial_dims,), sigma_s=(spatial_dims, spatial_dims))
+    for key, shape in want.items():
+        if stored[key].shape != shape:
+            return f"stored {key} is {list(stored[key].shape)} but this network gives {list(shape)}"
+    if not all(np.isfinite(stored[key]).all() for key in want):
+        return "the stored statistics have non-finite entries"
+    return None
+
+
 def adm_metrics(generated, reference, net, job=None, *, batch_size: int = 64,
-                reference_statistics: str = "recompute", cache: bool = True, reference_path=None,
+                reference_statistics: str = "auto", cache: bool = True, reference_path=None,
                 split_size: int = ADM_SPLIT_SIZE, k: int = ADM_K, device=None) -> dict:
     """FID, sFID, IS, precision and recall of image sets (`open_images` / `TensorImages`) under an
     `InceptionNet` (see the module docstring); the same dict on every rank. `reference_path`: the
@@ -121,8 +149,8 @@ def adm_metrics(generated, reference, net, job=None, *, batch_size: int = 64,
         raise ValueError(f"reference statistics must be one of {REFERENCE_STATISTICS}, got {reference_statistics!r}")
     job.agree(_check_sets, generated, reference)
     if reference_statistics == "stored" and not reference.stored:
-        raise ValueError(f"{reference.name} stores no mu/sigma/mu_s/sigma_s; use the default "
-                         "(statistics recomputed from its images)")
+        raise ValueError(f"{reference.name} stores no mu/sigma/mu_s/sigma_s (ADM's reference batches do); use "
+                         "--ref-stats auto or recompute (statistics of its images with this network)")
 
     key = None
     if cache and reference_path is not None:
@@ -151,15 +179,19 @@ def adm_metrics(generated, reference, net, job=None, *, batch_size: int = 64,
                 refcache.save(key, ref_pool, ref_spatial_stats)
                 cache_state = "written"
         ref_stats = gaussian_stats(ref_pool)
-        if reference_statistics == "stored":
-            stored = reference.stored
-            spatial_dims = gen_spatial.shape[1] if gen_spatial is not None else stored["mu_s"].shape[0]
-            if stored["mu"].shape != (ref_pool.shape[1],) or stored["mu_s"].shape != (spatial_dims,):
-                raise ValueError(f"{reference.name}: stored mu has {stored['mu'].shape[0]} dims and mu_s "
-                                 f"{stored['mu_s'].shape[0]}; this network gives {ref_pool.shape[1]} and "
-                                 f"{spatial_dims}")
-            ref_stats = (stored["mu"], stored["sigma"])
-            ref_spatial_stats = (stored["mu_s"], stored["sigma_s"])
+        source = "recomputed from the reference images with this network"
+        if reference_statistics != "recompute" and reference.stored:
+            mismatch = _stored_mismatch(reference.stored, ref_pool.shape[1],
+                                        gen_spatial.shape[1] if gen_spatial is not None else None)
+            if mismatch is None:
+                ref_stats = (reference.stored["mu"], reference.stored["sigma"])
+                if gen_spatial is not None:
+                    ref_spatial_stats = (reference.stored["mu_s"], reference.stored["sigma_s"])
+                source = "stored in the reference file (ADM's TensorFlow statistics)"
+            elif reference_statistics == "stored":
+                raise ValueError(f"{reference.name}: {mismatch}; use --ref-stats recompute")
+            else:
+                source += f" (the stored ones were not used: {mismatch})"
         result = {"fid": _fd(gaussian_stats(gen_pool), ref_stats)}
         reason = gen_reason or ref_reason
         if reason is None and ref_spatial_stats is None:
@@ -174,8 +206,7 @@ def adm_metrics(generated, reference, net, job=None, *, batch_size: int = 64,
             result["is"], result["is_unavailable"] = None, net.is_unavailable
         result["precision"], result["recall"] = precision_recall(ref_pool, gen_pool, k, device=device)
         result.update(features="inception", n_generated=int(gen_pool.shape[0]), n_reference=int(ref_pool.shape[0]),
-                      reference_statistics=("stored in the reference file (TensorFlow Inception)"
-                                            if reference_statistics == "stored" else "recomputed with this network"),
+                      reference_statistics=source,
                       reference_cache=cache_state, network=str(net.path), network_sha256=net.identity(),
                       is_split_size=split_size, k=k)
         return result
