@@ -1,16 +1,33 @@
-"""`speed-fast eval`: Fréchet distance between a generated set and a reference set.
+"""`speed-fast eval`: the metrics ADM's evaluator reports, between a generated set and a reference set.
 
-    speed-fast eval --gen samples.npy --ref ref.npz                    # raw data (fd_raw)
-    speed-fast eval --gen RUN_DIR --num-samples 1000 --steps 250 --ref digits     # sample a run, then compare
-    speed-fast eval --gen samples.npz --ref ref.npz --features inception --inception PATH   # FID
+    speed-fast eval --gen samples.npz --ref VIRTUAL_imagenet256_labeled.npz --features inception
+    torchrun --nproc_per_node 8 $(which speed-fast) eval --gen samples.npz --ref REF.npz --features inception
+    speed-fast eval --gen samples.npy --ref ref.npz                                # raw data (fd_raw)
+    speed-fast eval --gen RUN_DIR --num-samples 1000 --steps 250 --ref digits      # sample a run, then compare
 
---gen is a .npy/.npz array (see `speed_fast.evaluation.load_array`) or a run directory, which is
-sampled like `speed-fast sample` (--ema, --steps, --method, --cfg, --seed, --vae); unless given,
+--features inception: FID, sFID, Inception Score, precision and recall (k = 3), as
+openai/guided-diffusion's evaluations/evaluator.py defines them (`speed_fast.evaluation.suite`),
+from the TorchScript Inception (downloaded once into the cache and checked against its pinned
+SHA-256 unless --inception PATH / $SPEED_FAST_INCEPTION name a file, or $SPEED_FAST_OFFLINE /
+$HF_HUB_OFFLINE forbid it). Under torchrun or deepspeed each rank computes the features of its
+share of both sets on its GPU; rank 0 prints. The reference's features are cached by content
+hash (`speed_fast.evaluation.refcache`; --no-ref-cache skips it). FID and sFID use the
+mu/sigma/mu_s/sigma_s an ADM reference batch stores (whole-dataset statistics from ADM's
+TensorFlow graph, as ADM's evaluator does; --ref-stats auto, the default), else the reference
+images' statistics with this network (--ref-stats recompute forces that; not the published
+numbers against an ADM batch, whose arr_0 is 10,000 images). Precision and recall use the
+reference images (arr_0). The expected difference from ADM's TensorFlow numbers is in
+`speed_fast.evaluation.suite`.
+--features raw (default): the Fréchet distance of the raw data (fd_raw) and precision/recall on it.
+
+--gen is a .npy/.npz array (ADM's format `arr_0` uint8 [N, H, W, 3], as `speed-fast sample --out`
+writes it with the labels in `arr_1`, which eval does not need; or the older `--save` file,
+`samples` float [N, C, H, W] in [-1, 1] with `labels`) or a run directory, which is sampled like
+`speed-fast sample` (one process; --ema, --steps, --method, --cfg, --seed, --vae); unless given,
 --steps, --method and --clip-denoised are the run's own evaluator settings
-(`speed_fast.evaluation.eval_sampling`: DDIM-25, x0 clipped on pixel data), so a run's logged
-quality and this command measure the same thing. --ref is an
-array file, a latent .beton (e.g. the run's training data; at most --n-ref samples), or `digits`
-(the embedded default dataset, 1797 images in [-1, 1]).
+(`speed_fast.evaluation.eval_sampling`). --ref is an array file, a latent .beton (at most --n-ref
+samples), or `digits`. A file that holds no image array is refused with one line (exit 2). `--n` is the one-process spelling of
+--num-samples (a launcher takes `--n` for its own `--nnodes`/`--nproc-per-node`).
 """
 
 from __future__ import annotations
@@ -20,22 +37,30 @@ import os
 
 from .common import add_sampling_arguments, sampling_options
 
-HELP = "Fréchet distance (raw data, or FID with local Inception weights) between generated and reference sets"
+HELP = ("ADM's metrics (FID, sFID, Inception Score, precision, recall) or the raw Fréchet distance between "
+        "generated and reference sets")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--gen", required=True, help="generated set: .npy/.npz array, or a run directory to sample")
-    p.add_argument("--ref", required=True, help="reference set: .npy/.npz array, a latent .beton, or 'digits'")
+    p.add_argument("--gen", required=True, help="generated set: .npy/.npz array (arr_0 uint8 [N, H, W, 3]), or a "
+                                                "run directory to sample")
+    p.add_argument("--ref", required=True, help="reference set: .npy/.npz array (e.g. ADM's reference batch), a "
+                                                "latent .beton, or 'digits'")
     p.add_argument("--n-ref", type=int, default=10000, help="at most this many reference samples from a .beton")
     p.add_argument("--features", default="raw", choices=["raw", "inception"],
-                   help="raw: the data itself (random projection above --max-dim dims); inception: FID")
+                   help="raw: the data itself (fd_raw, precision/recall); inception: FID, sFID, IS, precision, recall")
     p.add_argument("--inception", default=None,
-                   help="TorchScript inception-2015-12-05.pt (default $SPEED_FAST_INCEPTION or "
-                        "~/.cache/speed_fast/inception-2015-12-05.pt); never downloaded")
+                   help="a local TorchScript inception-2015-12-05.pt (default $SPEED_FAST_INCEPTION, else the cache, "
+                        "downloaded once unless $SPEED_FAST_OFFLINE or $HF_HUB_OFFLINE is set)")
+    p.add_argument("--ref-stats", default="auto", choices=["auto", "stored", "recompute"],
+                   help="FID/sFID reference statistics. auto (default, ADM's rule): the mu/sigma/mu_s/sigma_s an ADM "
+                        "reference batch stores, when present and of this network's size, else recompute; stored: "
+                        "require them; recompute: from the reference images with this network")
+    p.add_argument("--no-ref-cache", dest="ref_cache", action="store_false",
+                   help="neither read nor write the reference-features cache")
     p.add_argument("--max-dim", type=int, default=512, help="raw features: project above this many dims")
-    p.add_argument("--num-samples", "--n", dest="n", type=int, default=1000,
-                   help="samples to draw when --gen is a run directory (--n: an alias that only works without a "
-                        "launcher)")
+    p.add_argument("--num-samples", "--n", dest="num_samples", type=int, default=1000,
+                   help="samples to draw when --gen is a run directory (--n: the same, outside a launcher)")
     add_sampling_arguments(p)
     p.add_argument("--no-clip-denoised", dest="clip_denoised", action="store_false",
                    help="do not clip the predicted x0 (default for a run: its evaluator's setting)")
@@ -44,38 +69,75 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def run(args) -> int:
-    from ..devices import resolve_device
-    from ..evaluation import (feature_stats, frechet_distance, load_reference, make_features, read_array,
-                              run_eval_sampling)
+def _generated(args, job):
+    """(set, description) of --gen: a run directory's samples (float, in memory) or an array file."""
+    from ..evaluation import run_eval_sampling
 
-    device = resolve_device(args.device)
+    if not os.path.isdir(args.gen):
+        return None, args.gen
+    if job.world > 1:
+        raise ValueError(f"--gen {args.gen!r} is a run directory: sampling inside eval runs as one process; under a "
+                         "launcher, sample with `speed-fast sample --out samples.npz` and evaluate that file")
+    from ..generate import check_sampling_options, generate, run_dir_of
+
+    chosen = run_eval_sampling(run_dir_of(args.gen), args.steps, args.clip_denoised)
+    args.steps, args.clip_denoised = chosen["steps"], chosen["clip_denoised"]
+    args.method = args.method or chosen["method"]
+    check_sampling_options(args.num_samples, args.batch_size, args.cfg, args.eta, args.labels)
+    return generate(args.gen, args.num_samples, **sampling_options(args)), f"{args.num_samples} samples of {args.gen}"
+
+
+def _inception(args, job) -> dict:
+    from ..evaluation import InceptionNet, TensorImages, adm_metrics, load_reference, open_images, resolve_inception
+
+    def open_ref():
+        if args.ref == "digits" or args.ref.endswith(".beton"):
+            return TensorImages(load_reference(args.ref, args.n_ref)[0], f"--ref {args.ref!r}"), None
+        return open_images(args.ref, "--ref"), args.ref
+
+    reference, ref_path = job.agree(open_ref)  # a bad --ref is named before any sampling
+    generated, source = job.agree(_generated, args, job)
+    generated = TensorImages(generated, source) if generated is not None else job.agree(open_images, args.gen, "--gen")
+    path = job.on_main(resolve_inception, args.inception)  # rank 0 downloads (once) before the others load it
+    net = job.agree(InceptionNet, path, job.device)
+    result = adm_metrics(generated, reference, net, job, batch_size=args.batch_size,
+                         reference_statistics=args.ref_stats, cache=args.ref_cache, reference_path=ref_path,
+                         device=job.device)
+    return {**result, "generated": source, "reference": args.ref}
+
+
+def _raw(args, job) -> dict:
+    from ..evaluation import load_reference, make_features, raw_metrics, read_array
+
     reference, _ = load_reference(args.ref, args.n_ref)  # a bad --ref is named before any sampling
-    if os.path.isdir(args.gen):
-        from ..generate import check_sampling_options, generate, run_dir_of
-
-        chosen = run_eval_sampling(run_dir_of(args.gen), args.steps, args.clip_denoised)
-        args.steps, args.clip_denoised = chosen["steps"], chosen["clip_denoised"]
-        args.method = args.method or chosen["method"]
-        check_sampling_options(args.n, args.batch_size, args.cfg, args.eta, args.labels)
-        generated = generate(args.gen, args.n, **sampling_options(args))
-        source = f"{args.n} samples of {args.gen}"
-    else:
+    generated, source = _generated(args, job)
+    if generated is None:
         generated, _ = read_array(args.gen, "--gen")
-        source = args.gen
     if generated.shape[1] == 3 and reference.shape[1] == 1 and generated.shape[2:] == reference.shape[2:] \
             and bool((generated[:, 1:] == generated[:, :1]).all()):
         generated = generated[:, :1]  # `sample --out X.npz` of 1-channel data: the channel repeated to 3 (ADM's format)
-    if generated.shape[1:] != reference.shape[1:]:
-        raise ValueError(f"generated samples are {tuple(generated.shape[1:])} but the reference is "
-                         f"{tuple(reference.shape[1:])}; compare like with like (decode latents with --vae)")
-    features = make_features(args.features, inception_path=args.inception, device=device, max_dim=args.max_dim)
-    value = frechet_distance(*feature_stats(generated, features), *feature_stats(reference, features))
-    result = {features.key: value, "generated": source, "n_generated": int(generated.shape[0]),
-              "reference": args.ref, "n_reference": int(reference.shape[0]), "features": args.features}
+    features = make_features("raw", max_dim=args.max_dim)
+    return {**raw_metrics(generated, reference, features, device=job.device), "generated": source,
+            "reference": args.ref}
+
+
+def run(args) -> int:
+    from ..distributed import launch_job
+    from ..evaluation import format_table
+
+    with launch_job(args.device) as job:
+        if args.features == "inception":
+            result = _inception(args, job)
+        else:
+            result = job.on_main(_raw, args, job)
+    if not job.is_main:
+        return 0
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{features.key} {value:.6g}   ({result['n_generated']} generated from {source}, "
-              f"{result['n_reference']} reference from {args.ref})")
+        print(format_table(result))
+        print(f"({result['n_generated']} generated from {result['generated']}, {result['n_reference']} reference "
+              f"from {result['reference']}; features: {result['features']}"
+              + (f", reference statistics {result['reference_statistics']}, cache {result['reference_cache']})"
+                 if result["features"] == "inception" else ")"))
     return 0
