@@ -172,7 +172,7 @@ def generate(run_dir: str, n: int, *, ema: bool = False, steps="250", method: st
     """n samples of the run at `run_dir`, decoded to images when `vae` (a local AutoencoderKL
     directory) is given. Raises ValueError when any sample is not finite (e.g. a huge guidance scale)."""
     from .sampling import sample
-    from .vae import decode_latents, load_vae
+    from .vae import check_vae_matches, decode_latents, load_vae
 
     device = resolve_device(device)
     model, schedule, meta = load_run(run_dir, ema, device)
@@ -180,6 +180,9 @@ def generate(run_dir: str, n: int, *, ema: bool = False, steps="250", method: st
     if channels not in (1, 3) and vae is None:
         raise ValueError(f"{run_dir} was trained on {channels}-channel latents {meta.get('shape')}; "
                          "pass --vae DIR (a local diffusers AutoencoderKL) to decode them")
+    decoder = load_vae(vae, device) if vae is not None else None
+    if decoder is not None:
+        check_vae_matches(decoder, meta, f"the data of {run_dir}")
     x, y = sample(model, schedule, n, parse_labels(labels, n), steps=steps, method=method, eta=eta, cfg_scale=cfg,
                   seed=seed, device=device, batch_size=batch_size, clip_denoised=clip_denoised, return_labels=True,
                   progress=True)
@@ -188,7 +191,7 @@ def generate(run_dir: str, n: int, *, ema: bool = False, steps="250", method: st
         raise ValueError(f"{bad} of {n} samples are not finite (NaN or infinity) with --cfg {cfg:g}, --steps "
                          f"{steps} ({method}); nothing was written")
     if vae is not None:
-        x = decode_latents(load_vae(vae, device), x)
+        x = decode_latents(decoder, x)
     return (x, y) if return_labels else x
 
 
@@ -209,7 +212,7 @@ def sample_to_files(run_dir: str, n: int, grid: str, npz: str | None, *, nrow: i
 
     from .atomic import publish, temporary_name
     from .sampling import sample, save_grid
-    from .vae import decode_latents, load_vae
+    from .vae import check_vae_matches, decode_latents, load_vae
 
     device = resolve_device(device)
     model, schedule, meta = load_run(run_dir, ema, device)
@@ -218,6 +221,8 @@ def sample_to_files(run_dir: str, n: int, grid: str, npz: str | None, *, nrow: i
         raise ValueError(f"{run_dir} was trained on {channels}-channel latents {meta.get('shape')}; "
                          "pass --vae DIR (a local diffusers AutoencoderKL) to decode them")
     decoder = load_vae(vae, device) if vae is not None else None
+    if decoder is not None:
+        check_vae_matches(decoder, meta, f"the data of {run_dir}")
     grid_n = min(n, MAX_GRID_IMAGES)
     shown, temps, arrays = [], [], {}
     tmp_npz = temporary_name(npz) if npz else None
