@@ -205,14 +205,14 @@ class RunSampler:
                  cfg: float = 1.0, cfg_channels: int | None = None, seed: int = 0, labels: str | None = None,
                  device=None, vae: str | None = None, clip_denoised: bool = False, precision: str = "fp32",
                  compile: bool = False, batch_size: int = 64):
-        from .vae import load_vae
+        from .vae import check_vae_matches, load_vae
 
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         model, self.schedule, meta = load_run(run_dir, ema, self.device)
         channels = int(model.in_channels)
         if channels not in (1, 3) and vae is None:
             raise ValueError(f"{run_dir} was trained on {channels}-channel latents {meta.get('shape')}; "
-                             "pass --vae DIR (a local diffusers AutoencoderKL) to decode them")
+                             "pass --vae (the VAE that encoded them: a hub id, ema/mse, a directory or a .safetensors file) to decode them")
         if cfg_channels is not None and cfg_channels > channels:
             raise ValueError(f"--cfg-channels {cfg_channels}: {run_dir} has {channels}-channel data")
         if precision not in PRECISIONS:
@@ -225,6 +225,8 @@ class RunSampler:
             net = _Autocast(net, torch.bfloat16)
         self.net = net
         self.decoder = load_vae(vae, self.device) if vae is not None else None
+        if self.decoder is not None:
+            check_vae_matches(self.decoder, meta, f"the data of {run_dir}")
         self.num_classes = int(model.num_classes)
         self.shape = (channels, int(model.input_size), int(model.input_size))
         self.learn_sigma = bool(model.config.learn_sigma)

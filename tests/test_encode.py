@@ -224,12 +224,16 @@ def test_killed_encode_resumes_to_the_same_file(encoded, image_dir, vae_dir, tmp
     assert read_latent_meta(out, verify=True)["crc32"] == read_latent_meta(encoded)["crc32"]
 
 
-def test_encode_input_errors(image_dir, tmp_path, capsys):
+def test_encode_input_errors(image_dir, vae_dir, tmp_path, capsys):
     assert run_cli("encode", image_dir, "--vae", tmp_path / "nope", "--out", tmp_path / "o.beton") == 2
-    assert "must be a local directory holding an AutoencoderKL" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--vae '{tmp_path / 'nope'}': no such file or directory; expected a hub id" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert run_cli("encode", image_dir, "--vae", tmp_path, "--out", tmp_path / "o.beton") == 2
+    assert "is a directory without config.json" in capsys.readouterr().err
     (tmp_path / "flat").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.png")
-    assert run_cli("encode", tmp_path / "flat", "--vae", tmp_path, "--out", tmp_path / "o.beton") == 2
+    assert run_cli("encode", tmp_path / "flat", "--vae", vae_dir, "--out", tmp_path / "o.beton") == 2
     assert "no class sub-folders" in capsys.readouterr().err
     assert not (tmp_path / "o.beton").exists()
 

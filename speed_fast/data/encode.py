@@ -3,15 +3,32 @@
 Images: IMAGE_DIR/<class>/**/<file>, classes sorted by folder name (label = position), files
 sorted by relative path, ADM center crop to `resolution` (DiT's `center_crop_arr`: halve with
 BOX while the short side is >= 2x, BICUBIC resize of the short side, center crop), scaled to
-[-1, 1]. Latents: a local diffusers AutoencoderKL (speed_fast.vae, which owns the convention),
-posterior mean (or one sample with noise keyed by (seed, image index), so a rerun draws the same
-noise), then (z - shift_factor) * scaling_factor, stored as bf16.
+[-1, 1]. Latents: a diffusers AutoencoderKL or AutoencoderTiny named as speed_fast.vae.load_vae
+takes it (hub id, DiT's ema / mse, local directory, .safetensors file; speed_fast.vae owns the
+convention): the posterior mean (or one sample with noise keyed by (seed, image index), so a rerun
+draws the same noise; AutoencoderKL only), or AutoencoderTiny's latents, then
+(z - shift_factor) * scaling_factor, stored as bf16. The sidecar's source.vae records the VAE's
+identity and latent format (speed_fast.vae.vae_record), source.space is "latents".
 
-Resume: images are encoded in shards of `shard_size` consecutive images; each finished shard is
-written atomically to `<out>.parts/shard-<start>-<stop>.npz` next to a manifest of the settings
-and the file list. A rerun with the same settings continues after the last finished shard (a
-shard cut short by a kill is never on disk), so no image is encoded twice or left out. The
-.beton is written from the shards at the end and the parts folder is removed.
+Resume: the images are cut into shards of `shard_size` consecutive images; each finished shard
+(or the part of one that a `max_images` stop left) is written atomically to
+`<out>.parts/shard-<start>-<stop>.npz` next to a manifest of the settings and the file list. A
+rerun with the same settings encodes only the images no finished shard holds (a shard cut short
+by a kill is never on disk), so no image is encoded twice or left out. The .beton is written from
+the shards, in image order, once they cover every image; the parts folder is then removed.
+
+Many processes (torchrun / deepspeed launcher, speed_fast.distributed): one job. Rank 0 scans the
+folder, checks or writes the manifest and lists what is left; the pieces left are dealt
+round-robin to the ranks (disjoint), each rank writes its own shards into the one parts folder
+(so --out must be on a file system every rank sees; a rank that cannot see it says so), and
+rank 0 writes the .beton when all have finished, holding the output lock (`<out>.lock`) from
+start to end, so the job's own ranks are never refused and a second job is. Batches are cut at
+multiples of `batch_size` counted from image 0, whichever rank encodes them and after any
+interruption, so the .beton is byte-identical to a one-process encode at the same batch size on
+the same kind of device and thread count (tests/test_encode_ddp.py), and an interrupted job
+resumes with any number of ranks (the batch size is not part of the manifest: a resume at another
+batch size is valid, only its bytes may differ in the last bit). Input errors (a missing or
+mismatched VAE, changed settings, bad images folder) are found on every rank alike and said once.
 
 Unreadable images (not decodable, truncated, unsupported, or past MAX_ASPECT / MAX_PIXELS) are
 skipped and reported as they occur; their count and names go into the sidecar's "source" entry.
@@ -32,9 +49,7 @@ import uuid
 import numpy as np
 import torch
 
-from ..devices import resolve_device
-from ..lockfile import output_lock
-from ..vae import latent_factors, load_vae, to_latents
+from ..vae import latent_factors, load_vae, posterior, resolve_vae, to_latents, vae_record
 from .latents import write_latents
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
@@ -45,8 +60,8 @@ MAX_ASPECT = 32
 MAX_PIXELS = 1 << 26
 _SHARD_RE = re.compile(r"^shard-(\d{9})-(\d{9})\.npz$")
 # Settings that must match for a rerun to continue an earlier one.
-_MANIFEST_KEYS = ("image_dir", "files_sha256", "num_images", "class_names", "vae", "vae_config_sha256",
-                  "resolution", "flip", "sample_posterior", "seed")
+_MANIFEST_KEYS = ("image_dir", "files_sha256", "num_images", "class_names", "vae", "resolution", "flip",
+                  "sample_posterior", "seed")
 
 
 def scan_image_folder(image_dir: str, report: dict | None = None) -> tuple[list[str], np.ndarray, list[str]]:
@@ -169,7 +184,8 @@ def _noise(shape, seed: int, index: int, copy: int) -> torch.Tensor:
 
 
 def _finished_shards(parts: str, num_images: int) -> list[tuple[int, int, str]]:
-    """Finished shards, in order; they must tile [0, k) without gap or overlap."""
+    """Finished shards, in order of their first image; they must be disjoint ranges inside [0, num_images)
+    (ranks finish shards out of order, so the finished set need not be a prefix)."""
     shards = []
     for name in os.listdir(parts):
         m = _SHARD_RE.match(name)
@@ -178,13 +194,51 @@ def _finished_shards(parts: str, num_images: int) -> list[tuple[int, int, str]]:
         elif name.startswith(".shard-"):  # left by a run killed while writing: never counted
             os.remove(os.path.join(parts, name))
     shards.sort()
-    expect = 0
+    end = 0
     for start, stop, path in shards:
-        if start != expect or stop <= start or stop > num_images:
-            raise ValueError(f"{parts}: shard {os.path.basename(path)} does not continue the finished images "
-                             f"[0, {expect}); the parts folder was edited by hand. Delete {parts} to start over")
-        expect = stop
+        if start < end or stop <= start or stop > num_images:
+            raise ValueError(f"{parts}: shard {os.path.basename(path)} overlaps the finished images before it or "
+                             f"lies outside [0, {num_images}); the parts folder was edited by hand. Delete {parts} "
+                             "to start over")
+        end = stop
     return shards
+
+
+def _todo(finished: list[tuple[int, int, str]], num_images: int, shard_size: int,
+          max_images: int | None) -> list[tuple[int, int]]:
+    """The images still to encode as pieces (start, stop): each shard [k * shard_size, (k + 1) * shard_size)
+    minus the finished ranges, in order; with max_images, only the first max_images of them."""
+    pieces = []
+    for lo in range(0, num_images, shard_size):
+        hi, cur = min(lo + shard_size, num_images), lo
+        for start, stop, _ in finished:
+            if stop <= cur or start >= hi:
+                continue
+            if start > cur:
+                pieces.append((cur, start))
+            cur = max(cur, stop)
+        if cur < hi:
+            pieces.append((cur, hi))
+    if max_images is not None:
+        kept, left = [], max_images
+        for start, stop in pieces:
+            if left <= 0:
+                break
+            kept.append((start, min(stop, start + left)))
+            left -= kept[-1][1] - start
+        pieces = kept
+    return pieces
+
+
+def _batches(start: int, stop: int, batch_size: int) -> list[list[int]]:
+    """Images start .. stop - 1 cut at multiples of batch_size: every image is encoded in the same batch
+    whichever rank encodes it, after whatever interruption (so the bytes are the same)."""
+    out = []
+    while start < stop:
+        end = min(stop, (start // batch_size + 1) * batch_size)
+        out.append(list(range(start, end)))
+        start = end
+    return out
 
 
 class _ShardLatents:
@@ -226,52 +280,110 @@ class _ShardLatents:
         return torch.from_numpy(np.concatenate(out)).view(torch.bfloat16)
 
 
-def encode_folder(image_dir: str, vae_path: str, out: str, *, resolution: int = 256, flip: bool = False,
+def encode_folder(image_dir: str, vae: str, out: str, *, resolution: int = 256, flip: bool = False,
                   batch_size: int = 32, sample_posterior: bool = False, seed: int = 0, device: str = "auto",
                   workers: int = 4, shard_size: int = 1024, max_images: int | None = None,
-                  keep_parts: bool = False, progress: bool = True, log=None) -> dict:
-    """Encode IMAGE_DIR into the latent file `out`; returns a status dict (done, images, skipped, meta).
+                  keep_parts: bool = False, progress: bool = True, log=None, job=None) -> dict:
+    """Encode IMAGE_DIR with the VAE named `vae` (speed_fast.vae.load_vae: a hub id, DiT's ema / mse,
+    a local directory or a .safetensors file) into the latent file `out`; returns a status dict
+    (done, images, encoded, skipped, parts, meta). On ranks other than 0 it returns when the rank's
+    shards are written, with done, skipped and meta None and `encoded` counting the rank's own images;
+    rank 0 then writes the .beton alone (so a long write never runs into the job's collective timeout).
 
-    max_images stops after that many more images (a resumable partial run). See the module docstring.
-    One encode per output: `<out>.lock` (speed_fast.lockfile) is held throughout, so a second encode
-    of the same `out` is refused (naming the holder) instead of resuming from the first one's live parts.
+    job: a speed_fast.distributed.Job; None opens one here (launch_job(device): one process, or the
+    ranks of a torchrun / deepspeed launch). The ranks share the work (see the module docstring).
+    max_images stops after that many more images (a resumable partial run). One encode per output:
+    rank 0 holds `<out>.lock` (speed_fast.lockfile) throughout, so a second encode of the same `out`
+    is refused (naming the holder) instead of resuming from the first one's live parts, and the
+    job's own ranks are never refused.
     """
+    if job is None:
+        from ..distributed import launch_job
+
+        with launch_job(device) as job:
+            return encode_folder(image_dir, vae, out, resolution=resolution, flip=flip, batch_size=batch_size,
+                                 sample_posterior=sample_posterior, seed=seed, device=device, workers=workers,
+                                 shard_size=shard_size, max_images=max_images, keep_parts=keep_parts,
+                                 progress=progress, log=log, job=job)
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    with output_lock(out, "encode", log):
-        return _encode_folder(image_dir, vae_path, out, resolution=resolution, flip=flip, batch_size=batch_size,
-                              sample_posterior=sample_posterior, seed=seed, device=device, workers=workers,
-                              shard_size=shard_size, max_images=max_images, keep_parts=keep_parts,
-                              progress=progress, log=log)
+    job.agree(_check_settings, resolution, batch_size, shard_size, workers, seed, max_images)
+    with job.output_lock(out, "encode", log):
+        if job.distributed:  # a hub id is downloaded once per machine, then read from the cache by every rank
+            job.agree(lambda: resolve_vae(vae) if job.local_rank == 0 else None)
+        model = job.agree(load_vae, vae, job.device)
+        plan = job.on_main(_plan, image_dir, model, out, resolution, flip, sample_posterior, seed, shard_size,
+                           max_images, log)
+        if job.distributed:
+            job.agree(_check_parts_visible, plan["parts"])
+        mine = plan["pieces"][job.rank::job.world]
+        bar = None
+        if progress and job.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sum(b - a for a, b in mine), unit="img", file=sys.stderr,
+                       desc="encode" if job.world == 1 else f"encode (rank 0 of {job.world})")
+        try:
+            job.agree(_encode_pieces, model, plan, mine, batch_size, flip, sample_posterior, seed, job.device,
+                      workers, bar, log)
+        finally:
+            if bar is not None:
+                bar.close()
+        if not job.is_main:  # rank 0 writes the .beton alone; the other ranks are done (no wait, no timeout)
+            return {"done": None, "images": len(plan["paths"]), "encoded": sum(b - a for a, b in mine),
+                    "skipped": None, "parts": plan["parts"], "meta": None}
+        return _finish(plan, out, flip, keep_parts, progress, log)
 
 
-def _encode_folder(image_dir, vae_path, out, *, resolution, flip, batch_size, sample_posterior, seed, device,
-                   workers, shard_size, max_images, keep_parts, progress, log) -> dict:
+def _check_parts_visible(parts: str) -> None:
+    if not os.path.isfile(os.path.join(parts, "manifest.json")):
+        raise ValueError(f"{parts}, made by rank 0, is not visible to this rank: every rank writes its shards "
+                         "there, so --out must be on a file system that all the job's machines share")
+
+
+def _check_settings(resolution, batch_size, shard_size, workers, seed, max_images) -> None:
     for name, value, lo in (("resolution", resolution, 8), ("batch_size", batch_size, 1),
                             ("shard_size", shard_size, 1), ("workers", workers, 0), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
-    if max_images is not None and (not isinstance(max_images, int) or max_images < 1):
+    if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1):
         raise ValueError(f"max_images must be an integer >= 1, got {max_images!r}")
+
+
+def _same_setting(key: str, old, new) -> bool:
+    if key == "vae" and isinstance(old, dict) and isinstance(new, dict):  # `ema` or its hub id: the same VAE
+        return {k: v for k, v in old.items() if k != "name"} == {k: v for k, v in new.items() if k != "name"}
+    return old == new
+
+
+def _change(key: str, old, new) -> str:
+    """`key=OLD, now NEW`; for the VAE record only the fields that differ (the name aside)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        diff = [k for k in sorted(set(old) | set(new)) if k != "name" and old.get(k) != new.get(k)]
+        return (f"vae {old.get('name')!r}, now {new.get('name')!r} ("
+                + ", ".join(f"{k} {old.get(k)!r} vs {new.get(k)!r}" for k in diff) + ")")
+    shown = (lambda v: v if not isinstance(v, list) or len(v) < 6 else f"[{len(v)} entries]")
+    return f"{key}={shown(old)!r}, now {shown(new)!r}"
+
+
+def _plan(image_dir, vae, out, resolution, flip, sample_posterior, seed, shard_size, max_images, log) -> dict:
+    """Rank 0: the image list, the manifest (written, or checked against the unfinished encode's) and the
+    pieces still to encode. Every rank gets the answer."""
     image_dir = os.path.abspath(image_dir)
-    vae_path = os.path.abspath(vae_path)
-    dev = resolve_device(device)
     found = {}
     paths, labels, class_names = scan_image_folder(image_dir, found)
     warn_scan(found, "encode", log)
     n_images = len(paths)
-    vae = load_vae(vae_path, dev)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if resolution % factor:
-        raise ValueError(f"resolution must be a multiple of the VAE's downsampling factor {factor}, got {resolution}")
-    scale, shift = latent_factors(vae)
-
-    with open(os.path.join(vae_path, "config.json"), "rb") as f:
-        vae_sha = _sha256(f.read())
+    record = vae_record(vae)
+    if resolution % record["downsampling"]:
+        raise ValueError(f"resolution must be a multiple of the VAE's downsampling factor {record['downsampling']}, "
+                         f"got {resolution}")
+    if sample_posterior and record["class"] != "AutoencoderKL":
+        raise ValueError(f"--sample-posterior needs a VAE with a posterior (AutoencoderKL); {record['class']}'s "
+                         "encoder is deterministic")
     listing = "\n".join(f"{p}\t{int(y)}" for p, y in zip(paths, labels)).encode()
     manifest = {"image_dir": image_dir, "files_sha256": _sha256(listing), "num_images": n_images,
-                "class_names": class_names, "vae": vae_path, "vae_config_sha256": vae_sha,
-                "resolution": resolution, "flip": bool(flip), "sample_posterior": bool(sample_posterior),
-                "seed": seed, "scaling_factor": scale, "shift_factor": shift}
+                "class_names": class_names, "vae": record, "resolution": resolution, "flip": bool(flip),
+                "sample_posterior": bool(sample_posterior), "seed": seed}
     parts = os.path.abspath(out) + ".parts"
     os.makedirs(parts, exist_ok=True)
     man_path = os.path.join(parts, "manifest.json")
@@ -279,53 +391,50 @@ def _encode_folder(image_dir, vae_path, out, *, resolution, flip, batch_size, sa
         with open(man_path) as f:
             old = json.load(f)
         for key in _MANIFEST_KEYS:
-            if old.get(key) != manifest[key]:
-                shown = (lambda v: v if not isinstance(v, list) or len(v) < 6 else f"[{len(v)} entries]")
-                raise ValueError(f"{parts} holds an unfinished encode with {key}={shown(old.get(key))!r}, now "
-                                 f"{shown(manifest[key])!r} (images or settings changed); rerun with the same "
-                                 f"settings to continue, or delete {parts} to start over")
+            if not _same_setting(key, old.get(key), manifest[key]):
+                raise ValueError(f"{parts} holds an unfinished encode with {_change(key, old.get(key), manifest[key])} "
+                                 f"(images or settings changed); rerun with the same settings to continue, or "
+                                 f"delete {parts} to start over")
     else:
         with open(man_path + ".tmp", "w") as f:
             json.dump(manifest, f, indent=1)
         os.replace(man_path + ".tmp", man_path)
-
-    shards = _finished_shards(parts, n_images)
-    done = shards[-1][1] if shards else 0
+    finished = _finished_shards(parts, n_images)
+    done = sum(stop - start for start, stop, _ in finished)
     if done:
         log(f"encode: resuming after {done} of {n_images} images already encoded in {parts}")
-    stop_at = n_images if max_images is None else min(n_images, done + max_images)
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    return {"image_dir": image_dir, "paths": paths, "labels": labels, "class_names": class_names, "found": found,
+            "manifest": manifest, "parts": parts, "resolution": resolution, "scale_shift": latent_factors(vae),
+            "pieces": _todo(finished, n_images, shard_size, max_images)}
 
-        bar = tqdm(total=n_images, initial=done, unit="img", desc="encode", file=sys.stderr)
-    try:
-        new_failures = _encode_range(vae, image_dir, paths, labels, done, stop_at, shard_size, parts, resolution,
-                                     flip, batch_size, sample_posterior, seed, scale, shift, dev, workers, bar, log)
-        done = stop_at
-    finally:
-        if bar is not None:
-            bar.close()
+
+def _finish(plan, out, flip, keep_parts, progress, log) -> dict:
+    """Rank 0, after every rank has written its shards: the .beton once every image is encoded."""
+    parts, paths, labels = plan["parts"], plan["paths"], plan["labels"]
+    n_images = len(paths)
     shards = _finished_shards(parts, n_images)
+    done = sum(stop - start for start, stop, _ in shards)
     failed = []
     for _, _, path in shards:
         with np.load(path) as z:
             failed += [(int(i), str(m)) for i, m in zip(z["failed"], z["failed_msg"])]
     status = {"done": done == n_images, "images": n_images, "encoded": done, "skipped": len(failed),
-              "skipped_this_run": new_failures, "parts": parts, "meta": None}
+              "parts": parts, "meta": None}
     if done < n_images:
         log(f"encode: stopped after {done} of {n_images} images; rerun the same command to continue")
         return status
     source = _ShardLatents([p for _, _, p in shards])
     if len(source) == 0:
-        raise ValueError(f"none of the {n_images} images in {image_dir!r} could be read "
+        raise ValueError(f"none of the {n_images} images in {plan['image_dir']!r} could be read "
                          f"(first error: {paths[failed[0][0]]}: {failed[0][1]})")
     ok = np.ones(n_images, dtype=bool)
     ok[[i for i, _ in failed]] = False
-    extra = dict(manifest, encoder="speed_fast.data.encode", not_regular=len(found["not_regular"]),
-                 not_regular_files=found["not_regular"][:100], empty_classes=found["empty_classes"],
-                 images_skipped=len(failed), skipped=[{"path": paths[i], "error": m} for i, m in failed])
-    meta = write_latents(out, source, labels[ok], class_names=class_names, store_dtype="bfloat16",
+    found = plan["found"]
+    extra = dict(plan["manifest"], encoder="speed_fast.data.encode", space="latents",
+                 not_regular=len(found["not_regular"]), not_regular_files=found["not_regular"][:100],
+                 empty_classes=found["empty_classes"], images_skipped=len(failed),
+                 skipped=[{"path": paths[i], "error": m} for i, m in failed])
+    meta = write_latents(out, source, labels[ok], class_names=plan["class_names"], store_dtype="bfloat16",
                          flip_copies=bool(flip), extra=extra, progress=progress)
     if failed:
         log(f"encode: skipped {len(failed)} unreadable image(s) of {n_images} (listed in {out}.json, "
@@ -333,28 +442,28 @@ def _encode_folder(image_dir, vae_path, out, *, resolution, flip, batch_size, sa
     if not keep_parts:
         for _, _, path in shards:
             os.remove(path)
-        os.remove(man_path)
+        os.remove(os.path.join(parts, "manifest.json"))
         os.rmdir(parts)
     status["meta"] = meta
     return status
 
 
 @torch.inference_mode()
-def _encode_range(vae, image_dir, paths, labels, start, stop, shard_size, parts, resolution, flip, batch_size,
-                  sample_posterior, seed, scale, shift, dev, workers, bar, log) -> int:
-    """Encode images[start:stop], writing each shard atomically as soon as it is complete.
+def _encode_pieces(vae, plan, pieces, batch_size, flip, sample_posterior, seed, dev, workers, bar, log) -> int:
+    """Encode this rank's pieces, writing each as a shard, atomically, as soon as it is complete.
 
-    One DataLoader (its workers decode images) serves the whole range; batches never cross a
-    shard boundary. Returns how many images were unreadable.
+    One DataLoader (its workers decode images) serves all of them; batches are cut at multiples of
+    batch_size (_batches) and never cross a piece. Returns how many images were unreadable.
     """
-    shards = [range(s, min(s + shard_size, stop)) for s in range(start, stop, shard_size)]
-    batches = [list(r[i: i + batch_size]) for r in shards for i in range(0, len(r), batch_size)]
-    data = iter(torch.utils.data.DataLoader(_Images(image_dir, paths, resolution), batch_sampler=batches,
-                                            num_workers=workers))
+    paths, labels, parts = plan["paths"], plan["labels"], plan["parts"]
+    scale, shift = plan["scale_shift"]
+    batches = [b for start, stop in pieces for b in _batches(start, stop, batch_size)]
+    data = iter(torch.utils.data.DataLoader(_Images(plan["image_dir"], paths, plan["resolution"]),
+                                            batch_sampler=batches, num_workers=workers if batches else 0))
     unreadable = 0
-    for shard in shards:
+    for start, stop in pieces:
         kept_idx, kept_lat, failed, failed_msg = [], [], [], []
-        for _ in range(0, len(shard), batch_size):
+        for _ in _batches(start, stop, batch_size):
             idx, x, err = next(data)  # idx (b,), x (b, 3, R, R), err: b messages ("" = readable)
             for i in (i for i, e in enumerate(err) if e):
                 log(f"encode: skipping unreadable image {paths[int(idx[i])]}: {err[i]}")
@@ -365,11 +474,10 @@ def _encode_range(vae, image_dir, paths, labels, start, stop, shard_size, parts,
                 x = x[good].to(dev)
                 lat = []
                 for copy, v in enumerate([x, x.flip(-1)] if flip else [x]):
-                    dist = vae.encode(v).latent_dist
-                    z = dist.mean  # (b, C, h, w)
+                    z, std = posterior(vae, v)  # (b, C, h, w)
                     if sample_posterior:
                         eps = torch.stack([_noise(z.shape[1:], seed, int(idx[i]), copy) for i in good])
-                        z = z + dist.std * eps.to(z.device, z.dtype)
+                        z = z + std * eps.to(z.device, z.dtype)
                     lat.append(to_latents(z, scale, shift).to(torch.bfloat16).cpu())
                 z = torch.stack(lat, dim=1) if flip else lat[0]  # (b, [2,] C, h, w)
                 kept_lat.append(z.view(torch.int16).numpy())
@@ -377,7 +485,7 @@ def _encode_range(vae, image_dir, paths, labels, start, stop, shard_size, parts,
             if bar is not None:
                 bar.update(len(idx))
         lat = np.concatenate(kept_lat) if kept_lat else np.zeros((0,), dtype=np.int16)
-        name = f"shard-{shard.start:09d}-{shard.stop:09d}.npz"
+        name = f"shard-{start:09d}-{stop:09d}.npz"
         tmp = os.path.join(parts, f".{name}.{uuid.uuid4().hex[:8]}.npz")
         np.savez(tmp, index=np.asarray(kept_idx, dtype=np.int64), labels=labels[kept_idx], latents=lat,
                  failed=np.asarray(failed, dtype=np.int64), failed_msg=np.asarray(failed_msg, dtype=str))
