@@ -7,6 +7,7 @@ JPEGs, so that a kill finds work left)."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -148,7 +149,10 @@ def test_a_missing_or_mismatched_vae_is_one_line_and_exit_2(data, tmp_path, caps
     assert r.returncode != 0
     lines = said(r.stderr)
     assert len(lines) == 1 and f"--vae '{data / 'no-such-vae'}': no such file or directory" in lines[0], r.stderr
-    assert r.stderr.count("exitcode  : 2") == 2  # each rank exits 2 (torchrun itself 1, with its own report)
+    # The first rank to fail exits 2; torchrun then stops the other, which has either exited 2 itself or
+    # gets SIGTERM (-15) first, a race on a loaded machine. No rank may die any other way.
+    codes = [int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", r.stderr)]
+    assert 2 in codes and set(codes) <= {2, -15}, r.stderr
     assert "speed_fast/" not in r.stderr  # no traceback from our code
     assert not out.exists()
     assert main(["encode", str(data / "images"), "--vae", str(data / "vae"), "--out", str(out), *COMMON,
