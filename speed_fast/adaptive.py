@@ -19,7 +19,23 @@ from __future__ import annotations
 
 import torch
 
-from .timesteps import LossMoment
+from .timesteps import AdaptiveSpeeD, LossMoment, TimestepStrategy
+
+
+def make_statistics(strategy: TimestepStrategy, device):
+    """The device-side statistics of an adaptive strategy (`strategy.adaptive`)."""
+    if isinstance(strategy, AdaptiveSpeeD):
+        return AdaptiveSpeedStatistics(strategy, device)
+    return LossMomentStatistics(strategy, device)
+
+
+def _load_tensors(owner, state: dict, names, what: str) -> None:
+    for name in names:
+        value, mine = state[name], getattr(owner, name)
+        if not isinstance(value, torch.Tensor) or value.shape != mine.shape or value.dtype != mine.dtype:
+            raise ValueError(f"{what} state {name!r}: expected {mine.dtype} {tuple(mine.shape)}, got {value!r:.80}")
+    for name in names:
+        getattr(owner, name).copy_(state[name])
 
 
 class LossMomentStatistics:
@@ -64,13 +80,90 @@ class LossMomentStatistics:
         """float64 [T] on the device: the strategy's P(t) from the current histories."""
         return self.strategy.probs_from_moments(self.mean_square(), self.ready(), self.bin_of, self.bin_size)
 
+    @torch.no_grad()
+    def update(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, w) float64 [T] on the device from the current histories (called every update_every steps)."""
+        p = self.probs()
+        return p, self.strategy.weights_for(p)
+
+    STATE = ("ring", "counts")
+
     def state_dict(self) -> dict:
-        return {"ring": self.ring.cpu(), "counts": self.counts.cpu()}
+        return {name: getattr(self, name).cpu() for name in self.STATE}
 
     def load_state_dict(self, state: dict) -> None:
-        for name in ("ring", "counts"):
-            value, mine = state[name], getattr(self, name)
-            if not isinstance(value, torch.Tensor) or value.shape != mine.shape or value.dtype != mine.dtype:
-                raise ValueError(f"loss_moment state {name!r}: expected {mine.dtype} {tuple(mine.shape)} (bins="
-                                 f"{self.bins}, history={self.history}), got {value!r:.80}")
-            mine.copy_(value)
+        _load_tensors(self, state, self.STATE, f"loss_moment (bins={self.bins}, history={self.history})")
+
+
+class AdaptiveSpeedStatistics:
+    """`adaptive_speed`'s state on the device: the current window's per-bin loss sums and counts, the
+    last `history` window means per bin (a ring, `windows` of them ever closed), the losses ever seen
+    per bin, the current k and tau, and a trace of (k, tau) after each update (the last TRACE).
+
+    A step's losses are summed per bin as a (n, bins) masked product reduced over n: a fixed-shape
+    reduction, the same bits on every run of one device (a scatter-add on a GPU adds in any order).
+    A bin without a loss in a window repeats its previous mean, so a window does not need every bin."""
+
+    TRACE = 1024
+    STATE = ("window_sum", "window_n", "means", "windows", "counts", "k", "tau", "trace")
+
+    def __init__(self, strategy: AdaptiveSpeeD, device):
+        if not isinstance(strategy, AdaptiveSpeeD):
+            raise ValueError(f"AdaptiveSpeedStatistics needs an adaptive_speed strategy, got {strategy!r}")
+        self.strategy = strategy
+        self.device = torch.device(device)
+        self.bins, self.history = strategy.bins, strategy.history
+        self.tab = strategy.tables(self.device)
+        self.bin_of = strategy.bin_of.to(self.device)  # (T,)
+        self.bin_ids = torch.arange(self.bins, device=self.device)  # (bins,)
+        f64, i64 = dict(dtype=torch.float64, device=self.device), dict(dtype=torch.int64, device=self.device)
+        self.window_sum = torch.zeros(self.bins, **f64)
+        self.window_n = torch.zeros(self.bins, **i64)
+        self.means = torch.zeros(self.history, self.bins, **f64)  # window w at row w % history
+        self.windows = torch.zeros((), **i64)
+        self.counts = torch.zeros(self.bins, **i64)
+        self.k = torch.full((), strategy.k, **f64)
+        self.tau = torch.full((), strategy.tau, **i64)
+        self.trace = torch.zeros(self.TRACE, 2, **f64)  # (k, tau) after update w at row (w - 1) % TRACE
+        self.rows = torch.arange(self.history, device=self.device)
+
+    @torch.no_grad()
+    def observe(self, t: torch.Tensor, loss: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Add the losses (float [n]) of time steps t (int64 [n]) where `keep` (bool [n] or [1]) holds."""
+        b = self.bin_of[t]  # (n,)
+        kept = torch.ones_like(b, dtype=torch.bool) if keep is None else keep.expand(b.shape)
+        onehot = (b.unsqueeze(1) == self.bin_ids) & kept.unsqueeze(1)  # (n, bins)
+        self.window_sum.add_(torch.where(onehot, loss.double().unsqueeze(1), 0.0).sum(0))
+        n = onehot.sum(0)  # (bins,) int64
+        self.window_n.add_(n)
+        self.counts.add_(n)
+
+    def ready(self) -> torch.Tensor:
+        """bool []: `history` windows are closed and each holds a positive finite mean for every bin."""
+        return (self.windows >= self.history) & ((self.means > 0) & torch.isfinite(self.means)).all()
+
+    def ordered_means(self) -> torch.Tensor:
+        """float64 [history, bins]: the window means, oldest first."""
+        return self.means[(self.windows + self.rows) % self.history]
+
+    @torch.no_grad()
+    def update(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Close the window, apply the rule (AdaptiveSpeeD.adapt), and return (P, w) float64 [T]."""
+        previous = self.means[(self.windows - 1) % self.history]  # (bins,) zeros before the first window
+        mean = torch.where(self.window_n > 0, self.window_sum / self.window_n.clamp(min=1), previous)
+        self.means.index_copy_(0, (self.windows % self.history).view(1), mean.view(1, -1))
+        self.windows.add_(1)
+        self.window_sum.zero_()
+        self.window_n.zero_()
+        k, tau = self.strategy.adapt(self.k, self.tau, self.ordered_means(), self.ready(), self.tab)
+        self.k.copy_(k)
+        self.tau.copy_(tau)
+        row = torch.stack([self.k, self.tau.double()]).view(1, 2)
+        self.trace.index_copy_(0, ((self.windows - 1) % self.TRACE).view(1), row)
+        return self.strategy.probs_for(self.k, self.tau, self.tab), self.strategy.weights_for_tau(self.tau, self.tab)
+
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name).cpu() for name in self.STATE}
+
+    def load_state_dict(self, state: dict) -> None:
+        _load_tensors(self, state, self.STATE, f"adaptive_speed (bins={self.bins}, history={self.history})")
