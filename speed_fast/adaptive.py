@@ -1,18 +1,70 @@
-"""The device-side state of an adaptive time-step strategy (`loss_moment`): the per-bin loss
-histories, and the rebuild of P(t)'s alias table and of w(t) from them, with no host
-synchronisation.
+"""The device-side state of the adaptive time-step strategies (`loss_moment`, `adaptive_speed`): the
+per-bin loss statistics, and the rebuild of P(t) and w(t) from them, with no host synchronisation.
 
-    stats = LossMomentStatistics(strategy, device)
+    stats = make_statistics(strategy, device)
     stats.observe(t, loss, keep)          # a step's per-sample unweighted losses, on the device
-    p = stats.probs()                     # float64 [T] on the device, from the histories
+    p, w = stats.update()                 # every update_every steps: float64 [T] each, on the device
     prob, alias = build_alias_table_device(p)
 
+The statistics are a pure function of the losses observed and their order, held in fixed-shape
+device tensors that the checkpoint saves (`state_dict`), so a resumed run continues bit for bit.
+
+loss_moment (improved DDPM's resampler, per bin)
+------------------------------------------------
 Each bin has a ring buffer of its last `history` losses and a count of every loss it was given;
-a batch is written in its order (sample b before b + 1), so the buffers are a pure function of the
-losses observed and their order. When one batch holds more than `history` losses of a bin only
-its last `history` are written (the others would be overwritten by them anyway); the unwritten
-ones go to one spare slot, all with the value 0, so that no two writes race for a slot with
-different values (a scatter's duplicates are unordered on a GPU).
+a batch is written in its order (sample b before b + 1). When one batch holds more than `history`
+losses of a bin only its last `history` are written (the others would be overwritten by them
+anyway); the unwritten ones go to one spare slot, all with the value 0, so that no two writes race
+for a slot with different values (a scatter's duplicates are unordered on a GPU).
+
+adaptive_speed (ours: SpeeD whose tau and k follow the run)
+-----------------------------------------------------------
+SpeeD fixes its areas and its suppression k before training from the noise schedule alone (Theorem
+1's magnitude r = 140 puts tau at 700 on DDPM's schedule; k = 5). adaptive_speed starts there, bit
+for bit, and re-estimates tau and k from what the trainer already has on the device every step:
+each sample's unweighted MSE (the loss before SpeeD's weight; a skipped step's and non-finite
+losses are left out). Gradient sizes per area would need per-sample gradients; the loss needs
+nothing new.
+
+Statistics. T is cut into `bins` equal bins (default 20, edges e_0 = 0 < ... < e_bins = T). The
+losses of each window of `update_every` optimizer steps (default 100) are averaged per bin (a
+fixed-shape masked sum over the batch, not a scatter-add, so the bits do not depend on the order
+a GPU adds in); a bin with no loss in a window repeats its previous mean. The last `history`
+window means per bin (default 4) are kept in a ring. With L_j the mean of bin j's window means and
+d_j = -(history - 1) x the least-squares slope of ln(window mean) over the windows (how many
+e-folds bin j's loss fell across the history):
+
+  * tau: the target is the first bin edge e with  sum_{j: e_j >= e} L_j |bin j| <= sum_j L_j |bin j| / r.
+    Why: Theorem 1 puts tau where 1/abar_t reaches r, where x_t's signal-to-noise ratio is about
+    1/r and the increments carry almost nothing left to learn. The loss reading of that is the same 1/r share of what
+    there is still to learn: the tail of t whose remaining loss is negligible. A model that masters
+    the high-noise end early pulls tau down (more of T suppressed); one that still errs there
+    pushes it up.
+  * k: with D_conv and D_rest the mean d_j over the bins wholly at or above tau and wholly below it
+    (a bin straddling tau counts in neither; without both groups k stays),
+        k <- clamp(k * exp(clamp(D_conv - D_rest, -ln 1.25, +ln 1.25)), k_min, k_max).
+    Why: SpeeD samples the convergence area k times less because it "converges quickly"; that is a
+    claim about relative progress, and the run measures it. If the suppressed area's loss still
+    falls faster (in e-folds) than the rest's, it is learnt without the samples: suppress it more.
+    If it falls slower, or rises (under-sampling shows), give samples back. The fixed point is
+    equal relative progress in both groups.
+  * P(t) = k for t < tau, 1 from tau on (SpeeD's two levels); w(t) is SpeeD's change-aware
+    weighting for the new tau, lam fixed (in the digits ablation the weighting alone was 0.90x,
+    the sampling carried the gain: the rule tunes the sampling). The dual (mirrored) draw is unchanged.
+
+Bounds. k in [k_min, k_max] (default [1, 10]: from no suppression to twice SpeeD's); tau in
+[tau_min, tau_max] (default Theorem 1's tau for r = 10 and r = 1000, 477 and 829 on DDPM's
+schedule, widened to hold the start). The clamps are applied to the values in force, so no loss
+statistic (zero, tiny, huge, rising, empty bins) can take tau or k out of them.
+
+Damping. Nothing moves until `history` windows are in and every window mean is positive and
+finite (the run starts as SpeeD exactly); then, once per update, k moves by a factor of at most
+1.25 (5 -> 10 takes 4 updates) and tau by at most one bin, towards a target computed from
+history x update_every steps of losses, so one noisy window cannot swing P(t).
+
+The values in force, and a trace of (k, tau) after each update (the last TRACE), are in the state
+and the checkpoint. The trainer's per-area loss records keep the start's tau (areas fixed for the
+run), so they stay comparable with static SpeeD's; the trace says where tau went.
 """
 
 from __future__ import annotations

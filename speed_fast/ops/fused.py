@@ -14,9 +14,10 @@ An adaptive strategy (`loss_moment`, `adaptive_speed`) learns P(t) from the run:
 the fused step every step's per-sample losses (`observe`, device tensors) and calls `end_step` after
 each optimizer step; every `update_every` steps the statistics (`speed_fast.adaptive`) give a new
 P(t) and w(t) on the device, P becomes an alias table built there
-(`speed_fast.alias.build_alias_table_device`), and both are copied into the tables in place. Nothing is read back, so the table in force at step s is a function of
-the losses of steps before the last multiple of `update_every` <= s; `state_dict` holds it with
-the statistics for a checkpoint.
+(`speed_fast.alias.build_alias_table_device`), and both are copied into the tables in place.
+Nothing is read back, so the table in force at step s is a function of the losses of steps before
+the last multiple of `update_every` <= s; `state_dict` holds it with the statistics for a
+checkpoint.
 """
 
 from __future__ import annotations
