@@ -11,7 +11,8 @@ k = 1); the weighting as the paper states it (`speed_paper_w`: w rescaled into [
 all t instead of w = 1 from tau on); min_snr, p2, lognormal and clts (its ramp over the first eighth
 of the run, as its reference's 50k steps of ~400k); improved DDPM's loss-second-moment resampler per
 time-step bin (`loss_moment`: w = 1, biased; `loss_moment_iw`: importance weights 1 / (T P(t)),
-unbiased). `name:S` runs S seeds instead of --seeds.
+unbiased); adaptive SpeeD (`adaptive_speed`: SpeeD+dual's start, its tau and k re-estimated from the
+run's per-bin losses, see speed_fast.adaptive). `name:S` runs S seeds instead of --seeds.
 
 A seed fixes the initial weights, the data order, the label dropout and the noise stream, so the
 arms of one seed are paired. Each (arm, seed) is one run of the project's trainer (`train/main.py
@@ -78,6 +79,8 @@ ARMS = {
     "clts": ("clts", {"ramp_steps": "steps/8"}),
     "loss_moment": ("loss_moment", {}),
     "loss_moment_iw": ("loss_moment", {"importance_weights": True}),
+    # Ours: SpeeD+dual's start, tau and k re-estimated every 100 steps from the per-bin losses.
+    "adaptive_speed": ("adaptive_speed", {**_SPEED, "dual": True}),
 }
 
 

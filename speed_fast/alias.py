@@ -92,8 +92,13 @@ def build_alias_table_device(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     E_heavy = torch.where(idx < n_heavy, E[heavies_first], inf)  # (T,) non-decreasing, padded
     D_light = torch.where(idx < n_light, D[lights_first], inf)
     last = T - 1
-    # Light items: served by heavy m = #{k: E_k < D_{i-1}}.
-    m = torch.searchsorted(E_heavy, D - deficit, right=False)
+    # Light items: served by heavy m = #{k: E_k < D_{i-1}}. D_{i-1} is taken from D_light itself (the
+    # previous light's prefix sum), not recomputed as D_i - d_i: the heavies' search below compares the
+    # same floats, so a tie (a light starting exactly where a heavy's excess ends, as in SpeeD's
+    # two-level P) is decided the same way by both and no mass is lost or counted twice.
+    light_rank = (torch.cumsum((~heavy).to(torch.int64), 0) - 1).clamp(min=0)  # (T,) order among lights
+    D_prev = torch.cat([torch.zeros(1, dtype=torch.float64, device=dev), D_light[:-1]])[light_rank]
+    m = torch.searchsorted(E_heavy, D_prev, right=False)
     light_served = m < n_heavy
     light_alias = heavies_first[m.clamp(max=last)]
     # Heavy items: k-th heavy (0-based) runs below 1 after light i_k = #{lights: D_i <= E_k}.

@@ -3,6 +3,8 @@ in the spirit of the paper's Fig. 1-3 (used by `speed-fast plan`)."""
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 
 from . import theory
@@ -50,6 +52,11 @@ def plan_summary(schedule: NoiseSchedule, strategy: TimestepStrategy, step: int 
         # P and w above are where the run starts; the run moves them (docs/CONTRACT.md).
         out["adaptive"] = {"bins": strategy.bins, "update_every": strategy.update_every,
                            "bin_edges": [int(e) for e in np.flatnonzero(np.diff(strategy.bin_of.numpy())) + 1]}
+        if strategy.name == "adaptive_speed":
+            out["adaptive"].update(rule="adaptive_speed", history=strategy.history, k_bounds=[strategy.k_min, strategy.k_max],
+                                   tau_bounds=[strategy.tau_min, strategy.tau_max], magnitude=strategy.magnitude)
+        else:
+            out["adaptive"]["rule"] = "loss_moment"
     return out
 
 
@@ -65,8 +72,14 @@ def format_summary(summary: dict) -> str:
         lines.append(f"dual m    {summary['dual_m']}")
     if "adaptive" in summary:
         a = summary["adaptive"]
-        lines.append(f"adaptive  P(t), w(t) below are the start; every {a['update_every']} steps P follows the "
-                     f"run's RMS loss per bin ({a['bins']} bins)")
+        if a["rule"] == "adaptive_speed":
+            lines.append(f"adaptive  P(t), w(t) below are the start; every {a['update_every']} steps k moves in "
+                         f"[{a['k_bounds'][0]:g}, {a['k_bounds'][1]:g}] and tau in [{a['tau_bounds'][0]}, "
+                         f"{a['tau_bounds'][1]}] with the per-bin losses of the last {a['history']} windows "
+                         f"({a['bins']} bins, tail magnitude r = {a['magnitude']:g})")
+        else:
+            lines.append(f"adaptive  P(t), w(t) below are the start; every {a['update_every']} steps P follows the "
+                         f"run's RMS loss per bin ({a['bins']} bins)")
     lines.append("")
     lines.append(f"{'area':<14}{'steps':>12}{'share of T':>12}{'P mass':>10}{'mean w':>10}{'P*w share':>11}")
     for name, a in summary["areas"].items():
@@ -132,6 +145,9 @@ def plot_plan(schedule: NoiseSchedule, strategy: TimestepStrategy, summary: dict
             ax.axvline(e, color="C2", lw=0.5, alpha=0.5)
         ax.set_title(f"Sampling distribution at the start (adapts every {summary['adaptive']['update_every']} "
                      f"steps, per bin)")
+        if "tau_bounds" in summary["adaptive"]:
+            lo, hi = summary["adaptive"]["tau_bounds"]
+            ax.axvspan(lo, hi, fill=False, hatch="//", edgecolor="C2", lw=0, alpha=0.4, label="tau's range")
     ax.legend(fontsize=7)
 
     ax = axes[1, 1]
@@ -139,10 +155,10 @@ def plot_plan(schedule: NoiseSchedule, strategy: TimestepStrategy, summary: dict
     w = np.asarray(summary["w"])
     ax.plot(t, w, color="C4", label=f"w(t), {strategy.name}")
     ax.plot(t, np.ones(T), color="k", lw=1, label="uniform")
-    ax.set_title("Loss weight")
+    ax.set_title("Loss weight at the start (moves with the adaptation)" if "adaptive" in summary else "Loss weight")
     ax.legend(fontsize=7)
 
-    fig.suptitle(f"{strategy!r}: t_acc-dec={peak}, tau={tau}", fontsize=10)
+    fig.suptitle(textwrap.fill(f"{strategy!r}: t_acc-dec={peak}, tau={tau}", 160), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

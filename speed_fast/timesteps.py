@@ -4,8 +4,8 @@ Each strategy is defined once here, in float64 (see docs/CONTRACT.md for the
 formulas). The fused step (`speed_fast.ops.FusedSpeeD`) turns P into an alias
 table and w into a device vector once per run (or once per change of P, for
 strategies whose P depends on the training step). An adaptive strategy
-(`loss_moment`) learns P from the run's losses: its statistics live on the
-training device (`speed_fast.adaptive`) and its formulas here.
+(`loss_moment`, `adaptive_speed`) learns P from the run's losses: its statistics
+live on the training device (`speed_fast.adaptive`) and its formulas here.
 
 Two defects of the reference implementation are deliberately not reproduced:
 its Min-SNR weights were 5x P2's (a numpy `.min(axis=1)[0]` that returned a
@@ -23,13 +23,14 @@ import torch
 from . import theory
 from .schedule import NoiseSchedule
 
-STRATEGIES = ("uniform", "speed", "p2", "min_snr", "lognormal", "clts", "loss_moment")
+STRATEGIES = ("uniform", "speed", "p2", "min_snr", "lognormal", "clts", "loss_moment", "adaptive_speed")
 
 # Every strategy parameter and its type, across strategies (command-line flags are built from it;
 # make_strategy rejects the ones a strategy does not take). `dual` is SpeeD's one flag.
 STRATEGY_PARAMS = {"k": float, "tau": int, "r": float, "lam": float, "weighting": str, "gamma": float,
                    "p_mean": float, "p_std": float, "mu": float, "sigma": float, "ramp_steps": int,
-                   "bins": int, "history": int, "floor": float, "update_every": int}
+                   "bins": int, "history": int, "floor": float, "update_every": int,
+                   "k_min": float, "k_max": float, "tau_min": int, "tau_max": int}
 
 #: SpeeD's change-aware weighting rules. "official": the authors' code (w rescales d/dt Psi into
 #: [1 - lam, lam] below tau, w = 1 from tau on; what produced the paper's tables). "paper": the rule
@@ -161,6 +162,7 @@ class SpeeD(TimestepStrategy):
         span = g.max() - g.min()
         scaled = (g - g.min()) / span if span > 0 else np.zeros_like(g)
         rescaled = (1.0 - self.lam) + (2.0 * self.lam - 1.0) * scaled  # d/dt Psi mapped into [1 - lam, lam]
+        self.change_aware = torch.from_numpy(rescaled)  # (T,) the weighting before the rule's cut at tau
         w = np.ones(self.T)
         if weighting == "official":
             w[: self.tau] = rescaled[: self.tau]
@@ -341,8 +343,121 @@ class LossMoment(TimestepStrategy):
         return {"bins": self.bins, "history": self.history, "floor": self.floor, "update_every": self.update_every,
                 "importance_weights": self.importance_weights}
 
+#: The largest factor by which one update of `adaptive_speed` moves k (up or down): k goes from 5 to its
+#: default bound 10 in no fewer than 4 updates, so one noisy window cannot swing P(t).
+ADAPTIVE_K_STEP = 1.25
 
-_REGISTRY = {cls.name: cls for cls in (Uniform, SpeeD, P2, MinSNR, LogNormal, CLTS, LossMoment)}
+
+def _default_tau(schedule: NoiseSchedule, r: float, fallback: int) -> int:
+    try:
+        return theory.tau_for_schedule(schedule, r)
+    except ValueError:  # r beyond what this schedule reaches
+        return fallback
+
+
+class AdaptiveSpeeD(SpeeD):
+    """SpeeD whose threshold tau and suppression k follow the run (ours). It starts as SpeeD(k, tau, lam,
+    dual, weighting) exactly; the losses of `bins` equal time-step bins are averaged over windows of
+    `update_every` optimizer steps, and once `history` windows are in, each update (every
+    `update_every` steps) applies, with L_j the mean loss of bin j over the last `history` windows and
+    d_j = -(history - 1) x the least-squares slope of ln(window mean) (e-folds bin j fell over them):
+
+    * tau (the loss reading of Theorem 1's magnitude r): the target is the first bin edge e with
+      sum_{t >= e} L(t) <= sum_t L(t) / r, clamped to [tau_min, tau_max]; tau moves towards it by at
+      most one bin per update;
+    * k (balanced relative progress): with D_conv and D_rest the mean d_j of the bins wholly above and
+      wholly below tau, k <- clamp(k exp(clamp(D_conv - D_rest, +-ln ADAPTIVE_K_STEP)), k_min, k_max):
+      a convergence area whose loss falls faster (in relative terms) than the rest gets fewer samples,
+      one that falls slower (or rises) gets more;
+    * P(t) = k for t < tau, 1 from tau on; w(t) is SpeeD's rule for the new tau (lam fixed).
+
+    The rule and why: module `speed_fast.adaptive` and README "Convergence". The statistics live on
+    the training device (`speed_fast.adaptive.AdaptiveSpeedStatistics`); here are the parameters and
+    the formulas, on tensors of any device, with no read-back."""
+
+    name = "adaptive_speed"
+    adaptive = True
+
+    def __init__(self, schedule, k: float = 5.0, tau: int | None = None, lam: float = 0.6, r: float | None = None,
+                 dual: bool = False, weighting: str = "official", bins: int = 20, history: int = 4,
+                 update_every: int = 100, k_min: float = 1.0, k_max: float = 10.0, tau_min: int | None = None,
+                 tau_max: int | None = None):
+        magnitude = theory.DEFAULT_MAGNITUDE if r is None else _real("r", r, lo=1.0, lo_open=True)
+        start = theory.tau_for_schedule(schedule, magnitude) if tau is None else tau
+        super().__init__(schedule, k=k, tau=start, lam=lam, dual=dual, weighting=weighting)
+        self.r = None if r is None else magnitude
+        self.magnitude = magnitude
+        self.bins = _integer("bins", bins, 1, self.T)
+        self.history = _integer("history", history, 2)
+        self.update_every = _integer("update_every", update_every, 1)
+        self.k_min = _real("k_min", k_min, lo=1.0)
+        self.k_max = _real("k_max", k_max, lo=self.k_min)
+        if not self.k_min <= self.k <= self.k_max:
+            raise ValueError(f"k must lie in [k_min, k_max] = [{self.k_min}, {self.k_max}], got {self.k}")
+        # Default bounds: Theorem 1's tau for magnitudes 10 and 1000 (476 and 828 on DDPM's schedule).
+        lo = min(_default_tau(schedule, 10.0, 1), self.tau) if tau_min is None else tau_min
+        hi = max(_default_tau(schedule, 1000.0, self.T), self.tau) if tau_max is None else tau_max
+        self.tau_min = _integer("tau_min", lo, 1, self.T)
+        self.tau_max = _integer("tau_max", hi, self.tau_min, self.T)
+        if not self.tau_min <= self.tau <= self.tau_max:
+            raise ValueError(f"tau must lie in [tau_min, tau_max] = [{self.tau_min}, {self.tau_max}], got {self.tau}")
+        self.bin_of = torch.arange(self.T, dtype=torch.int64) * self.bins // self.T  # (T,) bin of each t
+        self.bin_size = torch.bincount(self.bin_of, minlength=self.bins).to(torch.float64)  # (bins,)
+        # (bins + 1,) first t of each bin, then T.
+        self.bin_edges = torch.searchsorted(self.bin_of, torch.arange(self.bins + 1, dtype=torch.int64))
+        self.tau_step = int(self.bin_size.max())
+
+    def tables(self, device) -> dict:
+        """The constant tensors of the rule on `device` (built once by the statistics)."""
+        f64 = dict(dtype=torch.float64, device=device)
+        return {"t": torch.arange(self.T, device=device), "bin_edges": self.bin_edges.to(device),
+                "bin_size": self.bin_size.to(**f64), "change_aware": self.change_aware.to(**f64),
+                "slope_x": (torch.arange(self.history, **f64) - (self.history - 1) / 2.0)}
+
+    def adapt(self, k: torch.Tensor, tau: torch.Tensor, means: torch.Tensor, ready: torch.Tensor,
+              tab: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, tau) after one update. k float64 [], tau int64 [], means float64 [history, bins] (the
+        window means, oldest first, > 0 where ready), ready bool [] (else k and tau stay)."""
+        log_l = means.clamp(min=1e-30).log()  # (history, bins)
+        x = tab["slope_x"]  # (history,) centred window index
+        slope = (x.unsqueeze(1) * (log_l - log_l.mean(0))).sum(0) / (x * x).sum()  # (bins,) per window
+        fell = -slope * (self.history - 1)  # (bins,) e-folds fallen over the history
+        level = means.mean(0)  # (bins,)
+        edges = tab["bin_edges"]  # (bins + 1,)
+        # k, from the split at the current tau (bins straddling it are in neither group).
+        conv = (edges[:-1] >= tau).double()
+        rest = (edges[1:] <= tau).double()
+        both = (conv.sum() > 0) & (rest.sum() > 0)
+        gap = (fell * conv).sum() / conv.sum().clamp(min=1.0) - (fell * rest).sum() / rest.sum().clamp(min=1.0)
+        limit = math.log(ADAPTIVE_K_STEP)
+        k_new = (k * gap.clamp(-limit, limit).exp()).clamp(self.k_min, self.k_max)
+        # tau: the first edge whose tail holds at most 1/r of the loss mass, approached one bin at a time.
+        mass = level * tab["bin_size"]  # (bins,)
+        tail = mass.flip(0).cumsum(0).flip(0)  # (bins,) sum over bins >= j
+        first = (tail > mass.sum() / self.magnitude).sum()  # tail is non-increasing: bins before the edge
+        target = edges[first].clamp(self.tau_min, self.tau_max)
+        tau_new = tau + (target - tau).clamp(-self.tau_step, self.tau_step)
+        return torch.where(ready & both, k_new, k), torch.where(ready, tau_new, tau)
+
+    def probs_for(self, k: torch.Tensor, tau: torch.Tensor, tab: dict) -> torch.Tensor:
+        """float64 [T]: SpeeD's P(t) for (k, tau) (device tensors), normalised."""
+        p = torch.where(tab["t"] < tau, k, 1.0)
+        return p / p.sum()
+
+    def weights_for_tau(self, tau: torch.Tensor, tab: dict) -> torch.Tensor:
+        """float64 [T]: SpeeD's w(t) (this strategy's weighting and lam) for threshold tau."""
+        w = tab["change_aware"]
+        if self.weighting == "official":
+            return torch.where(tab["t"] < tau, w, 1.0)
+        return w.clone() if self.weighting == "paper" else torch.ones_like(w)
+
+    def params(self):
+        out = {**super().params(), "bins": self.bins, "history": self.history, "update_every": self.update_every,
+               "k_min": self.k_min, "k_max": self.k_max, "tau_min": self.tau_min, "tau_max": self.tau_max}
+        return out
+
+
+_REGISTRY = {cls.name: cls for cls in (Uniform, SpeeD, P2, MinSNR, LogNormal, CLTS, LossMoment, AdaptiveSpeeD)}
 
 
 def make_strategy(name: str, schedule: NoiseSchedule, **params) -> TimestepStrategy:

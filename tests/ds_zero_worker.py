@@ -13,8 +13,8 @@ every step, so the objective is deterministic):
     exactly;
   * counts the calls that would make a GPU host wait (tests/sync_counter.py) in the 12 training
     steps, in the log records and in the checkpoint save, by who made them;
-  * does the same count over 6 steps of CLTS and of loss_moment (an adaptive P(t) rebuilt on the
-    device from both ranks' losses), and compares the adapted tables of the two ranks;
+  * does the same count over 6 steps of CLTS, of loss_moment and of adaptive_speed (adaptive P(t)s
+    rebuilt on the device from both ranks' losses), and compares the adapted tables of the two ranks;
   * under ZeRO-3, evaluates the EMA with the trainer's evaluator on both ranks (each samples half
     the fixed-seed set) and with a one-rank evaluator on rank 0;
   * starts ZeRO-2 from a facebookresearch/DiT-format file (--init-from);
@@ -139,6 +139,13 @@ def main(out_dir: str, data: str) -> None:
         make_plan(0, strategy="loss_moment", run_dir=os.path.join(out_dir, "loss_moment"),
                   strategy_params={"bins": 4, "history": 2, "update_every": 2, "importance_weights": True}),
         rank, x, y, counter)
+    counter.events.clear()
+    # adaptive_speed: SpeeD+dual whose k and tau move (4 bins: 0-249 and 250-499 below tau = 700, 750-999
+    # above it, each with losses in every window of 64; the updates after steps 4 and 6 move both).
+    results["adaptive_speed"] = adaptive_syncs(
+        make_plan(0, strategy="adaptive_speed", run_dir=os.path.join(out_dir, "adaptive_speed"),
+                  strategy_params={"bins": 4, "history": 2, "update_every": 2, "dual": True}),
+        rank, x, y, counter)
     counter.uninstall()
     results["init_from"] = init_from(make_plan, out_dir, rank)
     results["bf16"] = bf16_policy(make_plan(1, precision="bf16", run_dir=os.path.join(out_dir, "bf16")), rank,
@@ -174,8 +181,9 @@ def clts_syncs(plan, rank, x, y, counter) -> dict:
 
 
 def adaptive_syncs(plan, rank, x, y, counter) -> dict:
-    """The same counts over 6 steps of loss_moment (its table and weights rebuilt on the device after
-    steps 2, 4 and 6 from both ranks' losses), and whether both ranks hold the same adapted tables."""
+    """The same counts over 6 steps of an adaptive strategy (its table and weights rebuilt on the device
+    after steps 2, 4 and 6 from both ranks' losses), and whether both ranks hold the same adapted tables
+    (and, for adaptive_speed, the same k and tau)."""
     tr = Trainer(plan, rank)
     fixed = [(x, y)] * plan.grad_accum
     start = tr.fused.prob.clone()
@@ -183,13 +191,18 @@ def adaptive_syncs(plan, rank, x, y, counter) -> dict:
         with counter.phase("step"):
             tr.train_step(iter(fixed))
     tables = torch.cat([tr.fused.prob, tr.fused.alias.float(), tr.fused.weights])
+    if tr.fused.strategy.name == "adaptive_speed":
+        tables = torch.cat([tables, torch.stack([tr.fused.adaptive.k, tr.fused.adaptive.tau.double()]).float()])
     gathered = [torch.empty_like(tables) for _ in range(tr.world)]
     dist.all_gather(gathered, tables)
-    return {"syncs": counter.counts("step"), "uploads": counter.counts("step", kind="h2d"),
-            "sites": counter.sites("step"), "ready": bool(tr.fused.adaptive.ready()),
-            "adapted": not torch.equal(start, tr.fused.prob),
-            "ranks_agree": all(torch.equal(gathered[0], g) for g in gathered[1:]),
-            "counts": tr.fused.adaptive.counts.tolist()}
+    out = {"syncs": counter.counts("step"), "uploads": counter.counts("step", kind="h2d"),
+           "sites": counter.sites("step"), "ready": bool(tr.fused.adaptive.ready()),
+           "adapted": not torch.equal(start, tr.fused.prob),
+           "ranks_agree": all(torch.equal(gathered[0], g) for g in gathered[1:]),
+           "counts": tr.fused.adaptive.counts.tolist()}
+    if tr.fused.strategy.name == "adaptive_speed":
+        out["k_tau"] = [float(tr.fused.adaptive.k), int(tr.fused.adaptive.tau)]
+    return out
 
 
 def init_from(make_plan, out_dir, rank) -> dict:

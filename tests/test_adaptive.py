@@ -1,7 +1,8 @@
-"""The adaptive strategy on the fused path (speed_fast.adaptive, FusedSpeeD.observe / end_step): the
+"""The adaptive strategies on the fused path (speed_fast.adaptive, FusedSpeeD.observe / end_step): the
 per-bin histories against a plain Python deque model, the table rebuilt every update_every steps
 from them, the same draws on torch, cpp and triton fed the same losses, and a state round trip
-that continues bit for bit."""
+that continues bit for bit (loss_moment and adaptive_speed; adaptive_speed's rule itself is in
+tests/test_adaptive_speed.py)."""
 
 from collections import deque
 
@@ -68,6 +69,26 @@ def _losses(t):
     return 0.05 + (t.double() / 1000) ** 2  # large at high noise: P moves towards large t
 
 
+_step_of_losses = [0]
+
+
+def _falling_losses(t):
+    """Losses that fall over the calls (faster at large t), so that adaptive_speed's k and tau move."""
+    _step_of_losses[0] += 1
+    n = _step_of_losses[0]
+    return torch.exp(-t.double() / 150) * torch.where(t >= 700, 0.8, 0.97) ** n
+
+
+# The strategies compared across backends and resumed, with losses that make each one adapt, and the
+# steps of the backend comparison (adaptive_speed adapts from step 4 on: 3 rebuilds in 8 steps).
+ADAPTIVE = {
+    "loss_moment": (lambda: make_strategy("loss_moment", LIN, bins=10, history=3, update_every=2,
+                                          importance_weights=True), _losses, 14),
+    "adaptive_speed": (lambda: make_strategy("adaptive_speed", LIN, bins=10, history=2, update_every=2, dual=True),
+                       _falling_losses, 8),
+}
+
+
 def test_table_is_rebuilt_every_update_every_steps_from_the_histories():
     st = make_strategy("loss_moment", LIN, bins=10, history=4, update_every=3, importance_weights=True)
     fused = FusedSpeeD(LIN, st, backend="torch", seed=7)
@@ -105,43 +126,59 @@ def test_uniform_until_every_bin_is_full():
     assert bool(fused.adaptive.ready()) and not torch.equal(fused.prob, start[0])
 
 
+@pytest.mark.parametrize("name", sorted(ADAPTIVE))
 @pytest.mark.parametrize("backend, device", KERNEL_BACKENDS)
-def test_backends_draw_the_same_adaptive_run(backend, device):
+def test_backends_draw_the_same_adaptive_run(backend, device, name):
     """Given the same losses, every backend holds the same tables and draws the same t at every step,
     across several rebuilds (the table is built once, by torch ops, and read by each backend's draw)."""
     require(backend)
-    st = make_strategy("loss_moment", LIN, bins=10, history=3, update_every=2, importance_weights=True)
+    make, losses, steps = ADAPTIVE[name]
+    st = make()
     ref = FusedSpeeD(LIN, st, backend="torch", seed=3)
     other = FusedSpeeD(LIN, st, device=device, backend=backend, seed=3)
     x0 = torch.randn(24, 1, 3, 3)
-    a = _feed(ref, 14, x0, _losses)
-    b = _feed(other, 14, x0.to(device), lambda t: _losses(t.cpu()).to(t.device))
+    _step_of_losses[0] = 0
+    a = _feed(ref, steps, x0, losses)
+    _step_of_losses[0] = 0
+    b = _feed(other, steps, x0.to(device), lambda t: losses(t.cpu()).to(t.device))
     assert torch.equal(a, b)
     assert torch.equal(ref.prob, other.prob.cpu()) and torch.equal(ref.weights, other.weights.cpu())
-    assert not torch.equal(a[-1], _feed(FusedSpeeD(LIN, make_strategy("uniform", LIN), seed=3), 14, x0,
-                                        _losses)[-1])  # the adapted table is really in use
+    start = FusedSpeeD(LIN, make(), seed=3)  # the strategy's starting table, never adapted
+    assert not torch.equal(implied_probabilities(ref.prob, ref.alias), implied_probabilities(start.prob, start.alias))
+    assert not torch.equal(a[-1], start.sample_and_noise(x0, step=steps - 1)[0])  # the adapted table is in use
 
 
-def test_state_round_trip_continues_bit_for_bit():
-    st = make_strategy("loss_moment", LIN, bins=8, history=3, update_every=2, importance_weights=True)
+@pytest.mark.parametrize("name", sorted(ADAPTIVE))
+def test_state_round_trip_continues_bit_for_bit(name):
+    make, losses, _ = ADAPTIVE[name]
+    st = make()
     x0 = torch.randn(16, 1, 2, 2)
     straight = FusedSpeeD(LIN, st, backend="torch", seed=9)
-    first = _feed(straight, 7, x0, _losses)
+    _step_of_losses[0] = 0
+    first = _feed(straight, 7, x0, losses)
     state = {k: v.clone() for k, v in straight.state_dict().items()}
-    assert sorted(state) == ["alias", "counts", "prob", "ring", "weights"]
-    rest = [_feed_from(straight, s, x0) for s in range(7, 15)]
+    want = {"loss_moment": ["alias", "counts", "prob", "ring", "weights"],
+            "adaptive_speed": ["alias", "counts", "k", "means", "prob", "tau", "trace", "weights", "window_n",
+                               "window_sum", "windows"]}[name]
+    assert sorted(state) == want
+    mark = _step_of_losses[0]
+    rest = [_feed_from(straight, s, x0, losses) for s in range(7, 15)]
     resumed = FusedSpeeD(LIN, st, backend="torch", seed=9)
     resumed.load_state_dict(state)
-    assert all(torch.equal(r, _feed_from(resumed, s, x0)) for s, r in zip(range(7, 15), rest))
+    _step_of_losses[0] = mark
+    assert all(torch.equal(r, _feed_from(resumed, s, x0, losses)) for s, r in zip(range(7, 15), rest))
+    assert torch.equal(resumed.prob, straight.prob) and torch.equal(resumed.weights, straight.weights)
     assert first.shape == (7, 16)
+    before = {k: v.clone() for k, v in resumed.state_dict().items()}
     with pytest.raises(ValueError, match="counts"):
         resumed.load_state_dict({**state, "counts": torch.zeros(3, dtype=torch.int64)})
     with pytest.raises(ValueError, match="lacks"):
-        resumed.load_state_dict({"ring": state["ring"]})
+        resumed.load_state_dict({"counts": state["counts"]})
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in before.items())  # a refused state loads nothing
 
 
-def _feed_from(fused, step, x0):
+def _feed_from(fused, step, x0, losses=_losses):
     t, _ = fused.sample_and_noise(x0, step=step)
-    fused.observe(t, _losses(t))
+    fused.observe(t, losses(t))
     fused.end_step(step + 1)
     return t

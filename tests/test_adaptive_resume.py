@@ -1,9 +1,10 @@
-"""Exact resume of an adaptive run (loss_moment with importance weights, its table rebuilt every 3
-steps) through the real entry point on one CPU rank (`python train/main.py`): run straight for N
-steps, versus the same run stopped by SIGTERM (it saves and exits), resumed, killed with SIGKILL
-while it writes a checkpoint (frozen with SIGSTOP while its `.tmp-` directory exists, so the kill
-lands mid-save), and resumed to N. Every logged record and the final weights, EMA and sampler
-state must be identical; the sampler must really have moved away from uniform."""
+"""Exact resume of an adaptive run through the real entry point on one CPU rank (`python
+train/main.py`), for each adaptive strategy: loss_moment with importance weights and adaptive_speed
+(SpeeD+dual whose k and tau move), their tables rebuilt every 3 steps. Run straight for N steps,
+versus the same run stopped by SIGTERM (it saves and exits), resumed, killed with SIGKILL while it
+writes a checkpoint (frozen with SIGSTOP while its `.tmp-` directory exists, so the kill lands
+mid-save), and resumed to N. Every logged record and the final weights, EMA and sampler state must
+be identical; the sampler must really have moved away from where it started."""
 
 import os
 import signal
@@ -16,7 +17,13 @@ import torch
 from ds_launch import MAIN, metrics, popen, run, tiny_preset
 
 N = 24
-PARAMS = {"bins": 10, "history": 4, "update_every": 3, "importance_weights": True}
+# Per strategy, the parameters of the run: tables rebuilt after steps 3, 6, ..., so that both the
+# SIGTERM (after step 7) and the SIGKILL (after step 13) land between rebuilds with statistics in flight.
+STRATEGIES = {
+    "loss_moment": {"bins": 10, "history": 4, "update_every": 3, "importance_weights": True},
+    # 5 bins: each gets a loss in most windows of 48 even at SpeeD's suppressed P (k = 5 below tau).
+    "adaptive_speed": {"bins": 5, "history": 2, "update_every": 3, "dual": True},
+}
 
 
 def _wait_for_steps(proc, run_dir, n, timeout=240):
@@ -45,13 +52,14 @@ def _kill_mid_save(proc, ckpt_root, timeout=240) -> str:
     raise AssertionError(f"no save caught in {timeout} s")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+@pytest.fixture(scope="module", params=sorted(STRATEGIES))
+def runs(request, tmp_path_factory):
     from speed_fast.data import ensure_digits_beton
 
-    base = tmp_path_factory.mktemp("adaptive_resume")
-    preset = tiny_preset(str(base / "tiny.json"), ensure_digits_beton(), strategy="loss_moment",
-                         strategy_params=PARAMS)
+    name = request.param
+    base = tmp_path_factory.mktemp(f"adaptive_resume_{name}")
+    preset = tiny_preset(str(base / "tiny.json"), ensure_digits_beton(), strategy=name,
+                         strategy_params=STRATEGIES[name])
     straight, interrupted = str(base / "straight"), str(base / "interrupted")
     args = [sys.executable, MAIN, "--preset", preset]
 
@@ -76,8 +84,8 @@ def runs(tmp_path_factory):
     # 3. Resume to the end.
     c = run(args + ["--max-steps", str(N), "--run-dir", interrupted, "--resume"], timeout=300)
     assert c.returncode == 0, c.stdout[-2000:] + c.stderr[-3000:]
-    return {"straight": straight, "interrupted": interrupted, "stopped_at": stopped_at, "killed_at": killed_at,
-            "unfinished": unfinished, "resume_log": c.stderr}
+    return {"strategy": name, "straight": straight, "interrupted": interrupted, "stopped_at": stopped_at,
+            "killed_at": killed_at, "unfinished": unfinished, "resume_log": c.stderr}
 
 
 def test_interruptions_happened_where_intended(runs):
@@ -93,8 +101,9 @@ def test_every_record_after_resume_equals_the_uninterrupted_run(runs):
         for key in ("loss", "mse", "vb", "grad_norm", "mean_weight", "loss_acceleration", "loss_deceleration",
                     "loss_convergence", "frac_acceleration", "frac_deceleration", "frac_convergence"):
             assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
-    # The importance weights follow the adapted P(t): the mean weight leaves 1 once the bins are full.
-    assert any(abs(r["mean_weight"] - 1.0) > 1e-3 for r in a)
+    if runs["strategy"] == "loss_moment":
+        # The importance weights follow the adapted P(t): the mean weight leaves 1 once the bins are full.
+        assert any(abs(r["mean_weight"] - 1.0) > 1e-3 for r in a)
 
 
 def test_final_weights_ema_and_sampler_are_identical(runs):
@@ -108,6 +117,22 @@ def test_final_weights_ema_and_sampler_are_identical(runs):
         for k in a:
             assert torch.equal(a[k], b[k]), (name, k)
     sampler = final(runs["straight"], "sampler.pt")
-    assert int(sampler["counts"].min()) >= PARAMS["history"]
-    assert not torch.equal(sampler["prob"], torch.ones(1000))  # an adapted table, not the uniform one
-    assert not torch.equal(sampler["weights"], torch.ones(1000))
+    params = STRATEGIES[runs["strategy"]]
+    if runs["strategy"] == "loss_moment":
+        assert int(sampler["counts"].min()) >= params["history"]
+        assert not torch.equal(sampler["prob"], torch.ones(1000))  # an adapted table, not the uniform one
+        assert not torch.equal(sampler["weights"], torch.ones(1000))
+    else:  # k and tau moved from SpeeD's start (5, 700), and the table in force is SpeeD's for them
+        from speed_fast.alias import implied_probabilities
+        from speed_fast.schedule import NoiseSchedule
+        from speed_fast.timesteps import make_strategy
+
+        updates = N // params["update_every"]
+        assert int(sampler["windows"]) == updates
+        trace = sampler["trace"][:updates].tolist()
+        assert trace[-1] == [float(sampler["k"]), float(sampler["tau"])]
+        assert any(k != 5.0 for k, _ in trace) and any(tau != 700.0 for _, tau in trace), trace
+        now = make_strategy("speed", NoiseSchedule.make("linear"), k=float(sampler["k"]), tau=int(sampler["tau"]),
+                            lam=0.6, dual=True)
+        assert torch.allclose(implied_probabilities(sampler["prob"], sampler["alias"]), now.probs(), atol=1e-6)
+        assert torch.equal(sampler["weights"], now.weights.float())

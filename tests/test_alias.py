@@ -21,6 +21,10 @@ def _cases():
         "uniform": np.ones(1000),
         "speed_k5": make_strategy("speed", LIN, k=5.0, tau=700).probs().numpy(),
         "speed_k25": make_strategy("speed", LIN, k=25.0, tau=700).probs().numpy(),
+        # Two-level P(t) as adaptive_speed moves it: the sweep's boundaries fall on (rounded) ties, where
+        # the device builder once counted a deficit twice (the 5 / 500 case lost 2/3 of an item's mass).
+        "speed_k5_tau500": make_strategy("speed", LIN, k=5.0, tau=500).probs().numpy(),
+        "speed_k3_tau750": make_strategy("speed", LIN, k=3.0, tau=750).probs().numpy(),
         "one_hot": one_hot,
         "dirichlet": rng.dirichlet(np.full(257, 0.3)),
         "lognormal": make_strategy("lognormal", LIN).probs().numpy(),

@@ -50,11 +50,24 @@ def test_plan_adaptive_strategy(tmp_path, capsys):
                  "--json", "--out", str(out)]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["strategy"]["importance_weights"] is True and d["strategy"]["bins"] == 8
-    assert d["adaptive"] == {"bins": 8, "update_every": 50, "bin_edges": [125, 250, 375, 500, 625, 750, 875]}
+    assert d["adaptive"] == {"bins": 8, "update_every": 50, "bin_edges": [125, 250, 375, 500, 625, 750, 875],
+                             "rule": "loss_moment"}
     assert d["P"] == pytest.approx([1e-3] * 1000) and d["w"] == [1.0] * 1000  # where the run starts
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plan", "--strategy", "loss_moment"]) == 0
     assert "adaptive  P(t), w(t) below are the start; every 100 steps" in capsys.readouterr().out
+
+
+def test_plan_adaptive_speed_starts_as_speed_and_names_its_bounds(capsys):
+    """adaptive_speed's plan is SpeeD's P(t) and w(t) (where the run starts) with the rule's bounds."""
+    assert main(["plan", "--strategy", "adaptive_speed", "--k", "4", "--tau", "650", "--k-max", "8", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert main(["plan", "--strategy", "speed", "--k", "4", "--tau", "650", "--json"]) == 0
+    speed = json.loads(capsys.readouterr().out)
+    assert d["P"] == speed["P"] and d["w"] == speed["w"] and d["tau"] == 650
+    assert d["adaptive"]["k_bounds"] == [1.0, 8.0] and d["adaptive"]["tau_bounds"] == [477, 829]
+    assert main(["plan", "--strategy", "adaptive_speed"]) == 0
+    assert "k moves in [1, 10] and tau in [477, 829]" in capsys.readouterr().out
 
 
 def test_plan_errors_are_clean():

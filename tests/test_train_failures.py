@@ -37,7 +37,7 @@ def two_ranks(monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["--strategy", "bogus"], "--strategy must be one of ('uniform', 'speed', 'p2', 'min_snr', 'lognormal', "
-                              "'clts', 'loss_moment'), got 'bogus'"),
+                              "'clts', 'loss_moment', 'adaptive_speed'), got 'bogus'"),
     (["--k", "0.5"], "k must be a finite number in [1.0, inf), got 0.5"),
     (["--lam", "2"], "lam must be a finite number in [0.5, 1.0], got 2.0"),
     (["--strategy", "uniform", "--k", "3"], "unknown parameter(s) ['k'] for strategy 'uniform'"),

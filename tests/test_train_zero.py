@@ -119,13 +119,18 @@ def test_clts_ramp_adds_no_sync_of_the_training_package(results):
     assert r["syncs"].get("speed_fast", 0) == 0 and r["uploads"].get("speed_fast", 0) == 0, r["sites"]
 
 
-def test_adaptive_table_updates_make_no_host_sync_and_agree_across_ranks(results):
-    """loss_moment rebuilds its alias table and importance weights on the device every 2 steps from
-    both ranks' losses (one all-gather per step): no read-back and no blocking upload by the
-    training package or the fused ops in any step, and both ranks hold the same adapted tables."""
-    r = results["loss_moment"]
+@pytest.mark.parametrize("strategy", ["loss_moment", "adaptive_speed"])
+def test_adaptive_table_updates_make_no_host_sync_and_agree_across_ranks(results, strategy):
+    """An adaptive strategy (loss_moment: the alias table and importance weights; adaptive_speed: k,
+    tau, then SpeeD's table and weights for them) rebuilds on the device every 2 steps from both ranks'
+    losses (one all-gather per step): no read-back and no blocking upload by the training package or
+    the fused ops in any step, and both ranks hold the same adapted tables."""
+    r = results[strategy]
     for who in ("training", "ops", "speed_fast"):
         assert r["syncs"].get(who, 0) == 0 and r["uploads"].get(who, 0) == 0, (who, r["sites"])
     assert r["ready"] and r["adapted"], r["counts"]
     assert r["ranks_agree"]
     assert sum(r["counts"]) == 6 * 16  # every sample of both ranks, every step
+    if strategy == "adaptive_speed":
+        k, tau = r["k_tau"]
+        assert k != 5.0 and tau != 700, r["k_tau"]  # the rule moved both from SpeeD's start

@@ -10,13 +10,14 @@ A step-dependent P(t) (CLTS) gets a new alias table whenever its key changes; th
 built on the host (the same table the reference builds, so the same t) and sent from pinned
 memory with a non-blocking copy that queues behind the work already submitted.
 
-An adaptive strategy (`loss_moment`) learns P(t) from the run: the trainer gives the fused step
-every step's per-sample losses (`observe`, device tensors) and calls `end_step` after each
-optimizer step; every `update_every` steps the new P(t) becomes an alias table built on the device
-(`speed_fast.alias.build_alias_table_device`) and copied into the tables in place, as does w(t)
-with importance weights. Nothing is read back, so the table in force at step s is a function of
-the losses of steps before the last multiple of `update_every` <= s; `state_dict` holds it with
-the statistics for a checkpoint.
+An adaptive strategy (`loss_moment`, `adaptive_speed`) learns P(t) from the run: the trainer gives
+the fused step every step's per-sample losses (`observe`, device tensors) and calls `end_step` after
+each optimizer step; every `update_every` steps the statistics (`speed_fast.adaptive`) give a new
+P(t) and w(t) on the device, P becomes an alias table built there
+(`speed_fast.alias.build_alias_table_device`), and both are copied into the tables in place.
+Nothing is read back, so the table in force at step s is a function of the losses of steps before
+the last multiple of `update_every` <= s; `state_dict` holds it with the statistics for a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .. import rng
-from ..adaptive import LossMomentStatistics
+from ..adaptive import make_statistics
 from ..alias import build_alias_table, build_alias_table_device, check_alias_table
 from ..schedule import NoiseSchedule
 from ..theory import area_index
@@ -69,7 +70,7 @@ class FusedSpeeD:
         self.areas = area_index(schedule, strategy.area_tau()).to(self.device)  # (T,) 0/1/2
         self._probs_key = None
         self._refresh(0)
-        self.adaptive = LossMomentStatistics(strategy, self.device) if strategy.adaptive else None
+        self.adaptive = make_statistics(strategy, self.device) if strategy.adaptive else None
 
     def _refresh(self, step: int, strategy_step: int | None = None) -> None:
         """Point prob/alias at the alias table of P(t) at `strategy_step` (default `step`) when its key
@@ -139,11 +140,11 @@ class FusedSpeeD:
 
     @torch.no_grad()
     def _adapt(self) -> None:
-        p = self.adaptive.probs()  # (T,) float64, on the device
+        p, w = self.adaptive.update()  # (T,) float64 each, on the device
         prob, alias = build_alias_table_device(p)
         self.prob.copy_(prob)
         self.alias.copy_(alias)
-        self.weights.copy_(self.strategy.weights_for(p))
+        self.weights.copy_(w)
 
     def state_dict(self) -> dict:
         """An adaptive strategy's statistics and the tables in force (CPU tensors; {} for a fixed P)."""
@@ -157,17 +158,18 @@ class FusedSpeeD:
             if state:
                 raise ValueError(f"strategy {self.strategy.name} keeps no state, got {sorted(state)}")
             return
-        missing = sorted({"ring", "counts", "prob", "alias", "weights"} - set(state))
+        missing = sorted({*self.adaptive.STATE, "prob", "alias", "weights"} - set(state))
         if missing:
             raise ValueError(f"{self.strategy.name} state lacks {missing}")
-        self.adaptive.load_state_dict(state)
         for name in ("prob", "alias", "weights"):
             value, mine = state[name], getattr(self, name)
             if not isinstance(value, torch.Tensor) or value.shape != mine.shape or value.dtype != mine.dtype:
                 raise ValueError(f"{self.strategy.name} state {name!r}: expected {mine.dtype} {tuple(mine.shape)}, "
                                  f"got {value!r:.80}")
-            mine.copy_(value)
-        check_alias_table(self.prob, self.alias)
+        check_alias_table(state["prob"], state["alias"])
+        self.adaptive.load_state_dict(state)
+        for name in ("prob", "alias", "weights"):
+            getattr(self, name).copy_(state[name])
 
     def area_losses(self, t: torch.Tensor, per_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum, count) fp32 [3] of per-sample values in the acceleration/deceleration/convergence areas."""
