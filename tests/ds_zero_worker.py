@@ -198,7 +198,7 @@ def init_from(make_plan, out_dir, rank) -> dict:
     path = os.path.join(out_dir, "dit-format.pt")
     plan = make_plan(2)
     torch.manual_seed(123)
-    source = DiT(plan.dit)
+    source = DiT(plan.model)
     with torch.no_grad():
         for p in source.parameters():
             p.add_(0.1 * torch.randn_like(p))
