@@ -44,8 +44,21 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def strip_local_rank(argv: list[str]) -> list[str]:
+    """argv without the `--local_rank=N` (or `--local_rank N`) that the deepspeed launcher puts before
+    the command: a rank's place comes from the environment (speed_fast.distributed.launcher_env)."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        name = argv[i].split("=", 1)[0]
+        if name in ("--local_rank", "--local-rank"):
+            del argv[i:i + (1 if "=" in argv[i] else 2)]
+        else:
+            i += 1
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = strip_local_rank(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:
@@ -56,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except (ValueError, Locked) as exc:  # invalid user input, or an output in use: a clear message, no traceback
-        print(f"speed-fast {args.command}: error: {exc}", file=sys.stderr)
+        if getattr(exc, "echo", True):  # a multi-rank job's agreed error is said once, by rank 0
+            print(f"speed-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file that cannot be read or written (full disk, permissions): named, one line
         print(f"speed-fast {args.command}: error: {exc.strerror or exc}"

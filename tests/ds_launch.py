@@ -4,6 +4,7 @@ their runs."""
 import json
 import os
 import socket
+import signal
 import subprocess
 import sys
 
@@ -39,10 +40,19 @@ def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+def _default_signals() -> None:
+    # The launcher's own SIGINT handling (KeyboardInterrupt -> stop the ranks) must not depend on how
+    # the test process happens to treat SIGINT (a plugin or an earlier test may ignore or block it;
+    # an ignored disposition and the signal mask are inherited across exec).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM])
+
+
 def popen(cmd: list[str], log_path: str) -> subprocess.Popen:
     log = open(log_path, "w")
     return subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_signals)
 
 
 def metrics(run_dir: str) -> list[dict]:
