@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ...models.registry import DIT_CUSTOM, DIT_SIZE_KEYS
+from ...models.registry import DIT_CUSTOM, DIT_SIZE_KEYS, family_of
 from ...models.unet import UNET_CUSTOM, UNET_SIZE_KEYS
 from ...timesteps import STRATEGIES, STRATEGY_PARAMS
 from .presets import DEFAULT_PRESET, load_preset
@@ -92,6 +92,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Settings both model families have: a preset's value for one family is the run's for the other when
+# --model switches family (the digits preset's dit class_dropout_prob then applies to a U-Net).
+SHARED_MODEL_KEYS = ("class_dropout_prob", "learn_sigma")
+
+
+def _switch_model(cfg: TrainConfig, name: str) -> None:
+    """The preset's model settings for --model `name` instead of the preset's model: a named model drops
+    the preset's custom sizes of either family (the digits preset's hidden_size, depth, ...), which the
+    name fixes; another family than the preset's takes over the shared settings (SHARED_MODEL_KEYS) and
+    nothing else. An unknown name is left to resolve(), which lists the known ones."""
+    try:
+        new, old = family_of(name), family_of(cfg.model)
+    except ValueError:
+        return
+    if name not in (DIT_CUSTOM, UNET_CUSTOM):
+        cfg.dit = {k: v for k, v in cfg.dit.items() if k not in DIT_SIZE_KEYS}
+        cfg.unet = {k: v for k, v in cfg.unet.items() if k not in UNET_SIZE_KEYS}
+    if new != old:
+        before = getattr(cfg, old)
+        setattr(cfg, new, {**{k: before[k] for k in SHARED_MODEL_KEYS if k in before}, **getattr(cfg, new)})
+        setattr(cfg, old, {})
+
+
 def parse_args(argv: list[str], configs_dir: str) -> tuple[TrainConfig, argparse.Namespace]:
     """(config, raw namespace): the preset with the given flags applied."""
     ns = build_parser().parse_args(argv)
@@ -101,11 +124,8 @@ def parse_args(argv: list[str], configs_dir: str) -> tuple[TrainConfig, argparse
     if "strategy" in flags and flags["strategy"] != cfg.strategy:
         cfg.strategy_params = {}  # the preset's parameters belong to its own strategy
     model_changed = "model" in flags and flags["model"] != cfg.model
-    if model_changed and flags["model"] not in (DIT_CUSTOM, UNET_CUSTOM):
-        # A named model replaces the preset's custom sizes (the digits preset's hidden_size, depth, ...) of
-        # either family, which the name fixes; the preset's other model settings (class dropout, ...) stay.
-        cfg.dit = {k: v for k, v in cfg.dit.items() if k not in DIT_SIZE_KEYS}
-        cfg.unet = {k: v for k, v in cfg.unet.items() if k not in UNET_SIZE_KEYS}
+    if model_changed:
+        _switch_model(cfg, flags["model"])
     for key, value in flags.items():
         if not key.startswith("strategy."):
             setattr(cfg, key, value)
