@@ -3,6 +3,8 @@
     python benchmarks/bench_convergence.py --dataset digits --steps 3000 --eval-every 250 \
         --arms uniform,speed,speed_dual,asym_only:3,weight_only:3,speed_paper_w:3,min_snr:3,p2:3,lognormal:3 \
         --seeds 8 --jobs 2 --out benchmarks/results/convergence_digits.json
+    python benchmarks/bench_convergence.py --dataset digits --preset digits-unet --steps 3000 --eval-every 250 \
+        --arms uniform,speed_dual --seeds 5 --jobs 2 --out benchmarks/results/convergence_digits_unet.json
 
 Arms (`ARMS`; the first listed is the baseline): uniform; SpeeD as the authors' code runs it without
 and with the dual trick (`speed`, `speed_dual`; the configs behind the paper's tables use dual);
@@ -125,7 +127,10 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3000, help="training steps per run")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-samples", type=int, default=500)
-    p.add_argument("--preset", default="digits")
+    p.add_argument("--preset", default="digits", help="train/main.py preset (digits: a small DiT; digits-unet: the "
+                   "unet-small U-Net)")
+    p.add_argument("--model", default=None, help="train/main.py --model for every run (e.g. unet-small; default: the "
+                   "preset's), checked against the finished runs it reuses")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each gets cores / jobs threads)")
     p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples for the intervals")
     p.add_argument("--work-dir", default=None, help="run directories (default: <out without .json>.runs)")
@@ -175,8 +180,11 @@ def run_dir_for(work_dir: str, arm: str, seed: int) -> str:
 
 def expected_train(args, arm: str, seed: int) -> dict:
     strategy, params = ARMS[arm][0], arm_params(arm, args.steps)
-    return {"strategy": strategy, "strategy_params": params, "seed": seed, "max_steps": args.steps,
+    want = {"strategy": strategy, "strategy_params": params, "seed": seed, "max_steps": args.steps,
             "eval_every": args.eval_every, "eval_samples": args.eval_samples}
+    if args.model is not None:
+        want["model"] = args.model
+    return want
 
 
 def is_done(run_dir: str, want: dict) -> bool:
@@ -206,7 +214,7 @@ def trainer_command(args, beton: str, arm: str, seed: int, run_dir: str) -> list
             "--max-steps", str(args.steps), "--seed", str(seed), "--run-dir", run_dir, "--data", beton,
             "--eval-every", str(args.eval_every), "--eval-samples", str(args.eval_samples), "--eval-online",
             "--ckpt-every", str(args.eval_every), "--keep-ckpts", "1", "--sample-steps", "50", "--resume", "auto",
-            "--no-progress", *args.trainer_arg]
+            "--no-progress", *(["--model", args.model] if args.model is not None else []), *args.trainer_arg]
 
 
 def schedule(args) -> list[tuple[str, int]]:
@@ -582,7 +590,7 @@ def main(argv=None) -> int:
                                                                                "params": ARMS[a][1]}
                                                                            for a, n in args.arms.items()},
                     "baseline": arms[0], "steps": args.steps, "eval_every": args.eval_every,
-                    "eval_samples": args.eval_samples, "preset": args.preset, "trainer_args": args.trainer_arg,
+                    "eval_samples": args.eval_samples, "preset": args.preset, "model": args.model, "trainer_args": args.trainer_arg,
                     "jobs": args.jobs, "bootstrap": args.bootstrap, "fractions": list(FRACTIONS),
                     "machine": machine(), "wall_s": time.perf_counter() - start, "plot": os.path.relpath(png, ROOT),
                     "quality_key": QUALITY, "real_floor": floor},

@@ -16,6 +16,7 @@ import os
 import torch
 
 from .devices import resolve_device
+from .models.registry import run_model_config
 
 
 PRECISIONS = ("fp32", "bf16")  # the model's forward pass; the sampler's arithmetic is always fp32 (float64 tables)
@@ -67,9 +68,8 @@ def sample_footprint(run_dir: str, n: int, vae: str | None, batch_size: int, out
     if not os.path.isdir(run_dir):
         raise ValueError(f"--ckpt {run_dir}: no such run directory")
     config = check_run_config(run_dir_of(run_dir))
-    shape = (config.get("data_meta") or {}).get("shape") or [config["dit_config"].get("in_channels", 4),
-                                                           config["dit_config"].get("input_size", 32),
-                                                           config["dit_config"].get("input_size", 32)]
+    model = run_model_config(config, "config.json")
+    shape = (config.get("data_meta") or {}).get("shape") or [model.in_channels, model.input_size, model.input_size]
     c, h, w = (3, 8 * shape[1], 8 * shape[2]) if vae is not None else tuple(shape)
     per_image = 3 * h * w + 8  # uint8 [H, W, 3] and its int64 label
     need_disk = {}
@@ -114,22 +114,13 @@ def run_dir_of(path: str) -> str:
 
 def check_run_config(run_dir: str) -> dict:
     """A run's config.json, checked for what loading its model needs (through the one JSON reader):
-    a `dit_config` object whose keys are DiTConfig's, and `train.schedule`. ValueError naming the file."""
-    from dataclasses import fields
-
+    one model config (`dit_config` or `unet_config`, speed_fast.models.registry) whose keys are its
+    family's fields, and `train.schedule`. ValueError naming the file."""
     from .jsonfile import read_json_object
-    from .models.dit import DiTConfig
 
     path = os.path.join(run_dir, "config.json")
     config = read_json_object(path)
-    dit = config.get("dit_config")
-    if not isinstance(dit, dict):
-        raise ValueError(f"{path}: 'dit_config' is {type(dit).__name__}, expected an object (is this a run directory "
-                         "written by train/main.py?)")
-    unknown = sorted(set(dit) - {f.name for f in fields(DiTConfig)})
-    if unknown:
-        raise ValueError(f"{path}: dit_config has unknown keys {unknown}; expected DiTConfig's fields (written by "
-                         "another speed_fast version, or edited?)")
+    run_model_config(config, path)
     train = config.get("train")
     if not isinstance(train, dict) or not isinstance(train.get("schedule"), dict):
         raise ValueError(f"{path}: 'train.schedule' is missing; expected the run's noise schedule")

@@ -1,4 +1,4 @@
-"""Worker for tests/test_train_zero.py, launched as `deepspeed --num_gpus 2 tests/ds_zero_worker.py OUT DATA`.
+"""Worker for tests/test_train_zero.py, launched as `deepspeed --num_gpus 2 tests/ds_zero_worker.py OUT DATA [unet]`.
 
 For ZeRO stages 0, 1, 2 and 3 it builds the real trainer (DeepSpeed engine, sharded EMA, fused
 SpeeD step) on a tiny DiT and, on a fixed batch with a fixed noise draw (micro-step reset
@@ -20,6 +20,9 @@ every step, so the objective is deterministic):
   * starts ZeRO-2 from a facebookresearch/DiT-format file (--init-from);
   * trains ZeRO-1 with --precision bf16 (the GPU policy: bf16 autocast over fp32 weights) and
     records the dtypes inside a block, DeepSpeed's data types and the first losses.
+With `unet` the model is a tiny U-Net (speed_fast.models.unet) instead: ZeRO-2 and ZeRO-3 only, 6
+steps each (the same checks of loss, EMA, NaN skip, checkpoint round trip, syncs; distributed
+evaluation under ZeRO-3) and the bf16 policy under ZeRO-2; no CLTS, loss_moment or --init-from.
 Rank 0 writes OUT/results.json; the test asserts on it.
 """
 
@@ -46,7 +49,11 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max().detach()) for k in a)
 
 
-def main(out_dir: str, data: str) -> None:
+# The tiny U-Net of the `unet` job: 2 levels (8x8, 4x4), widths 16 and 32, attention at 4x4 and in the middle.
+TINY_UNET = dict(base_channels=16, channel_mult=[1, 2], layers_per_block=1, attention_levels=[1], norm_groups=8)
+
+
+def main(out_dir: str, data: str, family: str = "dit") -> None:
     world = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ["RANK"])
     x_all, y_all = digits_arrays()
@@ -55,15 +62,20 @@ def main(out_dir: str, data: str) -> None:
     results = {}
     counter = SyncCounter().install()
 
+    unet = family == "unet"
+    model = (dict(model="unet-custom", unet=TINY_UNET) if unet else
+             dict(model="custom", dit=dict(hidden_size=32, depth=2, num_heads=2, patch_size=2)))
+    stages, n_steps = ((2, 3), 6) if unet else ((0, 1, 2, 3), 12)
+
     def make_plan(stage, **overrides):
-        fields = dict(preset="test-zero", model="custom", dit=dict(hidden_size=32, depth=2, num_heads=2, patch_size=2),
+        fields = dict(preset="test-zero", **model,
                       data=data, global_batch=16, micro_batch=4, lr=3e-3, grad_clip=1.0, ema_decay=0.5,
                       zero_stage=stage, run_dir=os.path.join(out_dir, f"zero{stage}"), max_steps=100, num_workers=1,
                       progress=False, eval_samples=10, eval_sampler="ddim5")
         cfg = TrainConfig(**{**fields, **overrides})
         return resolve(cfg, world, CONFIGS, cuda_available=False)
 
-    for stage in (0, 1, 2, 3):
+    for stage in stages:
         counter.events.clear()
         plan = make_plan(stage)
         tr = Trainer(plan, rank)
@@ -71,7 +83,7 @@ def main(out_dir: str, data: str) -> None:
 
         ref_ema = tr.ema.full_master_state_dict(dst=None)
         losses = []
-        for _ in range(12):
+        for _ in range(n_steps):
             tr.micro_step = 0  # same t, eps and label dropout every step: a deterministic objective
             with counter.phase("step"):
                 tr.train_step(iter(fixed))
@@ -131,6 +143,14 @@ def main(out_dir: str, data: str) -> None:
             "sync_sites": {phase: counter.sites(phase) for phase in ("step", "record", "save")},
         }
         dist.barrier()
+    if unet:
+        counter.uninstall()
+        results["bf16"] = bf16_policy(make_plan(2, precision="bf16", run_dir=os.path.join(out_dir, "bf16")), rank,
+                                      x, y, n_steps)
+        if rank == 0:
+            with open(os.path.join(out_dir, "results.json"), "w") as f:
+                json.dump(results, f, indent=1)
+        return
     counter.events.clear()
     results["clts"] = clts_syncs(make_plan(0, strategy="clts", strategy_params={"ramp_steps": 100},
                                            run_dir=os.path.join(out_dir, "clts")), rank, x, y, counter)
@@ -211,7 +231,7 @@ def init_from(make_plan, out_dir, rank) -> dict:
     path = os.path.join(out_dir, "dit-format.pt")
     plan = make_plan(2)
     torch.manual_seed(123)
-    source = DiT(plan.dit)
+    source = DiT(plan.model)
     with torch.no_grad():
         for p in source.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -229,14 +249,24 @@ def init_from(make_plan, out_dir, rank) -> dict:
 
 def bf16_policy(plan, rank, x, y, steps) -> dict:
     """The GPU precision policy (bf16 autocast over fp32 weights) on CPU: dtypes seen inside the
-    model during a training forward, the data types DeepSpeed runs with, and the first losses."""
+    model during a training forward, the data types DeepSpeed runs with, and the first losses.
+    A U-Net: its first ResNet block's convolution, the middle attention's query projection and the
+    model's output."""
     tr = Trainer(plan, rank)
-    block = tr.engine.module.blocks[0]
     seen = {}
-    hooks = [block.register_forward_hook(lambda m, inp, out: seen.update(residual_in=str(inp[0].dtype),
-                                                                         residual_out=str(out.dtype))),
-             block.attn.register_forward_hook(lambda m, inp, out: seen.update(attn_out=str(out.dtype))),
-             block.attn.qkv.register_forward_hook(lambda m, inp, out: seen.update(qkv_out=str(out.dtype)))]
+    if hasattr(tr.engine.module, "blocks"):  # DiT
+        block = tr.engine.module.blocks[0]
+        hooks = [block.register_forward_hook(lambda m, inp, out: seen.update(residual_in=str(inp[0].dtype),
+                                                                             residual_out=str(out.dtype))),
+                 block.attn.register_forward_hook(lambda m, inp, out: seen.update(attn_out=str(out.dtype))),
+                 block.attn.qkv.register_forward_hook(lambda m, inp, out: seen.update(qkv_out=str(out.dtype)))]
+    else:  # U-Net (diffusers' UNet2DModel inside)
+        unet = tr.engine.module.unet
+        hooks = [unet.down_blocks[0].resnets[0].conv1.register_forward_hook(
+                     lambda m, inp, out: seen.update(conv_out=str(out.dtype))),
+                 unet.mid_block.attentions[0].to_q.register_forward_hook(
+                     lambda m, inp, out: seen.update(q_out=str(out.dtype))),
+                 tr.engine.module.register_forward_hook(lambda m, inp, out: seen.update(model_out=str(out.dtype)))]
     fixed = [(x, y)] * plan.grad_accum
     losses = []
     for _ in range(steps):
@@ -252,4 +282,4 @@ def bf16_policy(plan, rank, x, y, steps) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -68,9 +68,9 @@ def files(tmp_path_factory):
     cfg, _ = parse_args(["--preset", preset, "--run-dir", str(tmp / "unused")], os.path.join(ROOT, "train", "configs"))
     plan = resolve(cfg, 1, os.path.join(ROOT, "train", "configs"), False)
     # The tiny model is no DiT-{S,B,L,XL} (to_dit_state_dict refuses it): DiT's naming by hand.
-    good = {_OURS_TO_DIT.get(k, k): v for k, v in DiT(plan.dit).state_dict().items()}
-    grid = plan.dit.input_size // plan.dit.patch_size
-    good["pos_embed"] = torch.from_numpy(sincos_pos_embed_2d(plan.dit.hidden_size, grid)).float().unsqueeze(0)
+    good = {_OURS_TO_DIT.get(k, k): v for k, v in DiT(plan.model).state_dict().items()}
+    grid = plan.model.input_size // plan.model.patch_size
+    good["pos_embed"] = torch.from_numpy(sincos_pos_embed_2d(plan.model.hidden_size, grid)).float().unsqueeze(0)
     torch.save(good, tmp / "good.pt")
     paths = {}
     for kind in CASES:
@@ -80,10 +80,10 @@ def files(tmp_path_factory):
 
 
 def test_a_matching_file_passes_and_each_damage_is_named(files):
-    read_dit_checkpoint(files["good"], files["plan"].dit)
+    read_dit_checkpoint(files["good"], files["plan"].model)
     for kind, expected in CASES.items():
         with pytest.raises(ValueError, match=expected) as info:
-            read_dit_checkpoint(files["paths"][kind], files["plan"].dit)
+            read_dit_checkpoint(files["paths"][kind], files["plan"].model)
         assert files["paths"][kind] in str(info.value) and "\n" not in str(info.value)
 
 
@@ -114,8 +114,8 @@ def test_a_named_model_replaces_the_presets_custom_sizes():
     cfg, _ = parse_args(["--model", "DiT-S/2"], configs)
     assert not set(cfg.dit) & {"depth", "hidden_size", "num_heads", "patch_size"}
     plan = resolve(cfg, 1, configs, False)
-    assert (plan.dit.depth, plan.dit.hidden_size, plan.dit.num_heads, plan.dit.patch_size) == (12, 384, 6, 2)
-    assert plan.dit.input_size == 8 and plan.dit.in_channels == 1  # still fixed by the data
+    assert (plan.model.depth, plan.model.hidden_size, plan.model.num_heads, plan.model.patch_size) == (12, 384, 6, 2)
+    assert plan.model.input_size == 8 and plan.model.in_channels == 1  # still fixed by the data
 
 
 def test_the_end_of_run_grid_is_bounded_by_the_runs_length():
@@ -150,7 +150,7 @@ def test_a_stop_signal_ends_the_end_of_run_grid_promptly(tmp_path):
     t0 = time.time()
     timer.start()
     try:
-        paths = artefacts.finish(plan, str(tmp_path), DiT(plan.dit), "cpu")
+        paths = artefacts.finish(plan, str(tmp_path), DiT(plan.model), "cpu")
     finally:
         timer.cancel()
         preemption._state.update(signum=0, reason="")

@@ -1,4 +1,4 @@
-"""`deepspeed train/main.py [flags]`: train a DiT with SpeeD under DeepSpeed ZeRO.
+"""`deepspeed train/main.py [flags]`: train a DiT or a U-Net (`--model unet-small`, ...) with SpeeD under DeepSpeed ZeRO.
 
 With no arguments it trains the `digits` preset (scikit-learn's 8x8 digits, a small
 class-conditional DiT, SpeeD sampling and weighting) to completion on whatever the machine

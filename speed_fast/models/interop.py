@@ -41,7 +41,10 @@ def _unwrap(state_dict: dict) -> dict:
 def dit_model_name(config: DiTConfig) -> str:
     """The name DiT's `DiT_models` builds this config with ("DiT-XL/2", ...); ValueError when DiT's
     model family cannot express it (DiT fixes 4 input channels, learned sigma, MLP ratio 4 and a
-    null class for guidance)."""
+    null class for guidance; a U-Net is no DiT at all)."""
+    if not isinstance(config, DiTConfig):
+        raise ValueError(f"this run's model is a {type(config).__name__}, not a DiT; only DiT models can be written in "
+                         "facebookresearch/DiT's format")
     size = next((s for s, (d, h, n) in DIT_SIZES.items()
                  if (d, h, n) == (config.depth, config.hidden_size, config.num_heads)), None)
     problems = []

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import torch
 
-from ..models.dit import DiT
+from ..models.registry import build_model, config_key
 from .checkpoint import write_atomic
 from .config import Plan
 from .metrics import plot_loss, read_metrics
@@ -24,7 +24,7 @@ def write_config(run_dir: str, plan: Plan, fused_backend: str, num_params: int) 
     """<run_dir>/config.json: everything that defines the run, and the versions that ran it."""
     doc = {
         "train": plan.cfg.to_dict(),
-        "dit_config": plan.dit.to_dict(),
+        config_key(plan.model): plan.model.to_dict(),  # "dit_config" or "unet_config"
         "strategy": plan.strategy.describe(),
         "schedule": plan.schedule.describe(),
         "data_path": plan.data_path,
@@ -49,15 +49,15 @@ def versions() -> dict:
     return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "python": sys.version.split()[0]}
 
 
-def ema_model(plan: Plan, ema, rank: int, device, everywhere: bool = False, online: bool = False) -> DiT | None:
-    """A plain fp32 DiT with the EMA weights (online=True: the raw master weights), on `device`: on
+def ema_model(plan: Plan, ema, rank: int, device, everywhere: bool = False, online: bool = False):
+    """A plain fp32 model (DiT or U-Net) with the EMA weights (online=True: the raw master weights), on `device`: on
     rank 0 only (None elsewhere), or on every rank with `everywhere` (distributed evaluation).
     Collective: every rank calls it."""
     gather = ema.full_master_state_dict if online else ema.full_state_dict
     sd = gather(dst=None if everywhere else 0, device=device)
     if not sd:
         return None
-    model = DiT(plan.dit).to(device)
+    model = build_model(plan.model).to(device)
     model.load_state_dict(sd)
     return model.eval()
 
@@ -79,7 +79,7 @@ def make_evaluator(plan: Plan, rank: int, device, torch_threads: int):
         reference = next(iter(ref_loader))[0].clone()
         torch.set_num_threads(torch_threads)  # FFCV sets torch's thread count per epoch
     return TrainingEvaluator(reference, plan.schedule, n_samples=cfg.eval_samples, seed=cfg.seed, device=device,
-                             learn_sigma=plan.dit.learn_sigma, shape=tuple(plan.data_meta["shape"]), rank=rank,
+                             learn_sigma=plan.model.learn_sigma, shape=tuple(plan.data_meta["shape"]), rank=rank,
                              world=plan.world_size, **eval_sampling(plan.data_meta, cfg.eval_sampler, cfg.eval_clip))
 
 
@@ -111,7 +111,7 @@ def grid_sampler(plan: Plan, n: int) -> tuple[str, str, str]:
     return steps, "ddim", note + "; fewer DDIM steps instead"
 
 
-def finish(plan: Plan, run_dir: str, model: DiT, device) -> list[str]:
+def finish(plan: Plan, run_dir: str, model, device) -> list[str]:
     """End of run on rank 0: the EMA sample grid (samples.png, or samples.npz for latents), loss.png
     and, with --eval-every, quality.png. Returns the paths written."""
     from .. import sampling
@@ -119,7 +119,7 @@ def finish(plan: Plan, run_dir: str, model: DiT, device) -> list[str]:
     from . import preemption
 
     cfg = plan.cfg
-    C, K = plan.dit.in_channels, plan.dit.num_classes
+    C, K = plan.model.in_channels, plan.model.num_classes
     per_class = 10 if K <= 10 else 1
     labels = torch.arange(min(K, 64)).repeat_interleave(per_class)  # (n,)
     steps, method, why = grid_sampler(plan, labels.numel())
@@ -134,7 +134,7 @@ def finish(plan: Plan, run_dir: str, model: DiT, device) -> list[str]:
     try:
         x = sampling.sample(model, plan.schedule, labels.numel(), y=labels, steps=steps, method=method,
                             cfg_scale=cfg.sample_cfg, seed=cfg.seed, device=device,
-                            batch_size=min(labels.numel(), 128), learn_sigma=plan.dit.learn_sigma)
+                            batch_size=min(labels.numel(), 128), learn_sigma=plan.model.learn_sigma)
     except GridStopped as stop:
         # The checkpoint is safe already: end now, without the grid (speed-fast sample draws it later).
         print(f"[speed_fast] {stop} arrived while drawing the sample grid: skipped it", file=sys.stderr, flush=True)

@@ -400,12 +400,13 @@ def load_for_inference(run_dir: str, ema: bool = True, device="cpu", checkpoint:
 
     run_dir: a run directory written by train/main.py (its newest checkpoint whose weights file
     verifies is used, or `checkpoint`, a tag such as "step-00001000" or a checkpoint path). ema=True
-    loads the EMA weights (what DiT samples with), False the raw model weights. The model is a plain
-    `speed_fast.models.DiT` in eval mode, fp32, on `device`; the schedule is the run's
+    loads the EMA weights (what DiT samples with), False the raw model weights. The model is the run's
+    plain `speed_fast.models.DiT` or `UNet` (speed_fast.models.registry reads config.json's
+    `dit_config` or `unet_config`) in eval mode, fp32, on `device`; the schedule is the run's
     NoiseSchedule; the data meta is the training file's sidecar (shape, classes, class names).
     The weights file is checked against state.json's size and SHA-256 when the checkpoint lists
     them, and always loaded with weights_only=True. Raises ValueError naming what is wrong."""
-    from ..models.dit import DiT, DiTConfig
+    from ..models.registry import build_model, run_model_config
     from ..schedule import NoiseSchedule
 
     name = EMA_FILE if ema else MODEL_FILE
@@ -442,8 +443,7 @@ def load_for_inference(run_dir: str, ema: bool = True, device="cpu", checkpoint:
         raise ValueError(str(exc)) from None
     with open(os.path.join(run_dir, "config.json")) as f:
         config = json.load(f)
-    dit_cfg = DiTConfig(**{**config["dit_config"], "grad_checkpointing": False})
-    model = DiT(dit_cfg)
+    model = build_model(run_model_config(config, os.path.join(run_dir, "config.json"), grad_checkpointing=False))
     if not isinstance(weights, dict):
         raise ValueError(f"{os.path.join(path, name)} holds {type(weights).__name__}, expected a state dict")
     missing, unexpected = model.load_state_dict(weights, strict=False)

@@ -1,4 +1,4 @@
-"""The DeepSpeed engine of a run: the DiT, an AdamW whose step can be cancelled, deepspeed.initialize.
+"""The DeepSpeed engine of a run: the model (a DiT or a U-Net, speed_fast.models.registry), an AdamW whose step can be cancelled, deepspeed.initialize.
 
     engine, optimizer = build_engine(plan, device)
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..models.dit import DiT, probe_attention
 from ..models.interop import load_dit_state_dict
+from ..models.registry import build_model, probe_model_attention
 from .config import Plan
 
 
@@ -37,9 +37,9 @@ def build_engine(plan: Plan, device: torch.device, init: bool = True):
     import deepspeed
 
     cfg = plan.cfg
-    probe_attention(plan.dit.attn_backend, device, head_dim=plan.dit.hidden_size // plan.dit.num_heads)
+    probe_model_attention(plan.model, device)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = DiT(plan.dit)
+    model = build_model(plan.model)
     if cfg.init_from is not None and init:
         # Memory-mapped: the ranks of a node share the file's pages instead of each reading a copy.
         load_dit_state_dict(model, torch.load(cfg.init_from, map_location="cpu", weights_only=True, mmap=True))

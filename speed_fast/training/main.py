@@ -30,7 +30,7 @@ from .runlock import RunDirLocked, RunLock
 # Keys whose change makes a checkpoint's continuation a different run (compared as written in
 # config.json's "train"); the data file, ZeRO stage and precision are compared by what they are
 # (content fingerprint, effective stage and precision), not by how they were spelled.
-_IDENTITY = ("model", "dit", "flip", "schedule", "strategy", "strategy_params", "global_batch", "micro_batch",
+_IDENTITY = ("model", "dit", "unet", "flip", "schedule", "strategy", "strategy_params", "global_batch", "micro_batch",
              "seed", "init_from")
 ERROR_GRACE_S = 10.0
 
@@ -75,13 +75,13 @@ def _probe_attention(plan: Plan, local_rank: int, use_cuda: bool) -> None:
     built for another torch/GPU fails here, before the process group, not in the first step)."""
     import torch
 
-    from ..models.dit import probe_attention
+    from ..models.registry import probe_model_attention
 
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     try:
-        probe_attention(plan.dit.attn_backend, device, head_dim=plan.dit.hidden_size // plan.dit.num_heads)
+        probe_model_attention(plan.model, device)
     except ValueError as exc:
-        raise ConfigError(f"--attn-backend {plan.dit.attn_backend}: {exc}") from None
+        raise ConfigError(f"--attn-backend {plan.cfg.attn_backend}: {exc}") from None
 
 
 def _data_identity(meta: dict) -> dict:
@@ -95,7 +95,9 @@ def _data_identity(meta: dict) -> dict:
 
 def _changed_settings(old: dict, plan: Plan) -> dict:
     before, after = old.get("train", {}), plan.cfg.to_dict()
-    changed = {k: f"{before.get(k)!r} -> {after[k]!r}" for k in _IDENTITY if before.get(k) != after[k]}
+    default = TrainConfig().to_dict()  # a setting newer than the run's config.json (e.g. unet) had its default
+    changed = {k: f"{before.get(k, default[k])!r} -> {after[k]!r}" for k in _IDENTITY
+               if before.get(k, default[k]) != after[k]}
     old_stage = old.get("deepspeed", {}).get("zero_optimization", {}).get("stage", before.get("zero_stage"))
     new_stage = plan.ds_config["zero_optimization"]["stage"]
     if old_stage != new_stage:

@@ -93,8 +93,8 @@ class Trainer:
         self.engine, self.optimizer = build_engine(plan, self.device, init=resume_from is None)
         self.ema = ShardedEMA(self.engine.module, cfg.ema_decay, warmup=cfg.ema_warmup)
         self.fused = FusedSpeeD(plan.schedule, plan.strategy, device=self.device, backend=cfg.backend, seed=cfg.seed)
-        self.diffusion = GaussianDiffusion(plan.schedule, device=self.device, learn_sigma=plan.dit.learn_sigma)
-        self.label_drop = LabelDropout(cfg.seed, plan.dit.class_dropout_prob, plan.micro_batch, self.rank,
+        self.diffusion = GaussianDiffusion(plan.schedule, device=self.device, learn_sigma=plan.model.learn_sigma)
+        self.label_drop = LabelDropout(cfg.seed, plan.model.class_dropout_prob, plan.micro_batch, self.rank,
                                        self.world, self.device)
         self.offset = self.rank * plan.micro_batch
         self.step_stats = Stats(STEP_FIELDS, self.device)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ...models.registry import DIT_CUSTOM, DIT_SIZE_KEYS, family_of
+from ...models.unet import UNET_CUSTOM, UNET_SIZE_KEYS
 from ...timesteps import STRATEGIES, STRATEGY_PARAMS
 from .presets import DEFAULT_PRESET, load_preset
 from .schema import PRECISIONS, RESUME_MODES, ZERO_STAGES, TrainConfig
@@ -13,13 +15,14 @@ from .schema import PRECISIONS, RESUME_MODES, ZERO_STAGES, TrainConfig
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deepspeed train/main.py",
-        description="Train a DiT with SpeeD under DeepSpeed. With no arguments: the 'digits' preset "
+        description="Train a DiT or a U-Net with SpeeD under DeepSpeed. With no arguments: the 'digits' preset "
                     "(scikit-learn's 8x8 digits, a small DiT, SpeeD) to completion, CPU included.")
     S = argparse.SUPPRESS
     g = p.add_argument_group("run")
     g.add_argument("--preset", default=DEFAULT_PRESET, help="preset name in train/configs or a JSON path "
                    "(default: digits)")
-    g.add_argument("--run-dir", default=S, help="run directory (default runs/<preset>-<strategy>-seed<seed>)")
+    g.add_argument("--run-dir", default=S, help="run directory (default runs/<preset>-<strategy>-seed<seed>; "
+                   "with a --model other than the preset's, runs/<preset>-<model>-<strategy>-seed<seed>)")
     g.add_argument("--resume", nargs="?", const="must", default=S, choices=RESUME_MODES,
                    help="resume from the run dir's latest complete checkpoint: 'auto' (default) when there "
                         "is one, 'must' (bare --resume) fails without one, 'never' starts over")
@@ -40,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-nonfinite", type=int, default=S, help="stop after this many non-finite steps in a row")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=S)
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=S, help="DiT-{S,B,L,XL}/{2,4,8} or 'custom' (preset's dit fields)")
+    g.add_argument("--model", default=S, help="DiT-{S,B,L,XL}/{2,4,8}, 'custom' (sizes from the preset's dit "
+                   "fields), a U-Net: unet-small (digits), unet-cifar10, unet-ldm (the paper's Tab. 7), or "
+                   "'unet-custom' (sizes from the preset's unet fields). A named model replaces the preset's sizes")
     g.add_argument("--data", default=S, help="latent .beton (speed_fast.data), or 'digits'")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=S,
                    help="random horizontal flips of the latents (the ImageNet presets flip)")
@@ -87,7 +92,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-MODEL_SIZE_KEYS = ("depth", "hidden_size", "num_heads", "patch_size")  # what a DiT-{S,B,L,XL}/{2,4,8} name fixes
+# Settings both model families have: a preset's value for one family is the run's for the other when
+# --model switches family (the digits preset's dit class_dropout_prob then applies to a U-Net).
+SHARED_MODEL_KEYS = ("class_dropout_prob", "learn_sigma")
+
+
+def _switch_model(cfg: TrainConfig, name: str) -> None:
+    """The preset's model settings for --model `name` instead of the preset's model: a named model drops
+    the preset's custom sizes of either family (the digits preset's hidden_size, depth, ...), which the
+    name fixes; another family than the preset's takes over the shared settings (SHARED_MODEL_KEYS) and
+    nothing else. An unknown name is left to resolve(), which lists the known ones."""
+    try:
+        new, old = family_of(name), family_of(cfg.model)
+    except ValueError:
+        return
+    if name not in (DIT_CUSTOM, UNET_CUSTOM):
+        cfg.dit = {k: v for k, v in cfg.dit.items() if k not in DIT_SIZE_KEYS}
+        cfg.unet = {k: v for k, v in cfg.unet.items() if k not in UNET_SIZE_KEYS}
+    if new != old:
+        before = getattr(cfg, old)
+        setattr(cfg, new, {**{k: before[k] for k in SHARED_MODEL_KEYS if k in before}, **getattr(cfg, new)})
+        setattr(cfg, old, {})
 
 
 def parse_args(argv: list[str], configs_dir: str) -> tuple[TrainConfig, argparse.Namespace]:
@@ -98,14 +123,15 @@ def parse_args(argv: list[str], configs_dir: str) -> tuple[TrainConfig, argparse
     strategy_flags = {k.split(".", 1)[1]: v for k, v in flags.items() if k.startswith("strategy.")}
     if "strategy" in flags and flags["strategy"] != cfg.strategy:
         cfg.strategy_params = {}  # the preset's parameters belong to its own strategy
-    if "model" in flags and flags["model"] != cfg.model and flags["model"] != "custom":
-        # A named model replaces the preset's custom sizes (the digits preset's hidden_size, depth, ...),
-        # which DiTConfig.named would otherwise receive twice; the preset's other DiT settings stay.
-        cfg.dit = {k: v for k, v in cfg.dit.items() if k not in MODEL_SIZE_KEYS}
+    model_changed = "model" in flags and flags["model"] != cfg.model
+    if model_changed:
+        _switch_model(cfg, flags["model"])
     for key, value in flags.items():
         if not key.startswith("strategy."):
             setattr(cfg, key, value)
     cfg.strategy_params = {**cfg.strategy_params, **strategy_flags}
     if cfg.run_dir is None:
-        cfg.run_dir = os.path.join("runs", f"{cfg.preset}-{cfg.strategy}-seed{cfg.seed}")
+        # Another model than the preset's gets its own directory (a resume would refuse the change anyway).
+        model = f"-{cfg.model.replace('/', '-')}" if model_changed else ""
+        cfg.run_dir = os.path.join("runs", f"{cfg.preset}{model}-{cfg.strategy}-seed{cfg.seed}")
     return cfg, ns

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ...models.dit import DiTConfig
+from ...models.registry import config_class, family_of, model_config, model_names
 from ...ops import resolve_backend
 from ...schedule import NoiseSchedule
 from ...timesteps import STRATEGIES, make_strategy
@@ -32,7 +32,7 @@ class Plan:
     grad_accum: int
     data_path: str
     data_meta: dict
-    dit: DiTConfig
+    model: object                        # the model's config: a DiTConfig or a UNetConfig (speed_fast.models)
     schedule: NoiseSchedule
     strategy: object
     ds_config: dict
@@ -98,24 +98,36 @@ def resolve(cfg: TrainConfig, world_size: int, configs_dir: str, cuda_available:
         raise ConfigError(f"--data {data_path}: {meta['num_samples']} samples cannot fill one micro batch of "
                           f"{micro} on each of {world_size} ranks")
 
-    # Model: family name + overrides; the data fixes input size, channels and classes.
+    # Model: a registry name + the run's settings for its family (`dit` or `unet`); the data fixes
+    # input size, channels and classes.
     C, H, W = meta["shape"]
     if H != W:
-        raise ConfigError(f"--data {data_path}: latents are {H}x{W}; DiT needs square inputs")
-    check_types(DiTConfig, cfg.dit, "dit")
+        raise ConfigError(f"--data {data_path}: latents are {H}x{W}; the models need square inputs")
     try:
-        fixed = dict(input_size=H, in_channels=C, num_classes=int(meta["num_classes"]),
-                     grad_checkpointing=cfg.grad_checkpointing, attn_backend=cfg.attn_backend)
-        overrides = {**cfg.dit, **fixed}
-        dit = DiTConfig(**overrides) if cfg.model == "custom" else DiTConfig.named(cfg.model, **overrides)
+        family = family_of(cfg.model)
+    except ValueError:
+        raise ConfigError(f"--model must be one of {model_names()}, got {cfg.model!r}") from None
+    settings = cfg.dit if family == "dit" else cfg.unet
+    check_types(config_class(family), settings, family)
+    fixed = dict(input_size=H, in_channels=C, num_classes=int(meta["num_classes"]),
+                 grad_checkpointing=cfg.grad_checkpointing)
+    if family == "dit":
+        fixed["attn_backend"] = cfg.attn_backend
+    elif cfg.attn_backend == "xformers":
+        raise ConfigError(f"--attn-backend xformers applies to DiT models; --model {cfg.model} is a U-Net, whose "
+                          "attention runs diffusers' SDPA processor (use auto or sdpa)")
+    try:
+        model = model_config(cfg.model, settings, **fixed)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"--model {cfg.model} with {cfg.dit}: {exc}") from None
+        raise ConfigError(f"--model {cfg.model} on {C}x{H}x{W} data ({family} settings {settings}): {exc}") from None
 
     try:
         resolve_backend(cfg.backend, "cuda" if cuda_available else "cpu")
     except (ValueError, RuntimeError) as exc:
         raise ConfigError(f"--backend {cfg.backend!r}: {exc}") from None
 
+    if cfg.init_from is not None and family != "dit":
+        raise ConfigError(f"--init-from reads facebookresearch/DiT checkpoints; --model {cfg.model} is a U-Net")
     if cfg.init_from is not None and not os.path.isfile(cfg.init_from):
         raise ConfigError(f"--init-from {cfg.init_from!r}: no such file (expected a facebookresearch/DiT "
                           f"checkpoint such as DiT-XL-2-256x256.pt)")
@@ -123,12 +135,12 @@ def resolve(cfg: TrainConfig, world_size: int, configs_dir: str, cuda_available:
         from ...models.interop import read_dit_checkpoint
 
         try:  # before the run directory exists: a bad file leaves nothing behind
-            read_dit_checkpoint(cfg.init_from, dit)
+            read_dit_checkpoint(cfg.init_from, model)
         except ValueError as exc:
             raise ConfigError(f"--init-from {exc}") from None
     ds = deepspeed_config(cfg, configs_dir, world_size, micro, accum, precision)
     return Plan(cfg=cfg, world_size=world_size, micro_batch=micro, grad_accum=accum, data_path=data_path,
-                data_meta=meta, dit=dit, schedule=schedule, strategy=strategy, ds_config=ds,
+                data_meta=meta, model=model, schedule=schedule, strategy=strategy, ds_config=ds,
                 use_cuda=cuda_available, precision=precision,
                 compile=cuda_available if cfg.compile is None else cfg.compile, loader=loader,
                 loader_note=loader_note)

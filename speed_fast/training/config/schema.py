@@ -22,9 +22,12 @@ class TrainConfig:
     paper's ImageNet recipe; presets (train/configs/*.json) override them."""
 
     preset: str = "custom"
-    # model: a DiT family name ("DiT-XL/2") or "custom"; `dit` overrides DiTConfig fields.
+    # model: a name of speed_fast.models.registry: a DiT ("DiT-XL/2", or "custom": sizes from `dit`) or a
+    # U-Net ("unet-small", "unet-cifar10", "unet-ldm", or "unet-custom": sizes from `unet`). `dit` overrides
+    # DiTConfig fields of DiT models, `unet` UNetConfig fields of U-Nets; a named model fixes its sizes.
     model: str = "DiT-XL/2"
     dit: dict = field(default_factory=dict)
+    unet: dict = field(default_factory=dict)
     # data: an FFCV .beton of latents (speed_fast.data), or "digits" for the embedded default.
     data: str = "digits"
     flip: bool = False                   # random horizontal flips (DiT flips ImageNet)
@@ -65,7 +68,7 @@ class TrainConfig:
     init_from: str | None = None         # a facebookresearch/DiT checkpoint to start from (fine-tuning)
     backend: str = "auto"                # fused SpeeD ops: auto | torch | cpp | triton
     attn_backend: str = "auto"
-    run_dir: str | None = None           # default runs/<preset>-<strategy>-seed<seed>
+    run_dir: str | None = None           # default runs/<preset>[-<model>]-<strategy>-seed<seed> (cli.py)
     resume: str = "auto"                 # auto: resume when run_dir has a checkpoint; "must"; "never"
     progress: bool = True
 
