@@ -156,10 +156,12 @@ def test_sample_and_eval_a_unet_run(runs, tmp_path, capsys):
     model, _, _, _ = load_for_inference(runs["straight"], ema=True)
     assert isinstance(model, UNet)
     grid, npz = str(tmp_path / "grid.png"), str(tmp_path / "s.npz")
-    assert cli(["sample", "--ckpt", runs["straight"], "--n", "4", "--steps", "3", "--cfg", "1.5", "--out", grid,
-                "--save", npz, "--device", "cpu"]) == 0
-    samples = np.load(npz)["samples"]
-    assert samples.shape == (4, 1, 8, 8) and np.isfinite(samples).all() and os.path.isfile(grid)
+    assert cli(["sample", "--ckpt", runs["straight"], "--num-samples", "4", "--steps", "3", "--cfg", "1.5",
+                "--out", npz, "--grid", grid, "--device", "cpu"]) == 0
+    with np.load(npz) as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    assert images.shape == (4, 8, 8, 3) and images.dtype == np.uint8 and os.path.isfile(grid)  # ADM's format
+    assert (images[..., 1:] == images[..., :1]).all() and labels.shape == (4,)  # 1-channel data repeated to 3
     capsys.readouterr()
     assert cli(["eval", "--gen", runs["straight"], "--n", "20", "--steps", "2", "--ref", "digits", "--json",
                 "--device", "cpu"]) == 0
