@@ -21,6 +21,9 @@
 #   hjson, pydantic, pydantic-core, annotated-types, typing-inspection, typing-extensions
 #                  DeepSpeed's requirements that the image lacks (pydantic's own, and a
 #                  typing-extensions new enough for it)
+#   diffusers and its requirements that the image lacks (huggingface-hub, safetensors, regex,
+#                  requests, pyyaml, hf-xet, ...): gpu_smoke.sh's sample step decodes latents with a
+#                  random-weight AutoencoderKL of Stable Diffusion's shape (no weights travel)
 # Versions are those of this checkout's .venv, so the device runs what the tests ran here.
 # Also copies CIFAR-10's train.tar.gz (../shared/data/cifar10 or $CIFAR10_DIR) to .device-data/ for
 # gpu_convergence.sh, and checks that everything that travels stays under the 64 MiB limit.
@@ -54,8 +57,10 @@ text = open("pyproject.toml").read()
 print(re.search(r'"(deepspeed[^"]*)"', text).group(1))
 EOF
 )"
-PURE=(hjson annotated-types typing-inspection typing-extensions pydantic)
-BINARY=(pydantic-core)
+PURE=(hjson annotated-types typing-inspection typing-extensions pydantic
+      diffusers huggingface-hub requests certifi idna urllib3 filelock fsspec importlib-metadata zipp lazy-importer
+      click anyio h11 httpcore2 httpx2 truststore)
+BINARY=(pydantic-core safetensors regex pyyaml hf-xet charset-normalizer)
 
 mkdir -p "$DEST"
 rm -f "$DEST"/*.whl
@@ -92,9 +97,24 @@ here="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]
 if [ "$here" = "$PYVER" ]; then
     "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --target "$tmp/site" "$DEST"/*.whl
     PYTHONPATH="$tmp/site" "$PY" -c "
-import deepspeed, hjson, pydantic
+import deepspeed, diffusers, hjson, pydantic
 assert deepspeed.__version__ == '$DS_VERSION', deepspeed.__version__
-print(f'[wheels] import check: deepspeed {deepspeed.__version__}, pydantic {pydantic.VERSION}')"
+assert diffusers.__file__.startswith('$tmp/site'), diffusers.__file__
+from diffusers import AutoencoderKL
+import importlib.metadata as md, sys
+# Every module imported from outside the carried set must be one the device image has.
+image = {'numpy', 'scipy', 'scikit-learn', 'matplotlib', 'tensorboard', 'numba', 'pillow', 'tqdm', 'pytest',
+         'pytest-timeout', 'psutil', 'py-cpuinfo', 'msgpack', 'einops', 'ninja', 'packaging', 'torch', 'triton',
+         'setuptools', 'pip'}
+owners = md.packages_distributions()
+outside = set()
+for name, mod in list(sys.modules.items()):
+    f = getattr(mod, '__file__', None) or ''
+    if '/site-packages/' in f and not f.startswith('$tmp/site'):
+        outside.update(d.lower().replace('_', '-') for d in owners.get(name.split('.')[0], []))
+missing = sorted(d for d in outside if d not in image and not d.startswith('nvidia-'))
+assert not missing, f'imported from this venv, not carried and not in the image: {missing}'
+print(f'[wheels] import check: deepspeed {deepspeed.__version__}, pydantic {pydantic.VERSION}, diffusers {diffusers.__version__}')"
 else
     # Another Python's binary wheels cannot be imported here: check what can be checked.
     for f in "$DEST"/pydantic_core-*.whl; do
@@ -137,8 +157,8 @@ The device calls (tool 'device', verb 'run'), in this order; a lent machine give
 device time per task (start ~30 s, at most 10 minutes per call), so the smoke is two calls and
 scripts/gpu_convergence.sh, ~8 minutes, needs a task of its own. Give the machine back
 (give_back) after the last call. Each call's files come back under /work/.device/N/.
-  1. carry [".whl"], timeout_s 420 (measured: ~330 s on an H200):
-     $install bash scripts/gpu_smoke.sh --only setup,env,compile,tests,train,resume
+  1. carry [".whl"], timeout_s 560 (measured: ~330 s on an H200 before sample,fid were added):
+     $install bash scripts/gpu_smoke.sh --only setup,env,compile,tests,train,resume,sample,fid
   2. carry [".whl"], timeout_s 420:
      $install bash scripts/gpu_smoke.sh --only setup,bench,mfu
   (another task) carry [".whl", ".device-data"], timeout_s 560:

@@ -15,11 +15,11 @@
 # carried as wheels: scripts/device_wheels.sh fills .whl/ and prints the exact `device` call. FFCV
 # is optional: without it the trainer reads the same batches through the memmap loader.
 #
-# Steps, each with its own time limit (their sum is 14 minutes, the most they may take; the first
+# Steps, each with its own time limit (their sum is 17.5 minutes, the most they may take; the first
 # H200 run took 5 minutes for setup,env,compile,tests,train,resume), each run even if an earlier
 # one failed; each reports PASS, FAIL or SKIP with the reason. A lent machine takes at most 10
 # minutes per call, so there the smoke is two calls (scripts/device_wheels.sh prints both):
-#   --only setup,env,compile,tests,train,resume     (~5.5 min measured)
+#   --only setup,env,compile,tests,train,resume,sample,fid   (~5.5 min measured without sample,fid)
 #   --only setup,bench,mfu                          (at most 7 min; not yet measured)
 #   setup     which Python, torch, Triton, DeepSpeed and loader this run uses (FAIL: no triton)
 #   env       speed-fast env: the triton backend is active (its test launch matched the reference)
@@ -32,8 +32,16 @@
 #             torch.compile, no evaluation): finite, falling loss, step time, peak GPU memory, a checkpoint
 #   resume    the same command to step 35: resumes from that checkpoint (~11 GB with AdamW state
 #             and EMA, SHA-256-verified on load) and continues
+#   sample    torchrun --nproc_per_node 1 speed-fast sample of that run: 256 samples, DDPM-50, guidance
+#             1.5, bf16, decoded by a random-weight AutoencoderKL of Stable Diffusion's shape (no
+#             weights travel) into ADM's .npz (arr_0 uint8 [256, 256, 256, 3]): img/s, and the minutes
+#             that predicts for 50,000 DDPM-250 samples on 8 such GPUs
+#   fid       torchrun speed-fast eval of those samples against a random uint8 reference: ADM's metrics
+#             with the Inception network when it is available offline (cache or $SPEED_FAST_INCEPTION),
+#             else the raw features, saying why (a check of the path and its time, not of quality)
 # --rehearse: TRITON_INTERPRET=1 for env/tests, sm_90 compile, bench --quick, DiT-S/2 on 8x8
-# latents for 30 + 4 steps on the CPU (SMOKE_STEPS, SMOKE_MORE), time limits x6: checks the script
+# latents for 30 + 4 steps on the CPU (SMOKE_STEPS, SMOKE_MORE), 8 samples of 5 steps decoded by a
+# small AutoencoderKL, time limits x6: checks the script
 # itself without a GPU. With tests/no_ffcv first on PYTHONPATH and PYTHON set it rehearses the lent
 # machine's conditions (no FFCV, no install): tests/test_device_rehearsal.py.
 set -uo pipefail
@@ -41,7 +49,7 @@ cd "$(dirname "$0")/.." || exit 1
 ROOT="$(pwd)"
 
 REHEARSE=0
-STEPS_ALL="setup,env,compile,tests,bench,mfu,train,resume"
+STEPS_ALL="setup,env,compile,tests,bench,mfu,train,resume,sample,fid"
 ONLY="$STEPS_ALL"
 STEP=""  # internal: run one step (the script calls itself under `timeout`, which needs a program)
 while [ $# -gt 0 ]; do
@@ -57,7 +65,7 @@ done
 
 for name in ${ONLY//,/ }; do
     case "$name" in
-        setup|env|compile|tests|bench|mfu|train|resume) ;;
+        setup|env|compile|tests|bench|mfu|train|resume|sample|fid) ;;
         *) echo "gpu_smoke.sh: --only takes $STEPS_ALL; got '$name'" >&2; exit 2 ;;
     esac
 done
@@ -73,6 +81,7 @@ if [ "$REHEARSE" = 1 ]; then
     ARCH=sm_90
     MODEL="DiT-S/2"; LATENT=8; SAMPLES=256; BATCH=32; STEPS="${SMOKE_STEPS:-30}"; MORE="${SMOKE_MORE:-4}"
     PRECISION=auto
+    NSAMPLE=8; SAMPLE_STEPS=5; SAMPLE_BATCH=4; VAE_SHAPE=small
     BENCH_ARGS=(--quick --no-compile)
     MFU_ARGS=(--quick --rounds 3)  # no GPU: the CPU section, a check of the script path only
     TEST_ENV=(TRITON_INTERPRET=1)
@@ -84,6 +93,7 @@ else
     fi
     ARCH="${SMOKE_ARCH:-}"
     MODEL="DiT-XL/2"; LATENT=32; SAMPLES=1024; BATCH=64; STEPS=30; MORE=5; PRECISION=bf16
+    NSAMPLE=256; SAMPLE_STEPS=50; SAMPLE_BATCH=128; VAE_SHAPE=sd
     BENCH_ARGS=(--iters 20 --no-compile)
     MFU_ARGS=(--no-cpu --gpu-batches 32)
     TEST_ENV=()
@@ -348,11 +358,115 @@ print(f"RESULT: resumed at step {steps}, continued to {steps + more}, loss {afte
 EOF
 }
 
+have_diffusers() { "$PY" -c "import diffusers" > /dev/null 2>&1; }
+
+# A random-weight diffusers AutoencoderKL in $WORK/vae: Stable Diffusion's shape (what DiT's
+# sd-vae-ft-ema has: 4 latent channels, 8x downsampling, 83.7M parameters) on a GPU, a small one
+# (2x downsampling) in a rehearsal. Decoding cost, not image quality, is what it stands for.
+make_vae() {
+    "$PY" - "$WORK/vae" "$VAE_SHAPE" <<'EOF'
+import sys
+import torch
+from diffusers import AutoencoderKL
+out, shape = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+if shape == "sd":
+    channels, layers = (128, 256, 512, 512), 2
+else:
+    channels, layers = (32, 32), 1
+vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=channels,
+                    down_block_types=("DownEncoderBlock2D",) * len(channels),
+                    up_block_types=("UpDecoderBlock2D",) * len(channels), layers_per_block=layers,
+                    norm_num_groups=32, scaling_factor=0.18215)
+vae.save_pretrained(out)
+print(f"VAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.1f}M parameters, {2 ** (len(channels) - 1)}x downsampling")
+EOF
+}
+
+launch_one() {  # torchrun with one process: the launcher path a lab uses with 8
+    "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m speed_fast.cli "$@"
+}
+
+step_sample() {
+    if [ ! -d "$WORK/run/checkpoints" ]; then
+        echo "RESULT: no checkpoint from the train step to sample"
+        return "$SKIP"
+    fi
+    if ! have_diffusers; then
+        echo "RESULT: diffusers does not import for $PY (the VAE decode needs it): carry it (scripts/device_wheels.sh)"
+        return "$SKIP"
+    fi
+    make_vae || return 1
+    local start end
+    start=$(date +%s.%N)
+    launch_one sample --ckpt "$WORK/run" --ema --num-samples "$NSAMPLE" --steps "$SAMPLE_STEPS" --cfg 1.5 \
+        --vae "$WORK/vae" --precision bf16 --batch-size "$SAMPLE_BATCH" --out "$WORK/samples.npz" \
+        --grid "$WORK/grid.png" --no-progress || return 1
+    end=$(date +%s.%N)
+    [ -n "${OUT:-}" ] && cp "$WORK/samples.npz.json" "$OUT/samples.json"
+    "$PY" - "$WORK/samples.npz" "$NSAMPLE" "$SAMPLE_STEPS" "$start" "$end" <<'EOF'
+import json, sys
+import numpy as np
+path, n, steps, start, end = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+with np.load(path) as f:
+    images, labels = f["arr_0"], f["arr_1"]
+assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[0] == n and images.shape[3] == 3, images.shape
+assert labels.shape == (n,) and labels.dtype == np.int64, (labels.shape, labels.dtype)
+json.load(open(path + ".json"))  # the settings sidecar
+wall = end - start
+rate = n / wall  # the whole command: start-up, model and VAE load, sampling, decoding, writing
+# 50,000 DDPM-250 samples on 8 such GPUs at this rate (sampling time scales with the step count)
+predicted = 50000 * (250 / steps) / rate / 8 / 60
+print(f"RESULT: {n} samples {images.shape[1]}x{images.shape[2]}, DDPM-{steps}, cfg 1.5, bf16, one rank: "
+      f"{wall:.0f} s, {rate:.2f} img/s incl. start-up; 50K DDPM-250 on 8 GPUs at this rate: ~{predicted:.0f} min")
+EOF
+}
+
+step_fid() {
+    if [ ! -f "$WORK/samples.npz" ]; then
+        echo "RESULT: no samples from the sample step to score"
+        return "$SKIP"
+    fi
+    "$PY" - "$WORK/samples.npz" "$WORK/ref.npz" <<'EOF' || return 1
+import sys
+import numpy as np
+with np.load(sys.argv[1]) as f:
+    shape = f["arr_0"].shape
+np.savez(sys.argv[2], arr_0=np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8))
+EOF
+    local features=raw why start end
+    why="$(SPEED_FAST_OFFLINE=1 "$PY" -c "
+from speed_fast.evaluation import resolve_inception
+try:
+    resolve_inception(None)
+except Exception as exc:
+    print(str(exc).splitlines()[0][:200])" 2>&1)"
+    [ -z "$why" ] && features=inception
+    start=$(date +%s.%N)
+    SPEED_FAST_OFFLINE=1 launch_one eval --gen "$WORK/samples.npz" --ref "$WORK/ref.npz" --features "$features" \
+        --no-ref-cache --json > "$WORK/eval.json" || return 1
+    end=$(date +%s.%N)
+    [ -n "${OUT:-}" ] && cp "$WORK/eval.json" "$OUT/eval.json"
+    SMOKE_WHY="$why" "$PY" - "$WORK/eval.json" "$features" "$start" "$end" <<'EOF'
+import json, math, os, sys
+result = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+features, wall = sys.argv[2], float(sys.argv[4]) - float(sys.argv[3])
+keys = ["fid", "sfid", "is", "precision", "recall"] if features == "inception" else ["fd_raw", "precision", "recall"]
+values = {k: result.get(k) for k in keys}
+for k, v in values.items():
+    assert (v is None and result.get(f"{k}_unavailable")) or math.isfinite(v), (k, v, result)
+shown = ", ".join(f"{k} {v:.4g}" if v is not None else f"{k} n/a" for k, v in values.items())
+note = "" if features == "inception" else f" (no Inception offline: {os.environ['SMOKE_WHY']})"
+print(f"RESULT: {features} features{note}: {shown} vs a random reference, "
+      f"{result['n_generated']} + {result['n_reference']} images, {wall:.0f} s incl. start-up")
+EOF
+}
+
 if [ -n "$STEP" ]; then  # one step, in the environment the main run exported
     WORK="$SMOKE_WORK"
     PORT="$SMOKE_PORT"
     case "$STEP" in
-        setup|env|compile|tests|bench|mfu|train|resume) "step_$STEP"; exit $? ;;
+        setup|env|compile|tests|bench|mfu|train|resume|sample|fid) "step_$STEP"; exit $? ;;
         *) echo "gpu_smoke.sh: unknown step '$STEP'" >&2; exit 2 ;;
     esac
 fi
@@ -377,6 +491,8 @@ run_step bench 150   # 45 s was too little on the first H200 run (Triton JIT per
 run_step mfu 240     # torch.compile of DiT-XL/2 first; 90 s was too little on the first H200 run
 run_step train 150   # DiT-XL/2's checkpoint: ~11 GB written, hashed and fsynced
 run_step resume 110
+run_step sample 150  # DiT-XL/2 checkpoint load, 256 x 50 x 2 forward passes (~6 PFLOP), 256 VAE decodes
+run_step fid 60
 TOTAL=$(($(date +%s) - START))
 
 echo

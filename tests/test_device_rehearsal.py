@@ -17,15 +17,19 @@ def test_smoke_rehearsal_without_ffcv_or_installer(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
            "PYTHONPATH": os.path.join(ROOT, "tests", "no_ffcv"), "SMOKE_STEPS": "6", "SMOKE_MORE": "2",
            "OMP_WAIT_POLICY": "PASSIVE", "TMPDIR": str(tmp_path)}
-    r = subprocess.run(["bash", SMOKE, "--rehearse", "--only", "setup,train,resume"], env=env, cwd=ROOT,
+    r = subprocess.run(["bash", SMOKE, "--rehearse", "--only", "setup,train,resume,sample,fid"], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "install" not in r.stdout.lower(), r.stdout  # never starts scripts/install.sh
     doc = json.loads((tmp_path / "out" / "gpu_smoke.json").read_text())
     steps = {s["step"]: s for s in doc["steps"]}
-    assert [s["result"] for s in doc["steps"]] == ["PASS", "PASS", "PASS"], doc["steps"]
+    assert [s["result"] for s in doc["steps"]] == ["PASS"] * 5, doc["steps"]
     assert f"({sys.executable})" in steps["setup"]["detail"]
     assert "loader memmap (FFCV not importable)" in steps["setup"]["detail"]
     assert "checkpoint step 6, loader memmap" in steps["train"]["detail"]
     assert "resumed at step 6, continued to 8" in steps["resume"]["detail"]
-    assert {"gpu_smoke.json", "results.tsv", "smoke_logs.tgz", "train_metrics.jsonl"} <= set(os.listdir(tmp_path / "out"))
+    # sample: the launcher path (torchrun, one rank) to ADM's .npz, decoded by a VAE; fid: eval of that file
+    assert "8 samples 16x16, DDPM-5, cfg 1.5, bf16, one rank" in steps["sample"]["detail"]
+    assert "features" in steps["fid"]["detail"] and "8 + 8 images" in steps["fid"]["detail"]
+    assert {"gpu_smoke.json", "results.tsv", "smoke_logs.tgz", "train_metrics.jsonl", "samples.json",
+            "eval.json"} <= set(os.listdir(tmp_path / "out"))
