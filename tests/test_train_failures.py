@@ -117,7 +117,9 @@ def test_data_changed_in_place_is_refused_before_training(tmp_path, two_ranks, c
 
 def test_unknown_preset_and_bad_deepspeed_json(tmp_path, data, two_ranks, capsys):
     assert main(["--preset", "nosuch"], CONFIGS) == 2
-    assert "--preset 'nosuch': no such preset; available: ['cifar10', 'digits', 'imagenet-dit-s2', 'imagenet-dit-xl2']" \
+    presets = sorted(f[:-5] for f in os.listdir(CONFIGS) if f.endswith(".json"))  # every train/configs/*.json
+    assert {"digits", "digits-unet", "imagenet-dit-xl2", "imagenet-unet-ldm"} <= set(presets)
+    assert f"--preset 'nosuch': no such preset; available: {presets}" \
         in capsys.readouterr().err
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_batch_size": 32, "zero_optimization": {"stage": 2}}))
