@@ -3,8 +3,13 @@
 What `speed-fast sample` runs (one process, or N ranks under torchrun / deepspeed:
 speed_fast.distributed):
 
-    with launch_job(device) as job:
-        draw_sample_set(job, sampler, options, out="samples.npz", grid="grid.png")
+    with launch_job(device) as job:                                  # speed_fast.distributed
+        sampler = RunSampler(run_dir, device=job.device, **options)   # speed_fast.generate
+        settings = settings_of(sampler, options, n)
+        plan = job.on_main(prepare_outputs, "samples.npz", "grid.png", settings)   # refuses other settings
+        draw_chunks(job, sampler, parts_dir("samples.npz"), n, batch_size, set(plan["done"]))
+        job.on_main(assemble, parts_dir("samples.npz"), n, batch_size, settings, "samples.npz", "grid.png",
+                    None, MAX_GRID_IMAGES)
 
 The sharding rule. Samples 0 .. N-1 of a set are cut into global chunks of `batch_size`
 consecutive indices (the last one shorter, so exactly N samples are drawn); chunk c goes to rank
