@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The first thing to run on a GPU machine (one H100/H200; at most 8 minutes).
+# The first thing to run on a GPU machine (one H100/H200; ~6-7 minutes per call of the two below).
 #
 #   bash scripts/gpu_smoke.sh                 # prints a PASS/FAIL/SKIP table; with $OUT set, writes there
 #                                             # gpu_smoke.json, the benchmarks' JSON, train_metrics.jsonl and
