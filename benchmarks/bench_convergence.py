@@ -531,6 +531,24 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def code_version() -> dict:
+    """The commit of the checkout the benchmark runs from, and whether tracked files differ from it
+    ({"commit": None} outside a git checkout): what fixes the rules of the adaptive arms a result
+    was measured with (a second data set's runs must come from a commit made before them)."""
+    import subprocess
+
+    def git(*cmd):
+        r = subprocess.run(["git", "-C", ROOT, *cmd], capture_output=True, text=True, timeout=30)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"commit": commit, "dirty": bool(dirty) if commit else None}
+
+
 def finished_arms(args, work_dir: str) -> dict[str, int]:
     """{arm: k} with seeds 0..k-1 finished in work_dir (at most the seeds asked for), arms with none left
     out; SystemExit when the baseline or every other arm has none."""
@@ -592,7 +610,7 @@ def main(argv=None) -> int:
                     "baseline": arms[0], "steps": args.steps, "eval_every": args.eval_every,
                     "eval_samples": args.eval_samples, "preset": args.preset, "model": args.model, "trainer_args": args.trainer_arg,
                     "jobs": args.jobs, "bootstrap": args.bootstrap, "fractions": list(FRACTIONS),
-                    "machine": machine(), "wall_s": time.perf_counter() - start, "plot": os.path.relpath(png, ROOT),
+                    "machine": machine(), "code": code_version(), "wall_s": time.perf_counter() - start, "plot": os.path.relpath(png, ROOT),
                     "quality_key": QUALITY, "real_floor": floor},
            "seeds": {a: summary[a]["seeds"] for a in arms}, "summary": summary, "results": results,
            "table": table(summary, arms)}

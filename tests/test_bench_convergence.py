@@ -125,6 +125,11 @@ def test_the_benchmark_end_to_end(tmp_path):
     assert "2 of 2 runs to do" in first.stdout
     doc = json.loads(out.read_text())
     assert doc["seeds"] == {"uniform": [0], "clts": [0]}
+    # the code the rules came from: this checkout's commit (a git checkout in CI and here)
+    import subprocess as sp
+    head = sp.run(["git", "-C", os.path.dirname(os.path.dirname(str(_PATH))), "rev-parse", "HEAD"],
+                  capture_output=True, text=True)
+    assert doc["meta"]["code"]["commit"] == (head.stdout.strip() if head.returncode == 0 else None)
     assert os.path.getsize(tmp_path / "conv.png") > 1000
     for r in doc["results"]:
         assert r["steps"] == [1, 2, 3, 4] and len(r["quality"]) == 4
