@@ -105,7 +105,8 @@ import importlib.metadata as md, sys
 # Every module imported from outside the carried set must be one the device image has.
 image = {'numpy', 'scipy', 'scikit-learn', 'matplotlib', 'tensorboard', 'numba', 'pillow', 'tqdm', 'pytest',
          'pytest-timeout', 'psutil', 'py-cpuinfo', 'msgpack', 'einops', 'ninja', 'packaging', 'torch', 'triton',
-         'setuptools', 'pip'}
+         'setuptools', 'pip',
+         'sympy', 'mpmath', 'networkx', 'jinja2', 'markupsafe'}  # torch's own requirements: there with torch
 owners = md.packages_distributions()
 outside = set()
 for name, mod in list(sys.modules.items()):
