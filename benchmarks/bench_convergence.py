@@ -443,6 +443,31 @@ def summarize(results: list[dict], arms: dict[str, int], resamples: int) -> dict
 # ---------------------------------------------------------------------------
 
 
+def plot_traces(results: list[dict], path: str, update_every: int = 100) -> str | None:
+    """k and tau of every adaptive_speed run against the training step (one line per seed), to
+    `path`; None (nothing written) when no run has a trace."""
+    runs = [r for r in results if r.get("sampler_trace")]
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (kx, tx) = plt.subplots(1, 2, figsize=(12, 4))
+    for r in runs:
+        steps = [update_every * (i + 1) for i in range(len(r["sampler_trace"]))]
+        kx.plot(steps, [k for k, _ in r["sampler_trace"]], label=f"{r['arm']} seed {r['seed']}")
+        tx.plot(steps, [tau for _, tau in r["sampler_trace"]], label=f"{r['arm']} seed {r['seed']}")
+    kx.set(xlabel="training step", ylabel="k (suppression of t >= tau)", title="adaptive k")
+    tx.set(xlabel="training step", ylabel="tau", title="adaptive tau")
+    kx.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(summary: dict, arms: list[str], path: str, title: str, floor: dict) -> str:
     import matplotlib
 
@@ -567,6 +592,22 @@ def finished_arms(args, work_dir: str) -> dict[str, int]:
     return done
 
 
+def sampler_trace(run_dir: str, steps: int) -> list[list[float]] | None:
+    """adaptive_speed's (k, tau) after each update, oldest first, from the final checkpoint's
+    sampler state (speed_fast.adaptive.AdaptiveSpeedStatistics: row (w - 1) % TRACE holds update w);
+    None for a run without one (static strategies, loss_moment)."""
+    path = os.path.join(run_dir, "checkpoints", f"step-{steps:08d}", "sampler.pt")
+    if not os.path.isfile(path):
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "trace" not in state:
+        return None
+    trace, windows = state["trace"], int(state["windows"])
+    n = min(windows, trace.shape[0])
+    rows = [(windows - n + i) % trace.shape[0] for i in range(n)]  # updates windows-n+1 .. windows
+    return [[float(trace[r, 0]), float(trace[r, 1])] for r in rows]
+
+
 def collect(args, work_dir: str, data, labels, walls: dict) -> list[dict]:
     results = []
     for arm, seed in schedule(args):
@@ -580,7 +621,8 @@ def collect(args, work_dir: str, data, labels, walls: dict) -> list[dict]:
                         "quality": quality, "online_quality": online, "final": quality[-1],
                         "wall_s": walls.get(f"{arm}-seed{seed}"),
                         "area_mse_heldout": heldout_area_mse(rd, data, labels),
-                        "area_loss_train": train_area_loss(rd, args.steps)})
+                        "area_loss_train": train_area_loss(rd, args.steps),
+                        "sampler_trace": sampler_trace(rd, args.steps)})
     return results
 
 
@@ -603,6 +645,7 @@ def main(argv=None) -> int:
     arms = list(args.arms)
     png = args.plot or stem + ".png"
     plot(summary, arms, png, f"{args.dataset}: {args.steps} steps", floor)
+    traces_png = plot_traces(results, png[:-4] + "_adaptive.png" if png.endswith(".png") else png + "_adaptive.png")
     doc = {"meta": {"command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]) if argv is None
                     else " ".join(argv), "dataset": args.dataset, "arms": {a: {"seeds": n, "strategy": ARMS[a][0],
                                                                                "params": ARMS[a][1]}
@@ -611,6 +654,7 @@ def main(argv=None) -> int:
                     "eval_samples": args.eval_samples, "preset": args.preset, "model": args.model, "trainer_args": args.trainer_arg,
                     "jobs": args.jobs, "bootstrap": args.bootstrap, "fractions": list(FRACTIONS),
                     "machine": machine(), "code": code_version(), "wall_s": time.perf_counter() - start, "plot": os.path.relpath(png, ROOT),
+                    "plot_adaptive": os.path.relpath(traces_png, ROOT) if traces_png else None,
                     "quality_key": QUALITY, "real_floor": floor},
            "seeds": {a: summary[a]["seeds"] for a in arms}, "summary": summary, "results": results,
            "table": table(summary, arms)}

@@ -149,3 +149,40 @@ def test_the_benchmark_end_to_end(tmp_path):
     assert third.returncode == 0, third.stderr[-3000:]
     assert "finished runs summarised: {'uniform': 1, 'clts': 1}" in third.stdout
     assert json.loads((tmp_path / "partial.json").read_text())["summary"] == doc["summary"]
+
+
+def test_the_adaptive_trace_is_read_oldest_first(tmp_path):
+    """sampler_trace reads adaptive_speed's (k, tau) per update from a final checkpoint's sampler.pt:
+    a real FusedSpeeD state after a few updates, and the ring once more updates than rows were made."""
+    import torch
+
+    from speed_fast.ops import FusedSpeeD
+    from speed_fast.schedule import NoiseSchedule
+    from speed_fast.timesteps import make_strategy
+
+    lin = NoiseSchedule.make("linear")
+    fused = FusedSpeeD(lin, make_strategy("adaptive_speed", lin, bins=10, history=2, update_every=1), seed=0)
+    x0 = torch.zeros(64, 1, 2, 2)
+    for step in range(5):
+        t, _ = fused.sample_and_noise(x0, step=step)
+        fused.observe(t, torch.exp(-t / 100.0) * 0.5 ** step)  # falling losses: k and tau move
+        fused.end_step(step + 1)
+    ckpt = tmp_path / "checkpoints" / "step-00000005"
+    ckpt.mkdir(parents=True)
+    state = fused.adaptive.state_dict()
+    torch.save(state, ckpt / "sampler.pt")
+    trace = bench.sampler_trace(str(tmp_path), 5)
+    assert len(trace) == 5 and trace[-1] == [float(fused.adaptive.k), float(fused.adaptive.tau)]
+    assert trace[0] == [5.0, 700.0] and trace != [trace[0]] * 5  # the start, then it moved
+    assert bench.sampler_trace(str(tmp_path), 4) is None  # no such checkpoint
+    # 1030 updates in a ring of 1024 rows: row (w - 1) % 1024 holds update w; oldest first is update 7.
+    rows = torch.zeros(1024, 2, dtype=torch.float64)
+    for w in range(7, 1031):
+        rows[(w - 1) % 1024, 0] = w
+    ring = dict(state, windows=torch.tensor(1030), trace=rows)
+    torch.save(ring, ckpt / "sampler.pt")
+    assert [k for k, _ in bench.sampler_trace(str(tmp_path), 5)] == [float(w) for w in range(7, 1031)]
+    png = tmp_path / "t_adaptive.png"
+    assert bench.plot_traces([{"arm": "uniform", "seed": 0, "sampler_trace": None}], str(png)) is None
+    assert bench.plot_traces([{"arm": "adaptive_speed", "seed": 0, "sampler_trace": trace}], str(png)) == str(png)
+    assert png.stat().st_size > 1000
