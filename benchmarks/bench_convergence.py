@@ -559,7 +559,9 @@ def machine() -> dict:
 def code_version() -> dict:
     """The commit of the checkout the benchmark runs from, and whether tracked files differ from it
     ({"commit": None} outside a git checkout): what fixes the rules of the adaptive arms a result
-    was measured with (a second data set's runs must come from a commit made before them)."""
+    was measured with (a second data set's runs must come from a commit made before them). With
+    --finished-only the JSON says `trained_here: false`: the commit is the summariser's, and the
+    runs' own code is whatever trained them."""
     import subprocess
 
     def git(*cmd):
@@ -653,7 +655,7 @@ def main(argv=None) -> int:
                     "baseline": arms[0], "steps": args.steps, "eval_every": args.eval_every,
                     "eval_samples": args.eval_samples, "preset": args.preset, "model": args.model, "trainer_args": args.trainer_arg,
                     "jobs": args.jobs, "bootstrap": args.bootstrap, "fractions": list(FRACTIONS),
-                    "machine": machine(), "code": code_version(), "wall_s": time.perf_counter() - start, "plot": os.path.relpath(png, ROOT),
+                    "machine": machine(), "code": {**code_version(), "trained_here": not args.finished_only}, "wall_s": time.perf_counter() - start, "plot": os.path.relpath(png, ROOT),
                     "plot_adaptive": os.path.relpath(traces_png, ROOT) if traces_png else None,
                     "quality_key": QUALITY, "real_floor": floor},
            "seeds": {a: summary[a]["seeds"] for a in arms}, "summary": summary, "results": results,

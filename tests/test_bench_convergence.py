@@ -130,6 +130,7 @@ def test_the_benchmark_end_to_end(tmp_path):
     head = sp.run(["git", "-C", os.path.dirname(os.path.dirname(str(_PATH))), "rev-parse", "HEAD"],
                   capture_output=True, text=True)
     assert doc["meta"]["code"]["commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert doc["meta"]["code"]["trained_here"] is True
     assert os.path.getsize(tmp_path / "conv.png") > 1000
     for r in doc["results"]:
         assert r["steps"] == [1, 2, 3, 4] and len(r["quality"]) == 4
