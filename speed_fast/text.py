@@ -139,6 +139,11 @@ class TextEncoder:
         """L: tokens per caption (the tokenizer's model_max_length)."""
         return int(self.tokenizer.model_max_length)
 
+    def tokenize(self, captions: Sequence[str]) -> list[list[int]]:
+        """Token ids of each caption, untruncated (len > max_tokens: the caption will be truncated)."""
+        with _quiet():
+            return self.tokenizer(list(captions), padding=False, truncation=False)["input_ids"]
+
     @torch.inference_mode()
     def encode(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(tokens fp32 [B, L, D], pooled fp32 [B, D], truncated bool [B]) on the CPU for `captions`."""
@@ -147,8 +152,7 @@ class TextEncoder:
             bad = next(c for c in captions if not isinstance(c, str))
             raise ValueError(f"captions must be strings, got {type(bad).__name__} {bad!r:.80}")
         L = self.max_tokens
-        with _quiet():
-            full = self.tokenizer(captions, padding=False, truncation=False)["input_ids"]
+        full = self.tokenize(captions)
         truncated = torch.tensor([len(ids) > L for ids in full], dtype=torch.bool)
         ids = self.tokenizer(captions, padding="max_length", truncation=True, max_length=L,
                              return_tensors="pt")["input_ids"].to(self.device)  # (B, L)
