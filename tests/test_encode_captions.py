@@ -137,3 +137,25 @@ def test_two_ranks_write_the_captioned_bytes_of_one(data, tmp_path):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert filecmp.cmp(tmp_path / "one.beton", tmp_path / "two.beton", shallow=False)
+
+
+def test_write_pixels_with_captions(data, tmp_path, capsys):
+    out = tmp_path / "pix.beton"
+    assert main(["write-pixels", str(data / "images"), "--out", str(out), "--resolution", str(RES), "--no-progress",
+                 "--captions", str(data / "captions_train.json"), "--text-encoder", str(data / "clip")]) == 0
+    assert "5 latents" not in capsys.readouterr().out
+    meta = read_latent_meta(out, verify=True)
+    assert meta["num_samples"] == 5 and meta["source"]["space"] == "pixels" and meta["shape"] == [3, RES, RES]
+    enc = load_text_encoder(str(data / "clip"))
+    tokens, pooled, _ = enc.encode([c for p, c in PAIRS if p != "broken.png"])
+    (x, y, t, p), = list(MemmapLoader(out, 5, drop_last=False, seed=0))
+    idx = torch.from_numpy(MemmapLoader(out, 5, drop_last=False, seed=0).sample_indices(0)[0])
+    assert torch.equal(t, tokens.half()[idx]) and torch.equal(p, pooled.half()[idx])
+    from speed_fast.data.encode import center_crop_arr
+
+    assert sorted(y.tolist()) == [0, 0, 1, 1, 2]
+    c = np.asarray(center_crop_arr(Image.open(data / "images" / "sub" / "c.png").convert("RGB"), RES))  # image 2
+    want = torch.from_numpy(c.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
+    assert x.dtype == torch.float16 and torch.equal(x[y.tolist().index(2)], want.half())
+    assert main(["write-pixels", str(data / "images"), "--out", str(tmp_path / "bad.beton"), "--captions",
+                 str(data / "captions.jsonl"), "--text-encoder", str(data / "clip"), "--max-images", "2"]) == 2
