@@ -159,3 +159,15 @@ def test_write_pixels_with_captions(data, tmp_path, capsys):
     assert x.dtype == torch.float16 and torch.equal(x[y.tolist().index(2)], want.half())
     assert main(["write-pixels", str(data / "images"), "--out", str(tmp_path / "bad.beton"), "--captions",
                  str(data / "captions.jsonl"), "--text-encoder", str(data / "clip"), "--max-images", "2"]) == 2
+
+
+def test_a_resumed_captioned_encode_refuses_changed_captions(data, tmp_path, capsys):
+    out = tmp_path / "part.beton"
+    assert encode(data, out, "captions.jsonl", "--max-images", "1") == 0
+    assert not out.exists()
+    (data / "changed.jsonl").write_text((data / "captions.jsonl").read_text().replace("seven", "eight"))
+    assert encode(data, out, "changed.jsonl") == 2
+    err = capsys.readouterr().err
+    assert "holds an unfinished encode with captions (sha256 " in err, err[-600:]
+    assert encode(data, out, "captions_train.json") == 0  # the same pairs from another file: it continues
+    assert read_latent_meta(out)["num_samples"] == 5

@@ -103,8 +103,8 @@ def caption_images(path: str, image_dir: str) -> dict:
     images = list(index)
     missing = [p for p in images if not os.path.isfile(os.path.join(image_dir, p))]
     if missing:
-        raise ValueError(f"--captions {path!r} names {len(missing)} image(s) not found under {image_dir!r}, the "
-                         f"first {missing[0]!r}; image paths are relative to the image folder")
+        raise ValueError(f"--captions {path!r} names {len(missing)} image(s) not found under {image_dir!r} (or not "
+                         f"regular files), the first {missing[0]!r}; image paths are relative to the image folder")
     listing = json.dumps(pairs, ensure_ascii=False).encode()
     return {"images": images, "pairs": np.asarray([index[p] for p, _ in pairs], dtype=np.int64),
             "captions": [c for _, c in pairs], "sha256": hashlib.sha256(listing).hexdigest()}

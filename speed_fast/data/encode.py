@@ -407,18 +407,25 @@ def _check_settings(resolution, batch_size, shard_size, workers, seed, max_image
         raise ValueError(f"max_images must be an integer >= 1, got {max_images!r}")
 
 
+# Fields of a manifest record that may change between runs: how the VAE / text encoder was named
+# (`ema` or its hub id), where the caption file lies (its pairs' SHA-256 is what counts).
+_FREE_FIELDS = {"vae": "name", "text_encoder": "name", "captions": "file"}
+
+
 def _same_setting(key: str, old, new) -> bool:
-    if key == "vae" and isinstance(old, dict) and isinstance(new, dict):  # `ema` or its hub id: the same VAE
-        return {k: v for k, v in old.items() if k != "name"} == {k: v for k, v in new.items() if k != "name"}
+    if key in _FREE_FIELDS and isinstance(old, dict) and isinstance(new, dict):
+        free = _FREE_FIELDS[key]
+        return {k: v for k, v in old.items() if k != free} == {k: v for k, v in new.items() if k != free}
     return old == new
 
 
 def _change(key: str, old, new) -> str:
-    """`key=OLD, now NEW`; for the VAE record only the fields that differ (the name aside)."""
+    """`key=OLD, now NEW`; for a record (VAE, text encoder, captions) only the fields that differ."""
     if isinstance(old, dict) and isinstance(new, dict):
-        diff = [k for k in sorted(set(old) | set(new)) if k != "name" and old.get(k) != new.get(k)]
-        return (f"vae {old.get('name')!r}, now {new.get('name')!r} ("
-                + ", ".join(f"{k} {old.get(k)!r} vs {new.get(k)!r}" for k in diff) + ")")
+        free = _FREE_FIELDS.get(key)
+        diff = [k for k in sorted(set(old) | set(new)) if k != free and old.get(k) != new.get(k)]
+        head = f"{key} {old.get('name')!r}, now {new.get('name')!r}" if free == "name" else key
+        return f"{head} (" + ", ".join(f"{k} {old.get(k)!r} vs {new.get(k)!r}" for k in diff) + ")"
     shown = (lambda v: v if not isinstance(v, list) or len(v) < 6 else f"[{len(v)} entries]")
     return f"{key}={shown(old)!r}, now {shown(new)!r}"
 
