@@ -41,3 +41,19 @@ def test_unknown_text_encoder_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"HF_HUB_OFFLINE=1 forbids downloading it") as err:
         load_text_encoder("nobody/no-such-clip")
     assert "\n" not in str(err.value)
+
+
+def test_a_clip_model_directory_gives_its_text_tower(tiny, tmp_path):
+    """A save_pretrained CLIPModel (text + vision, as CLIP score needs) loads as the text encoder of its text tower."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    text = load_text_encoder(tiny)
+    cfg = CLIPConfig(text_config=text.model.config.to_dict(), projection_dim=16,
+                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        image_size=8, patch_size=4))
+    full = CLIPModel(cfg)
+    full.text_model.load_state_dict(text.model.state_dict())
+    full.save_pretrained(tmp_path / "full")
+    CLIPTokenizer.from_pretrained(tiny).save_pretrained(tmp_path / "full")
+    got = load_text_encoder(str(tmp_path / "full"))
+    assert torch.equal(got.encode(["a handwritten seven"])[1], text.encode(["a handwritten seven"])[1])
