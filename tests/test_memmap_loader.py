@@ -3,6 +3,8 @@ MemmapLoader hands out LatentLoader's batches bit for bit (order, shards, flips,
 epoch boundaries, a mid-epoch resume), so a run can switch loaders and stay the same run."""
 
 import filecmp
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -119,3 +121,73 @@ except ValueError as exc:
     assert r.stderr.count("FFCV is not importable") == 1, r.stderr  # said once per process
     assert "the memmap loader reads the data (same batches)" in r.stderr
     assert "REFUSED: loader 'ffcv' asked for, but FFCV does not import here (ImportError: ffcv is blocked" in r.stdout
+
+
+# Captioned files: (latent shape, store, stored mirrors, samples). With 77 x 32 float16 tokens a record
+# is 5120 bytes (4x4x4 bf16 latents): 409 per 2 MiB page, and the 3072 free bytes at a page's end take
+# the next record's latent before FFCV restarts that record on the next page (kept in the bytes).
+CAPTIONED = [((4, 4, 4), "bfloat16", True, 205), ((3, 5, 8), "float32", False, 150)]
+
+
+def _write_captioned(tmp_path, shape, store, copies, n, writer):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(((n, 2) if copies else (n,)) + shape, generator=g)
+    text = torch.randn(n, 77, 32, generator=g) * 3
+    pooled = torch.randn(n, 32, generator=g)
+    null = {"tokens": torch.randn(77, 32, generator=g), "pooled": torch.randn(32, generator=g)}
+    path = str(tmp_path / f"{writer}-text.beton")
+    write_latents(path, x, np.arange(n) % 5, store_dtype=store, flip_copies=copies, writer=writer, chunk=37,
+                  text=text, pooled=pooled, text_meta={"encoder": "tiny", "null": null})
+    return path, text, pooled, null
+
+
+@pytest.mark.parametrize("shape,store,copies,n", CAPTIONED)
+def test_captioned_file_is_ffcvs_bytes_and_round_trips_its_text(tmp_path, shape, store, copies, n):
+    """A captioned .beton is byte for byte FFCV's (tail bytes of a page included), and both loaders
+    hand out each sample's text embeddings exactly (float16 of what was written), with the same
+    batches; the null caption's embedding comes back from the sidecar exactly too."""
+    from speed_fast.data.latents import null_text
+
+    a, text, pooled, null = _write_captioned(tmp_path, shape, store, copies, n, "numpy")
+    meta = read_latent_meta(a, verify=True)
+    assert meta["text"]["width"] == 32 and meta["text"]["tokens"] == 77 and meta["text"]["encoder"] == "tiny"
+    nt, np_ = null_text(meta)
+    assert torch.equal(nt, null["tokens"].half()) and torch.equal(np_, null["pooled"].half())
+    if importlib.util.find_spec("ffcv") is not None:
+        b = _write_captioned(tmp_path, shape, store, copies, n, "ffcv")[0]
+        assert filecmp.cmp(a, b, shallow=False)
+        assert filecmp.cmp(a + ".json", b + ".json", shallow=False)
+    kw = dict(seed=1, rank=1, world_size=2, flip=True, drop_last=False)
+    loaders = [MemmapLoader(a, 16, **kw)]
+    if importlib.util.find_spec("ffcv") is not None:
+        loaders.append(LatentLoader(a, 16, num_workers=2, **kw))
+    seen = []
+    for loader in loaders:
+        idx = loader.sample_indices(0)[0]
+        got = [tuple(t.clone() for t in b) for b in loader]  # FFCV's batches are views of rotating buffers
+        assert sum(len(b[0]) for b in got) == len(idx)
+        tokens = torch.cat([b[2] for b in got])
+        pooled_got = torch.cat([b[3] for b in got])
+        assert tokens.dtype == torch.float16 and tokens.shape == (len(idx), 77, 32)
+        assert torch.equal(tokens, text[idx].half()) and torch.equal(pooled_got, pooled[idx].half())
+        seen.append(got)
+    for ga, gb in zip(*seen) if len(seen) == 2 else ():
+        assert all(_same(u, v) for u, v in zip(ga, gb))
+
+
+def test_plain_file_still_yields_pairs_and_captioned_sidecar_is_checked(tmp_path):
+    path = _write(tmp_path, (3, 5, 8), "bfloat16", False, 40, "numpy")
+    assert len(next(iter(MemmapLoader(path, 8)))) == 2
+    a = _write_captioned(tmp_path, (4, 4, 4), "bfloat16", False, 30, "numpy")[0]
+    with open(a + ".json") as f:
+        side = json.load(f)
+    side["text"]["null"]["pooled"] = side["text"]["null"]["pooled"][:-8]
+    with open(a + ".json", "w") as f:
+        json.dump(side, f)
+    with pytest.raises(ValueError, match=r"sidecar text.null.pooled is not base64 of 64 bytes"):
+        read_latent_meta(a)
+    del side["text"]
+    with open(a + ".json", "w") as f:
+        json.dump(side, f)
+    with pytest.raises(ValueError, match=r"has 4 fields, expected 2"):
+        read_latent_meta(a)

@@ -32,6 +32,13 @@ def add_arguments(p) -> None:
     p.add_argument("--max-images", type=int, default=None,
                    help="encode at most this many more images (all processes together), then stop (rerun to continue)")
     p.add_argument("--keep-parts", action="store_true", help="keep FILE.beton.parts/ after writing the .beton")
+    p.add_argument("--captions", default=None, metavar="FILE",
+                   help="a caption file (JSON lines of {\"image\": path under IMAGE_DIR, \"caption\": text}, or COCO's "
+                        "captions_*.json): one record per (image, caption) pair, with its text embeddings; needs "
+                        "--text-encoder")
+    p.add_argument("--text-encoder", default=None, metavar="NAME_OR_DIR",
+                   help="the CLIP text encoder for --captions: a hub id (openai/clip-vit-large-patch14) or a "
+                        "save_pretrained directory (e.g. a tiny CLIP from speed_fast.text.build_tiny_clip)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -44,7 +51,8 @@ def run(args) -> int:
                                batch_size=args.batch_size, sample_posterior=args.sample_posterior, seed=args.seed,
                                device=args.device, workers=args.workers, shard_size=args.shard_size,
                                max_images=args.max_images, keep_parts=args.keep_parts,
-                               progress=not args.no_progress, job=job)
+                               progress=not args.no_progress, job=job, captions=args.captions,
+                               text_encoder=args.text_encoder)
     if not job.is_main:
         return 0
     if not status["done"]:
@@ -53,8 +61,11 @@ def run(args) -> int:
         return 0
     meta = status["meta"]
     vae = meta["source"]["vae"]
+    what = (f"{meta['num_classes']} classes" if "text" not in meta else
+            f"(image, caption) pairs of {status['images']} images, text {meta['text']['encoder']} "
+            f"[{meta['text']['tokens']}, {meta['text']['width']}]")
     print(f"wrote {args.out}: {meta['num_samples']} latents of shape {meta['shape']} ({meta['store_dtype']}"
-          f"{', with mirrored copies' if meta['flip_copies'] else ''}), {meta['num_classes']} classes; "
+          f"{', with mirrored copies' if meta['flip_copies'] else ''}), {what}; "
           f"VAE {vae['path']} ({vae['class']}, scale {vae['scaling_factor']:g}, shift {vae['shift_factor']:g}); "
           f"skipped {status['skipped']} unreadable image(s)")
     return 0

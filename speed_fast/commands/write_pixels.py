@@ -15,6 +15,12 @@ def add_arguments(p) -> None:
     p.add_argument("--resolution", type=int, default=None,
                    help="ADM center-crop size; default: keep the images' own (square, all equal) size")
     p.add_argument("--max-images", type=int, default=None, help="keep only the first N images (by path)")
+    p.add_argument("--captions", default=None, metavar="FILE",
+                   help="a caption file (JSON lines of {\"image\": path under SOURCE, \"caption\": text}, or COCO's "
+                        "captions_*.json): one record per (image, caption) pair with its text embeddings; SOURCE "
+                        "a folder; needs --text-encoder")
+    p.add_argument("--text-encoder", default=None, metavar="NAME_OR_DIR",
+                   help="the CLIP text encoder for --captions: a hub id or a save_pretrained directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -22,8 +28,11 @@ def run(args) -> int:
     from ..data.pixels import write_pixels
 
     status = write_pixels(args.source, args.out, resolution=args.resolution, max_images=args.max_images,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, captions=args.captions, text_encoder=args.text_encoder)
     meta = status["meta"]
+    what = (f"{meta['num_classes']} classes {meta['class_names'][:10]}" if "text" not in meta else
+            f"(image, caption) pairs of {status['images']} images, text {meta['text']['encoder']} "
+            f"[{meta['text']['tokens']}, {meta['text']['width']}]")
     print(f"wrote {args.out}: {meta['num_samples']} images of shape {meta['shape']} (float16 pixels in [-1, 1]), "
-          f"{meta['num_classes']} classes {meta['class_names'][:10]}; skipped {status['skipped']} unreadable image(s)")
+          f"{what}; skipped {status['skipped']} unreadable image(s)")
     return 0

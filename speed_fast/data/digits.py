@@ -2,6 +2,11 @@
 
 1797 images, 10 classes, pixel values 0..16 mapped to [-1, 1] (x / 8 - 1), stored as bf16 like
 real VAE latents. It ships with scikit-learn, so `deepspeed train/main.py` runs with no download.
+
+The captioned digits (`write_captioned_digits`, benchmarks/make_captioned_digits.py) are the same
+records with a caption each, one of DIGIT_PHRASINGS for its digit drawn by a seeded generator, and
+the captions' embeddings by a tiny CLIP text model built from the same seed (speed_fast.text): the
+text-to-image set of the CPU verdict.
 """
 
 from __future__ import annotations
@@ -16,6 +21,10 @@ from .latents import LatentFileError, read_latent_meta, write_latents
 
 DIGITS_SOURCE = "sklearn.datasets.load_digits"
 DIGITS_SAMPLES = 1797
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# {w}: the digit's word, {n}: its numeral. Every word is one of speed_fast.text.TINY_WORDS.
+DIGIT_PHRASINGS = ("a handwritten {w}", "the digit {n}", "number {w}, drawn by hand", "a picture of the number {n}",
+                   "{w}", "a small black and white {w}")
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -52,3 +61,53 @@ def ensure_digits_beton(path: str | os.PathLike | None = None) -> str:
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return path
+
+
+def digit_captions(labels: np.ndarray, seed: int = 0) -> list[str]:
+    """One caption per label: a phrasing drawn per image from SeedSequence([seed, 20]) (the same seed, the same captions)."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 20])))
+    pick = rng.integers(0, len(DIGIT_PHRASINGS), size=len(labels))
+    return [DIGIT_PHRASINGS[k].format(w=DIGIT_WORDS[y], n=int(y)) for k, y in zip(pick, labels)]
+
+
+def write_captioned_digits(out_dir: str | os.PathLike, seed: int = 0, width: int = 32, limit: int | None = None) -> dict:
+    """Write the captioned digits into `out_dir`: clip/ (the tiny CLIP text model of `seed`, `width`),
+    captions.jsonl ({"index", "label", "caption"} per image), prompts.txt (each digit's phrasings, one
+    a line, for sampling) and digits-captions.beton (+ .json): the digits' records (labels = digits,
+    class names "0".."9") with their captions' embeddings. `limit`: the first N images only (tests).
+    Deterministic: the same arguments write the same bytes (the sidecar names out_dir's paths).
+    Returns the .beton's sidecar dict."""
+    import json
+
+    import torch
+
+    from ..text import build_tiny_clip, load_text_encoder
+
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    os.makedirs(out_dir, exist_ok=True)
+    x, y = digits_arrays()
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    captions = digit_captions(y, seed)
+    clip = build_tiny_clip(os.path.join(out_dir, "clip"), seed=seed, width=width)
+    encoder = load_text_encoder(clip)
+    distinct = sorted(set(captions))  # 60 phrasings: each embedded once, alone, so no batch changes its bits
+    rows = [encoder.encode([c]) for c in distinct]
+    tokens = torch.cat([r[0] for r in rows])  # (K, L, D)
+    pooled = torch.cat([r[1] for r in rows])  # (K, D)
+    at = {c: i for i, c in enumerate(distinct)}
+    which = torch.tensor([at[c] for c in captions])
+    null_tokens, null_pooled, _ = encoder.encode([""])
+    with open(os.path.join(out_dir, "captions.jsonl"), "w") as f:
+        for i, (label, caption) in enumerate(zip(y, captions)):
+            f.write(json.dumps({"index": i, "label": int(label), "caption": caption}) + "\n")
+    with open(os.path.join(out_dir, "prompts.txt"), "w") as f:
+        for d in range(10):
+            for phrasing in DIGIT_PHRASINGS:
+                f.write(phrasing.format(w=DIGIT_WORDS[d], n=d) + "\n")
+    return write_latents(os.path.join(out_dir, "digits-captions.beton"), x, y, class_names=[str(i) for i in range(10)],
+                         store_dtype="bfloat16", text=tokens[which], pooled=pooled[which],
+                         text_meta={"encoder": clip, "seed": seed, "truncated": 0,
+                                    "null": {"tokens": null_tokens[0], "pooled": null_pooled[0]}},
+                         extra={"dataset": DIGITS_SOURCE, "scaling": "x / 8 - 1", "captions": "captions.jsonl",
+                                "caption_seed": seed, "phrasings": list(DIGIT_PHRASINGS)})

@@ -30,6 +30,16 @@ resumes with any number of ranks (the batch size is not part of the manifest: a 
 batch size is valid, only its bytes may differ in the last bit). Input errors (a missing or
 mismatched VAE, changed settings, bad images folder) are found on every rank alike and said once.
 
+Captions (`captions=FILE, text_encoder=NAME`, speed_fast.data.captions): the images are the ones the
+caption file names (paths relative to IMAGE_DIR, no class folders), each encoded once as above; the
+.beton holds one record per (image, caption) pair in file order, label = the image's index, with
+the caption's CLIP embeddings (speed_fast.text) in its "text"/"pooled" fields. Rank 0 embeds the
+captions while it writes the .beton, in batches cut at multiples of TEXT_BATCH from the first
+record, so the bytes stay independent of the number of ranks. Pairs of an unreadable image are
+dropped with it. Captions longer than the encoder takes are truncated (one warning with the count,
+and the count in the sidecar's text.truncated). Rank 0 holds every image's latent in memory while it
+writes the pairs (COCO train at 256: 118k x 4x32x32 bf16 = 1 GB, twice that with flips).
+
 Unreadable images (not decodable, truncated, unsupported, or past MAX_ASPECT / MAX_PIXELS) are
 skipped and reported as they occur; their count and names go into the sidecar's "source" entry.
 Symlinks are followed, but each directory and each image file (by device and inode) is taken
@@ -61,7 +71,7 @@ MAX_PIXELS = 1 << 26
 _SHARD_RE = re.compile(r"^shard-(\d{9})-(\d{9})\.npz$")
 # Settings that must match for a rerun to continue an earlier one.
 _MANIFEST_KEYS = ("image_dir", "files_sha256", "num_images", "class_names", "vae", "resolution", "flip",
-                  "sample_posterior", "seed")
+                  "sample_posterior", "seed", "captions", "text_encoder")
 
 
 def scan_image_folder(image_dir: str, report: dict | None = None) -> tuple[list[str], np.ndarray, list[str]]:
@@ -283,7 +293,8 @@ class _ShardLatents:
 def encode_folder(image_dir: str, vae: str, out: str, *, resolution: int = 256, flip: bool = False,
                   batch_size: int = 32, sample_posterior: bool = False, seed: int = 0, device: str = "auto",
                   workers: int = 4, shard_size: int = 1024, max_images: int | None = None,
-                  keep_parts: bool = False, progress: bool = True, log=None, job=None) -> dict:
+                  keep_parts: bool = False, progress: bool = True, log=None, job=None,
+                  captions: str | None = None, text_encoder: str | None = None) -> dict:
     """Encode IMAGE_DIR with the VAE named `vae` (speed_fast.vae.load_vae: a hub id, DiT's ema / mse,
     a local directory or a .safetensors file) into the latent file `out`; returns a status dict
     (done, images, encoded, skipped, parts, meta). On ranks other than 0 it returns when the rank's
@@ -292,6 +303,7 @@ def encode_folder(image_dir: str, vae: str, out: str, *, resolution: int = 256, 
 
     job: a speed_fast.distributed.Job; None opens one here (launch_job(device): one process, or the
     ranks of a torchrun / deepspeed launch). The ranks share the work (see the module docstring).
+    captions, text_encoder: a caption file and the text encoder that embeds it (both or neither; module docstring).
     max_images stops after that many more images (a resumable partial run). One encode per output:
     rank 0 holds `<out>.lock` (speed_fast.lockfile) throughout, so a second encode of the same `out`
     is refused (naming the holder) instead of resuming from the first one's live parts, and the
@@ -304,15 +316,25 @@ def encode_folder(image_dir: str, vae: str, out: str, *, resolution: int = 256, 
             return encode_folder(image_dir, vae, out, resolution=resolution, flip=flip, batch_size=batch_size,
                                  sample_posterior=sample_posterior, seed=seed, device=device, workers=workers,
                                  shard_size=shard_size, max_images=max_images, keep_parts=keep_parts,
-                                 progress=progress, log=log, job=job)
+                                 progress=progress, log=log, job=job, captions=captions, text_encoder=text_encoder)
     log = log or (lambda msg: print(msg, file=sys.stderr))
     job.agree(_check_settings, resolution, batch_size, shard_size, workers, seed, max_images)
+    if (captions is None) != (text_encoder is None):
+        raise ValueError("--captions and --text-encoder go together: give both for a captioned file, or neither")
+    text = {}  # rank 0: the text encoder, loaded before any image is encoded so a bad name costs nothing
+
+    def load_text():
+        from ..text import load_text_encoder
+
+        text["encoder"] = load_text_encoder(text_encoder, job.device)
+        return text["encoder"].record
     with job.output_lock(out, "encode", log):
         if job.distributed:  # a hub id is downloaded once per machine, then read from the cache by every rank
             job.agree(lambda: resolve_vae(vae) if job.local_rank == 0 else None)
         model = job.agree(load_vae, vae, job.device)
+        text_record = job.on_main(load_text) if captions is not None else None
         plan = job.on_main(_plan, image_dir, model, out, resolution, flip, sample_posterior, seed, shard_size,
-                           max_images, log)
+                           max_images, log, captions, text_record)
         if job.distributed:
             job.agree(_check_parts_visible, plan["parts"])
         mine = plan["pieces"][job.rank::job.world]
@@ -331,7 +353,43 @@ def encode_folder(image_dir: str, vae: str, out: str, *, resolution: int = 256, 
         if not job.is_main:  # rank 0 writes the .beton alone; the other ranks are done (no wait, no timeout)
             return {"done": None, "images": len(plan["paths"]), "encoded": sum(b - a for a, b in mine),
                     "skipped": None, "parts": plan["parts"], "meta": None}
-        return _finish(plan, out, flip, keep_parts, progress, log)
+        return _finish(plan, out, flip, keep_parts, progress, log, text.get("encoder"))
+
+
+def write_captioned(out, latents, ok, caption_plan, text_encoder, *, log, command, **kwargs) -> dict:
+    """write_latents for a captioned set: `latents` [kept images, ...] of the images with ok[i] True, one record
+    per (image, caption) pair of `caption_plan` (speed_fast.data.captions.caption_images) whose image was kept."""
+    from .captions import TEXT_BATCH, CaptionText
+
+    ok = np.asarray(ok, dtype=bool)
+    row = np.cumsum(ok) - 1  # image index -> row of `latents`
+    pairs = caption_plan["pairs"]
+    kept = np.flatnonzero(ok[pairs])  # the records: pairs whose image was read
+    if kept.size == 0:
+        raise ValueError("no (image, caption) pair is left: none of the captioned images could be read")
+    text = CaptionText(text_encoder, [caption_plan["captions"][k] for k in kept])
+    truncated = text.count_truncated()
+    if truncated:
+        log(f"[{command}] warning: {truncated} of {kept.size} captions are longer than the text encoder's "
+            f"{text_encoder.max_tokens} tokens and were truncated (as CLIP does)")
+    meta = text.text_meta(truncated=truncated)
+    return write_latents(out, _Rows(latents, row[pairs[kept]]), pairs[kept], text=text.text, pooled=text.pooled,
+                         text_meta=meta, chunk=4 * TEXT_BATCH, **kwargs)  # CLIP-L: 256 x 77 x 768 fp32 = 60 MB
+
+
+class _Rows:
+    """Rows `rows` of `array` as an array-like of len(rows) records (read a slice at a time)."""
+
+    def __init__(self, array, rows: np.ndarray):
+        self.array, self.rows = array, rows
+        self.shape = (len(rows),) + tuple(array.shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, sl: slice):
+        return self.array[torch.from_numpy(self.rows[sl])] if isinstance(self.array, torch.Tensor) \
+            else self.array[self.rows[sl]]
 
 
 def _check_parts_visible(parts: str) -> None:
@@ -349,28 +407,46 @@ def _check_settings(resolution, batch_size, shard_size, workers, seed, max_image
         raise ValueError(f"max_images must be an integer >= 1, got {max_images!r}")
 
 
+# Fields of a manifest record that may change between runs: how the VAE / text encoder was named
+# (`ema` or its hub id), where the caption file lies (its pairs' SHA-256 is what counts).
+_FREE_FIELDS = {"vae": "name", "text_encoder": "name", "captions": "file"}
+
+
 def _same_setting(key: str, old, new) -> bool:
-    if key == "vae" and isinstance(old, dict) and isinstance(new, dict):  # `ema` or its hub id: the same VAE
-        return {k: v for k, v in old.items() if k != "name"} == {k: v for k, v in new.items() if k != "name"}
+    if key in _FREE_FIELDS and isinstance(old, dict) and isinstance(new, dict):
+        free = _FREE_FIELDS[key]
+        return {k: v for k, v in old.items() if k != free} == {k: v for k, v in new.items() if k != free}
     return old == new
 
 
 def _change(key: str, old, new) -> str:
-    """`key=OLD, now NEW`; for the VAE record only the fields that differ (the name aside)."""
+    """`key=OLD, now NEW`; for a record (VAE, text encoder, captions) only the fields that differ."""
     if isinstance(old, dict) and isinstance(new, dict):
-        diff = [k for k in sorted(set(old) | set(new)) if k != "name" and old.get(k) != new.get(k)]
-        return (f"vae {old.get('name')!r}, now {new.get('name')!r} ("
-                + ", ".join(f"{k} {old.get(k)!r} vs {new.get(k)!r}" for k in diff) + ")")
+        free = _FREE_FIELDS.get(key)
+        diff = [k for k in sorted(set(old) | set(new)) if k != free and old.get(k) != new.get(k)]
+        head = f"{key} {old.get('name')!r}, now {new.get('name')!r}" if free == "name" else key
+        return f"{head} (" + ", ".join(f"{k} {old.get(k)!r} vs {new.get(k)!r}" for k in diff) + ")"
     shown = (lambda v: v if not isinstance(v, list) or len(v) < 6 else f"[{len(v)} entries]")
     return f"{key}={shown(old)!r}, now {shown(new)!r}"
 
 
-def _plan(image_dir, vae, out, resolution, flip, sample_posterior, seed, shard_size, max_images, log) -> dict:
+def _plan(image_dir, vae, out, resolution, flip, sample_posterior, seed, shard_size, max_images, log,
+          captions=None, text_record=None) -> dict:
     """Rank 0: the image list, the manifest (written, or checked against the unfinished encode's) and the
     pieces still to encode. Every rank gets the answer."""
     image_dir = os.path.abspath(image_dir)
-    found = {}
-    paths, labels, class_names = scan_image_folder(image_dir, found)
+    found = {"not_regular": [], "empty_classes": []}
+    caption_plan = None
+    if captions is not None:
+        from .captions import caption_images
+
+        if not os.path.isdir(image_dir):
+            raise ValueError(f"IMAGE_DIR {image_dir!r} is not a directory")
+        caption_plan = caption_images(captions, image_dir)
+        paths, class_names = caption_plan["images"], None
+        labels = np.arange(len(paths), dtype=np.int64)
+    else:
+        paths, labels, class_names = scan_image_folder(image_dir, found)
     warn_scan(found, "encode", log)
     n_images = len(paths)
     record = vae_record(vae)
@@ -383,7 +459,11 @@ def _plan(image_dir, vae, out, resolution, flip, sample_posterior, seed, shard_s
     listing = "\n".join(f"{p}\t{int(y)}" for p, y in zip(paths, labels)).encode()
     manifest = {"image_dir": image_dir, "files_sha256": _sha256(listing), "num_images": n_images,
                 "class_names": class_names, "vae": record, "resolution": resolution, "flip": bool(flip),
-                "sample_posterior": bool(sample_posterior), "seed": seed}
+                "sample_posterior": bool(sample_posterior), "seed": seed,
+                "captions": None if caption_plan is None else {"file": os.path.abspath(captions),
+                                                               "sha256": caption_plan["sha256"],
+                                                               "pairs": len(caption_plan["pairs"])},
+                "text_encoder": text_record}
     parts = os.path.abspath(out) + ".parts"
     os.makedirs(parts, exist_ok=True)
     man_path = os.path.join(parts, "manifest.json")
@@ -405,10 +485,10 @@ def _plan(image_dir, vae, out, resolution, flip, sample_posterior, seed, shard_s
         log(f"encode: resuming after {done} of {n_images} images already encoded in {parts}")
     return {"image_dir": image_dir, "paths": paths, "labels": labels, "class_names": class_names, "found": found,
             "manifest": manifest, "parts": parts, "resolution": resolution, "scale_shift": latent_factors(vae),
-            "pieces": _todo(finished, n_images, shard_size, max_images)}
+            "pieces": _todo(finished, n_images, shard_size, max_images), "captions": caption_plan}
 
 
-def _finish(plan, out, flip, keep_parts, progress, log) -> dict:
+def _finish(plan, out, flip, keep_parts, progress, log, text_encoder=None) -> dict:
     """Rank 0, after every rank has written its shards: the .beton once every image is encoded."""
     parts, paths, labels = plan["parts"], plan["paths"], plan["labels"]
     n_images = len(paths)
@@ -434,8 +514,12 @@ def _finish(plan, out, flip, keep_parts, progress, log) -> dict:
                  not_regular=len(found["not_regular"]), not_regular_files=found["not_regular"][:100],
                  empty_classes=found["empty_classes"], images_skipped=len(failed),
                  skipped=[{"path": paths[i], "error": m} for i, m in failed])
-    meta = write_latents(out, source, labels[ok], class_names=plan["class_names"], store_dtype="bfloat16",
-                         flip_copies=bool(flip), extra=extra, progress=progress)
+    if plan.get("captions") is None:
+        meta = write_latents(out, source, labels[ok], class_names=plan["class_names"], store_dtype="bfloat16",
+                             flip_copies=bool(flip), extra=extra, progress=progress)
+    else:
+        meta = write_captioned(out, source[0:len(source)], ok, plan["captions"], text_encoder, flip_copies=bool(flip),
+                               store_dtype="bfloat16", extra=extra, progress=progress, log=log, command="encode")
     if failed:
         log(f"encode: skipped {len(failed)} unreadable image(s) of {n_images} (listed in {out}.json, "
             f"source.skipped)")

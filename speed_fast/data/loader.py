@@ -31,7 +31,7 @@ import time
 import numpy as np
 import torch
 
-from .latents import LABEL_FIELD, LATENT_FIELD, keep_torch_threads
+from .latents import LABEL_FIELD, LATENT_FIELD, POOLED_FIELD, TEXT_FIELD, keep_torch_threads
 from .order import ShardedLoader, epoch_order, int_arg, shard_indices  # noqa: F401  (epoch_order, shard_indices: public here too)
 
 _ID_BITS = 48  # sample ids below 2**48; bit 48 asks the decoder to mirror the latent along W
@@ -50,15 +50,19 @@ def _decoders():
     from ffcv.pipeline.compiler import Compiler
 
     class LatentDecoder(NDArrayDecoder):
-        """Copies each record into the batch buffer, mirrored along W when bit 48 of its index is set."""
+        """Copies each record into the batch buffer, mirrored along W when bit 48 of its index is set
+        (mirror=False: never, for a caption's text, which the flip does not change)."""
 
-        def __init__(self, direct: bool):
+        def __init__(self, direct: bool, mirror: bool = True):
             super().__init__()
             self.direct = direct
+            self.mirror = mirror
 
         def generate_code(self):
-            c_, h_, w_ = (int(s) for s in self.field.shape)
-            nbytes = c_ * h_ * w_ * self.field.dtype.itemsize
+            shape = [int(s) for s in self.field.shape]
+            w_ = shape[-1]
+            nbytes = int(np.prod(shape)) * self.field.dtype.itemsize
+            mirror = bool(self.mirror)
             if self.direct:
                 # os_cache: slice the memory map directly. FFCV's reader binary-searches the whole
                 # allocation table for each record's size, which we know (~30% of the decode time).
@@ -70,7 +74,7 @@ def _decoders():
                 mem_read = Compiler.compile(read)
             else:
                 mem_read = self.memory_read
-            rows, half = c_ * h_, w_ // 2
+            rows, half = int(np.prod(shape[:-1])), w_ // 2
             mask = np.uint64(_ID_MASK)
             shift = np.uint64(_ID_BITS)
             one = np.uint64(1)
@@ -96,7 +100,7 @@ def _decoders():
                     if data.shape[0] != nbytes:
                         short += 1
                         continue
-                    if (raw >> shift) & one:
+                    if mirror and (raw >> shift) & one:
                         if by_words:
                             src = data.view(np.uint64)
                             dst = destination[ix].reshape(-1).view(np.uint64)
@@ -173,7 +177,8 @@ def _guarded_iterator_class():
 
 
 class LatentLoader(ShardedLoader):
-    """Batches (x, y) of a latent file for one rank: x [B, C, H, W] (bf16 by default), y int64 [B].
+    """Batches (x, y) of a latent file for one rank: x [B, C, H, W] (bf16 by default), y int64 [B];
+    for a captioned file (x, y, tokens [B, L, D], pooled [B, D]), the text as stored (float16).
 
     path: a .beton written by speed_fast (validated with read_latent_meta on open).
     seed, rank, world_size: the order is a function of (seed, epoch, world_size); rank picks the shard.
@@ -218,6 +223,10 @@ class LatentLoader(ShardedLoader):
             LATENT_FIELD: PipelineSpec(LATENT_FIELD, decoder=LatentDecoder(direct=bool(os_cache)), transforms=list(tail)),
             LABEL_FIELD: PipelineSpec(LABEL_FIELD, decoder=LabelDecoder(), transforms=list(tail)),
         }
+        if self.captioned:
+            for name in (TEXT_FIELD, POOLED_FIELD):
+                pipelines[name] = PipelineSpec(name, decoder=LatentDecoder(direct=bool(os_cache), mirror=False),
+                                               transforms=list(tail))
         # The order given here is never used: each epoch's order is ours (see the module docstring).
         with keep_torch_threads():
             self._ffcv = Loader(self.path, batch_size=B, num_workers=self.num_workers, os_cache=bool(os_cache),
@@ -282,10 +291,10 @@ class LatentLoader(ShardedLoader):
         try:
             for epoch, start in segments:
                 for b in range(start, self._len):
-                    x, y = self._next(it, epoch, b)
-                    x, y = self._finish(x), y.view(-1)
+                    x, y, *text = self._next(it, epoch, b)
+                    out = self._batch_out(x, y.view(-1), text)
                     self._advance(epoch, b)
-                    yield x, y
+                    yield out
         finally:
             self._shutdown(it)
 

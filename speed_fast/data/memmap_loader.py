@@ -23,12 +23,13 @@ import numpy as np
 import torch
 
 from . import beton
-from .latents import LatentFileError, STORE_DTYPES
+from .latents import STORE_DTYPES, TEXT_STORE, LatentFileError
 from .order import ShardedLoader, int_arg
 
 
 class MemmapLoader(ShardedLoader):
-    """Batches (x, y) of a latent file for one rank, the same as LatentLoader's, without FFCV.
+    """Batches (x, y) of a latent file for one rank, the same as LatentLoader's, without FFCV
+    ((x, y, tokens, pooled) for a captioned file).
 
     Arguments as LatentLoader's; num_workers is accepted for the same call and unused (one
     vectorised copy per batch), batches_ahead is how many batches the reading thread prepares.
@@ -43,12 +44,24 @@ class MemmapLoader(ShardedLoader):
         self.batches_ahead = int_arg("batches_ahead", batches_ahead, 1)
         field_dtype = STORE_DTYPES[self.meta["store_dtype"]][1]
         n_rec = int(self.meta["num_records"])
-        rb = int(np.prod(self.shape)) * field_dtype.itemsize
-        records = beton.read_records(self.path, n_rec)
+        # A record's arrays lie one after the other: the latent, then (captioned) the text and the pooled.
+        self._parts = [(field_dtype, self.shape)]
+        if self.captioned:
+            half = STORE_DTYPES[TEXT_STORE][1]
+            self._parts += [(half, (self.text["tokens"], self.text["width"])), (half, (self.text["width"],))]
+        sizes = [int(np.prod(s)) * d.itemsize for d, s in self._parts]
+        self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        rb = int(self._offsets[-1])
+        num_fields = 2 + len(self._parts) - 1
+        records = beton.read_records(self.path, n_rec, num_fields)
         self._labels = records["f1"].astype(np.int64)
         ptrs = records["f0"].astype(np.int64)
+        for j in range(1, len(self._parts)):
+            if np.any(records[f"f{j + 1}"].astype(np.int64) != ptrs + self._offsets[j]):
+                raise LatentFileError(f"{self.path}: a record's arrays are not stored one after the other as "
+                                      "speed_fast writes them; read this file with the FFCV loader (--loader ffcv)")
         header = beton.read_header(self.path)
-        layout = beton.Layout(n_rec, rb, int(header["page_size"]))
+        layout = beton.Layout(n_rec, rb, int(header["page_size"]), num_fields)
         mm = np.memmap(self.path, dtype=np.uint8, mode="r")
         if layout.per_page < 1 or layout.alloc_table_ptr > mm.shape[0]:
             raise LatentFileError(f"{self.path}: page size {layout.page_size} does not fit records of {rb} bytes")
@@ -62,23 +75,23 @@ class MemmapLoader(ShardedLoader):
             mm[layout.data_start:layout.alloc_table_ptr], shape=(layout.num_pages, layout.per_page, rb),
             strides=(layout.page_size, rb, 1), writeable=False)
         self._page, self._slot = page, within // rb
-        self._field_dtype = field_dtype
         self._mm = mm
         self._pin = self.device.type == "cuda"
 
-    def _read(self, idx: np.ndarray, bits: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batch on the CPU: samples `idx` with flip bits `bits`."""
+    def _read(self, idx: np.ndarray, bits: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """One batch on the CPU: samples `idx` with flip bits `bits`: (x, y[, tokens, pooled]) as stored."""
         rec = idx * 2 + bits if self._copies == 2 else idx
         raw = self._pages[self._page[rec], self._slot[rec]]  # (B, record bytes), a copy
-        x = raw.view(self._field_dtype).reshape((len(idx),) + self.shape)
+        arrays = [np.ascontiguousarray(raw[:, self._offsets[j]:self._offsets[j + 1]]).view(d).reshape((len(idx),) + s)
+                  for j, (d, s) in enumerate(self._parts)]  # x (B, C, H, W)[, tokens (B, L, D), pooled (B, D)]
+        x = arrays[0]
         if self._copies == 1 and bits.any():
             m = bits.astype(bool)
             x[m] = x[m][..., ::-1]
-        xt = torch.from_numpy(x)
-        yt = torch.from_numpy(self._labels[rec])
+        out = [torch.from_numpy(x), torch.from_numpy(self._labels[rec])] + [torch.from_numpy(a) for a in arrays[1:]]
         if self._pin:
-            xt, yt = xt.pin_memory(), yt.pin_memory()
-        return xt, yt
+            out = [t.pin_memory() for t in out]
+        return tuple(out)
 
     # ---- iteration ------------------------------------------------------------------------
 
@@ -133,12 +146,12 @@ class MemmapLoader(ShardedLoader):
                     return
                 if isinstance(item, BaseException):
                     raise item
-                epoch, b, x, y = item
+                epoch, b, *batch = item
                 if self._pin:
-                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                x = self._finish(x)
+                    batch = [t.to(self.device, non_blocking=True) for t in batch]
+                out = self._batch_out(batch[0], batch[1], batch[2:])
                 self._advance(epoch, b)
-                yield x, y
+                yield out
         finally:
             stop.set()
             thread.join()

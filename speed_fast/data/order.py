@@ -19,7 +19,7 @@ import os
 import numpy as np
 import torch
 
-from .latents import STORE_DTYPES, read_latent_meta
+from .latents import STORE_DTYPES, TEXT_STORE, read_latent_meta
 
 
 def int_arg(name: str, value, minimum: int) -> int:
@@ -80,6 +80,9 @@ class ShardedLoader:
         self.num_classes = int(self.meta["num_classes"])
         self._copies = 2 if self.meta["flip_copies"] else 1
         self._stored = STORE_DTYPES[self.meta["store_dtype"]][0]
+        # A captioned file (a "text" section): batches are (x, y, tokens [B, L, D], pooled [B, D]).
+        self.text = self.meta.get("text")
+        self.captioned = self.text is not None
 
         n, W, B = self.num_samples, self.world_size, self.batch_size
         per_rank = (n // (W * B)) * B if self.drop_last else len(range(self.rank, n, W))
@@ -140,9 +143,15 @@ class ShardedLoader:
         return shard_indices(self.num_samples, self.batch_size, seed=self.seed, epoch=epoch, rank=self.rank,
                              world_size=self.world_size, drop_last=self.drop_last, flip=self.flip)
 
-    def _finish(self, x: torch.Tensor) -> torch.Tensor:
-        """The stored bits as the stored float dtype, then out_dtype when asked."""
-        x = x.view(self._stored) if self._stored != torch.float32 else x
+    def _finish(self, x: torch.Tensor, stored: torch.dtype | None = None) -> torch.Tensor:
+        """The stored bits as the stored float dtype (the latents', or `stored`), then out_dtype when asked."""
+        stored = stored or self._stored
+        x = x.view(stored) if stored != torch.float32 else x
         if self.out_dtype is not None and self.out_dtype != x.dtype:
             x = x.to(self.out_dtype)
         return x
+
+    def _batch_out(self, x: torch.Tensor, y: torch.Tensor, text=()) -> tuple:
+        """(x, y) or, for a captioned file, (x, y, tokens, pooled): the text as float16 (or out_dtype)."""
+        half = STORE_DTYPES[TEXT_STORE][0]
+        return (self._finish(x), y) + tuple(self._finish(t, half) for t in text)

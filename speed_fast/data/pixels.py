@@ -13,6 +13,11 @@ float16: its spacing in [-1, 1] is at most 2^-11, 1/16 of a pixel level, so the 
 recovered exactly by rounding. The sidecar's "source" records {"space": "pixels", ...}, which makes
 the evaluator clip its samples (`speed_fast.evaluation.data_space`).
 
+Captions (`captions=FILE, text_encoder=NAME`, as `speed-fast encode --captions`): SOURCE is a folder,
+the images are the ones the caption file names (paths relative to SOURCE), one record per (image,
+caption) pair in file order with the caption's text embeddings, label = the image's index
+(speed_fast.data.captions, speed_fast.data.encode.write_captioned).
+
 Unreadable images are skipped and reported (their count and first names go into the sidecar).
 Images past max_pixels(resolution), an aspect ratio beyond MAX_ASPECT or MAX_RATIO x their file
 size in decoded bytes are skipped the same way, from the header, instead of being decoded.
@@ -36,7 +41,7 @@ import torch
 
 from ..atomic import check_replaceable, temporary_name
 from ..lockfile import output_lock
-from .encode import IMAGE_EXTENSIONS, center_crop_arr, scan_image_folder, warn_scan
+from .encode import IMAGE_EXTENSIONS, center_crop_arr, scan_image_folder, warn_scan, write_captioned
 from .latents import sidecar_path, write_latents
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -167,7 +172,7 @@ class _Scaled:
 
 
 def write_pixels(source: str, out: str, *, resolution: int | None = None, max_images: int | None = None,
-                 progress: bool = True, log=None) -> dict:
+                 progress: bool = True, log=None, captions: str | None = None, text_encoder: str | None = None) -> dict:
     """Write the images of `source` (a folder or tar of class folders) to the pixel .beton `out`;
     returns {"meta": sidecar dict, "images": written, "skipped": count}.
 
@@ -188,9 +193,23 @@ def write_pixels(source: str, out: str, *, resolution: int | None = None, max_im
     if not (_is_tar(source) or os.path.isdir(source)):
         raise ValueError(f"SOURCE {source!r} must be a folder of class folders or a {'/'.join(TAR_SUFFIXES)} "
                          "archive of them")
+    text = None
+    if (captions is None) != (text_encoder is None):
+        raise ValueError("--captions and --text-encoder go together: give both for a captioned file, or neither")
+    if captions is not None:
+        if not os.path.isdir(source):
+            raise ValueError(f"SOURCE {source!r}: --captions needs a folder (the caption file names images under it)")
+        if max_images is not None:
+            raise ValueError("--max-images does not apply with --captions (shorten the caption file instead)")
+        from ..text import load_text_encoder
+        from .captions import caption_images
+
+        text = (caption_images(captions, source), load_text_encoder(text_encoder))
     with output_lock(out, "write-pixels", log):
         scratch = temporary_name(out) + ".pixels"
         try:
+            if text is not None:
+                return _write_captioned_pixels(source, out, scratch, resolution, progress, log, *text)
             return _write_pixels(source, out, scratch, resolution, max_images, progress, log)
         finally:
             if os.path.exists(scratch):
@@ -272,3 +291,36 @@ def _write_pixels(source, out, scratch, resolution, max_images, progress, log) -
     finally:
         del images
     return {"meta": meta, "images": int(order.size), "skipped": len(skipped)}
+
+
+def _write_captioned_pixels(source, out, scratch, resolution, progress, log, caption_plan, encoder) -> dict:
+    """The images a caption file names, decoded as _write_pixels does, one record per (image, caption) pair."""
+    images, skipped, shape = caption_plan["images"], [], None
+    ok = np.zeros(len(images), dtype=bool)
+    with open(scratch, "wb") as f:
+        for i, rel in enumerate(images):
+            try:
+                img = _decode(os.path.join(source, rel), resolution)
+            except Exception as exc:  # any decoder failure means "unreadable": reported and skipped
+                skipped.append(rel)
+                log(f"[write-pixels] skipped {rel}: {type(exc).__name__}: {exc}")
+                continue
+            if shape is None:
+                shape = img.shape
+            elif img.shape != shape:
+                raise ValueError(f"SOURCE {source!r}: images of several sizes ({shape[1]}x{shape[0]} and {rel} "
+                                 f"{img.shape[1]}x{img.shape[0]}); give --resolution to center-crop them to one")
+            f.write(img.tobytes())
+            ok[i] = True
+    if shape is None:
+        raise ValueError(f"SOURCE {source!r}: none of the {len(images)} images the captions name could be read")
+    pixels = np.memmap(scratch, dtype=np.uint8, mode="r", shape=(int(ok.sum()),) + tuple(shape))  # (M, R, R, 3)
+    extra = {"space": "pixels", "dataset": os.path.abspath(source), "scaling": "x / 127.5 - 1",
+             "resolution": int(shape[0]), "skipped": len(skipped), "skipped_files": skipped[:100],
+             "captions": {"sha256": caption_plan["sha256"], "pairs": len(caption_plan["pairs"]), "images": len(images)}}
+    try:
+        meta = write_captioned(out, _Scaled(pixels, np.arange(int(ok.sum()))), ok, caption_plan, encoder,
+                               store_dtype="float16", extra=extra, progress=progress, log=log, command="write-pixels")
+    finally:
+        del pixels
+    return {"meta": meta, "images": int(ok.sum()), "skipped": len(skipped)}

@@ -119,6 +119,7 @@ def load_reference(spec: str, n_ref: int = 10000) -> tuple[torch.Tensor, torch.T
         if n_ref < 2:
             raise ValueError(f"--n-ref must be >= 2, got {n_ref}")
         n = min(n_ref, read_latent_meta(spec)["num_samples"])
-        x, y = next(iter(open_loader(spec, n, seed=0, num_workers=1, drop_last=True, out_dtype=torch.float32)))
+        x, y = next(iter(open_loader(spec, n, seed=0, num_workers=1, drop_last=True,
+                                     out_dtype=torch.float32)))[:2]  # a captioned file's batches also hold text
         return x.clone(), y.clone()
     return read_array(spec, "--ref")
