@@ -142,6 +142,11 @@ def parse_args(argv=None):
     p.add_argument("--finished-only", action="store_true",
                    help="train nothing: summarise the (arm, seed) runs already finished in --work-dir (each arm's "
                         "seeds 0..k-1 that are done), e.g. to commit results while a long benchmark still runs")
+    p.add_argument("--reuse", action="append", default=[], metavar="JSON",
+                   help="a JSON this benchmark wrote earlier (repeatable): its (arm, seed) results count as finished "
+                        "runs (not trained again) where its settings match this command's (data set, steps, "
+                        "evaluation, preset, model, trainer flags, the arm's strategy and parameters); how the "
+                        "committed per-(arm, seed) results carry over to a machine without the run directories")
     args = p.parse_args(argv)
     try:
         args.arms = parse_arms(args.arms, args.seeds)
@@ -222,10 +227,40 @@ def schedule(args) -> list[tuple[str, int]]:
     return [(arm, seed) for seed in range(max(args.arms.values())) for arm, n in args.arms.items() if seed < n]
 
 
+REUSE_KEYS = ("dataset", "steps", "eval_every", "eval_samples", "preset", "model", "trainer_args")
+
+
+def load_reused(args) -> dict[tuple[str, int], dict]:
+    """{(arm, seed): result record} from the --reuse JSONs, for the arms and seeds this command asks for.
+    A file whose settings differ from this command's is refused with the difference named (ValueError);
+    an arm whose strategy or parameters differ is skipped. The first file that holds an (arm, seed) wins."""
+    reused = {}
+    for path in args.reuse:
+        with open(path) as f:
+            doc = json.load(f)
+        meta = doc["meta"]
+        mine = {"dataset": args.dataset, "steps": args.steps, "eval_every": args.eval_every,
+                "eval_samples": args.eval_samples, "preset": args.preset, "model": args.model,
+                "trainer_args": args.trainer_arg}
+        theirs = {k: meta.get(k) for k in REUSE_KEYS}  # "model" predates some files: absent = None
+        diff = {k: (theirs[k], mine[k]) for k in REUSE_KEYS if theirs[k] != mine[k]}
+        if diff:
+            raise ValueError(f"--reuse {path}: its settings differ from this command's: "
+                             + ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in diff.items()))
+        for r in doc["results"]:
+            arm, seed = r["arm"], int(r["seed"])
+            spec = meta["arms"].get(arm)
+            if (arm not in args.arms or seed >= args.arms[arm] or (arm, seed) in reused or spec is None
+                    or spec["strategy"] != ARMS[arm][0] or spec["params"] != ARMS[arm][1]):
+                continue
+            reused[(arm, seed)] = {**r, "reused_from": os.path.relpath(os.path.abspath(path), ROOT)}
+    return reused
+
+
 def run_all(args, beton: str, work_dir: str) -> dict:
-    """Train every (arm, seed) not already done, `args.jobs` at a time; returns wall seconds per run."""
-    todo = [(arm, seed) for arm, seed in schedule(args)
-            if not is_done(run_dir_for(work_dir, arm, seed), expected_train(args, arm, seed))]
+    """Train every (arm, seed) not already done (or reused), `args.jobs` at a time; returns wall seconds per run."""
+    todo = [(arm, seed) for arm, seed in schedule(args) if (arm, seed) not in args.reused
+            and not is_done(run_dir_for(work_dir, arm, seed), expected_train(args, arm, seed))]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     running, walls = [], {}
@@ -582,7 +617,8 @@ def finished_arms(args, work_dir: str) -> dict[str, int]:
     done = {}
     for arm, n in args.arms.items():
         k = 0
-        while k < n and is_done(run_dir_for(work_dir, arm, k), expected_train(args, arm, k)):
+        while k < n and ((arm, k) in args.reused
+                         or is_done(run_dir_for(work_dir, arm, k), expected_train(args, arm, k))):
             k += 1
         if k:
             done[arm] = k
@@ -613,6 +649,9 @@ def sampler_trace(run_dir: str, steps: int) -> list[list[float]] | None:
 def collect(args, work_dir: str, data, labels, walls: dict) -> list[dict]:
     results = []
     for arm, seed in schedule(args):
+        if (arm, seed) in args.reused:
+            results.append(args.reused[(arm, seed)])
+            continue
         rd = run_dir_for(work_dir, arm, seed)
         metrics = os.path.join(rd, "metrics.jsonl")
         _, steps, quality = read_quality(metrics, QUALITY)
@@ -636,6 +675,13 @@ def main(argv=None) -> int:
     os.makedirs(work_dir, exist_ok=True)
     start = time.perf_counter()
     beton, data, labels = prepare_data(args.dataset)
+    try:
+        args.reused = load_reused(args)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"[bench] {exc}")
+    if args.reused:
+        print(f"[bench] reused from {args.reuse}: {len(args.reused)} runs "
+              f"({', '.join(f'{a}-seed{s}' for a, s in sorted(args.reused))})", flush=True)
     if args.finished_only:
         args.arms = finished_arms(args, work_dir)
         walls = {}
@@ -654,6 +700,7 @@ def main(argv=None) -> int:
                                                                            for a, n in args.arms.items()},
                     "baseline": arms[0], "steps": args.steps, "eval_every": args.eval_every,
                     "eval_samples": args.eval_samples, "preset": args.preset, "model": args.model, "trainer_args": args.trainer_arg,
+                    "reused": args.reuse,
                     "jobs": args.jobs, "bootstrap": args.bootstrap, "fractions": list(FRACTIONS),
                     "machine": machine(), "code": {**code_version(), "trained_here": not args.finished_only}, "wall_s": time.perf_counter() - start, "plot": os.path.relpath(png, ROOT),
                     "plot_adaptive": os.path.relpath(traces_png, ROOT) if traces_png else None,

@@ -150,6 +150,17 @@ def test_the_benchmark_end_to_end(tmp_path):
     assert third.returncode == 0, third.stderr[-3000:]
     assert "finished runs summarised: {'uniform': 1, 'clts': 1}" in third.stdout
     assert json.loads((tmp_path / "partial.json").read_text())["summary"] == doc["summary"]
+    # --reuse: the committed JSON stands in for run directories this machine does not have.
+    moved = [*cmd[:cmd.index("--work-dir")], "--work-dir", str(tmp_path / "empty"), *cmd[cmd.index("--work-dir") + 2:]]
+    moved[moved.index(str(out))] = str(tmp_path / "reused.json")
+    fourth = subprocess.run(moved + ["--reuse", str(out)], capture_output=True, text=True, timeout=900, env=env)
+    assert fourth.returncode == 0 and "0 of 2 runs to do" in fourth.stdout, fourth.stderr[-3000:]
+    assert "reused from" in fourth.stdout and not os.listdir(tmp_path / "empty")
+    assert json.loads((tmp_path / "reused.json").read_text())["summary"] == doc["summary"]
+    other = [*moved[:moved.index("--eval-samples")], "--eval-samples", "8", *moved[moved.index("--eval-samples") + 2:]]
+    fifth = subprocess.run(other + ["--reuse", str(out), "--finished-only"], capture_output=True, text=True,
+                           timeout=900, env=env)
+    assert fifth.returncode != 0 and "eval_samples 16 there, 8 here" in fifth.stderr, fifth.stderr[-3000:]
 
 
 def test_the_adaptive_trace_is_read_oldest_first(tmp_path):
