@@ -5,7 +5,7 @@ dtype) and "label" (an FFCV IntField), and for captioned files two more NDArrayF
 "text" (the caption's token embeddings [L, D]) and "pooled" ([D]). Its layout is therefore known
 here, and this module writes and reads it without FFCV (which needs a compiled extension that some machines cannot
 build, e.g. an offline GPU image): byte for byte what FFCV's own DatasetWriter writes from one
-process (`tests/test_beton.py` compares the two files when FFCV is installed).
+process (`tests/test_memmap_loader.py` compares the two files when FFCV is installed).
 
     offset 0                      header            HEADER_TYPE (24 bytes)
     24                            field descriptors F x FIELD_DESC_TYPE (type id, name, arguments)
