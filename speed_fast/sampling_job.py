@@ -40,8 +40,9 @@ The settings are everything that changes the bytes: the weights (SHA-256 of the 
 dict), --ema, --steps, --method, --eta, --cfg, --cfg-channels, --seed, --labels, --batch-size,
 --clip-denoised, the VAE (SHA-256 of its state dict), --precision, --compile, the device kind,
 --num-samples, and for a text-to-image run the prompts (SHA-256 of the list) and the text encoder
-(its name and the SHA-256 of its weights). Unfinished parts or a finished output made with other settings are refused with
-the differences named (ValueError), unless `overwrite`; the number of ranks is not a setting.
+(its name and the SHA-256 of its weights). Unfinished parts or a finished output made with other
+settings are refused with the differences named (ValueError), unless `overwrite`; the number of
+ranks is not a setting.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
     speed-fast sample --ckpt RUN_DIR --ema --num-samples 50000 --cfg 1.5 --vae DIR --out samples.npz --grid grid.png
     torchrun --nproc_per_node 8 $(which speed-fast) sample --ckpt RUN_DIR ... --out samples.npz
     deepspeed --num_gpus 8 $(which speed-fast) sample --ckpt RUN_DIR ... --out samples.npz
-    speed-fast sample --ckpt T2I_RUN --ema --prompt "a handwritten seven" --prompt "the digit 3" --out s.npz --grid g.png
+    speed-fast sample --ckpt T2I_RUN --ema --prompt "a handwritten seven" --prompt "the digit 3" --out s.npz
     speed-fast sample --ckpt T2I_RUN --ema --prompts prompts.txt --num-samples 30000 --vae ema --out coco.npz
 
 --out FILE.npz writes ADM's sample batch (`arr_0` uint8 [N, H, W, 3], `arr_1` int64 labels; what

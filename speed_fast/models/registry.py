@@ -14,8 +14,8 @@ convention `model(x, t, y, drop=None) -> [B, 2C or C, H, W]`; the text-to-image 
     config = run_model_config(json.load(open("runs/x/config.json")), "runs/x/config.json")
 
 A named model fixes its sizes (`size_keys`); "custom" / "unet-custom" / "dit-t2i-custom" take every
-field from the overrides. The data fixes input size, channels and classes (the text width for t2i). config.json keeps the family's config
-under `<family>_config`, so DiT runs read as before.
+field from the overrides. The data fixes input size, channels and classes (the text width for t2i).
+config.json keeps the family's config under `<family>_config`, so DiT runs read as before.
 """
 
 from __future__ import annotations

@@ -131,7 +131,6 @@ def finish(plan: Plan, run_dir: str, model, device) -> list[str]:
 
     cfg = plan.cfg
     C = plan.model.in_channels
-    conditions = {}
     if is_text_model(plan.model):  # the captions of 64 training records (the order of seed + 1)
         from ..data import null_text
 
@@ -145,8 +144,8 @@ def finish(plan: Plan, run_dir: str, model, device) -> list[str]:
         labels = torch.arange(min(K, 64)).repeat_interleave(per_class)  # (n,)
         conditions = {"y": labels}
     steps, method, why = grid_sampler(plan, labels.numel())
-    what = "captions of training records" if "text" in conditions else "classes"
-    print(f"[speed_fast] drawing the end-of-run sample grid: {labels.numel()} EMA samples ({what}), {method} "
+    what = " (captions of training records)" if "text" in conditions else ""
+    print(f"[speed_fast] drawing the end-of-run sample grid: {labels.numel()} EMA samples{what}, {method} "
           f"{steps} steps{why} (a stop signal skips it)", file=sys.stderr, flush=True)
 
     def stop_requested(module, args):

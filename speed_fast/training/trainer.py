@@ -23,12 +23,13 @@ waits for the device), and all ranks save a checkpoint and exit together. A run 
 --max-nonfinite non-finite steps is noticed at the next log line or checkpoint (no update is
 applied meanwhile).
 
-Everything random is a function of (seed, step), or is saved: the noise and time steps come
-from the counter RNG at the micro-step, label dropout and a text model's caption dropout (a dropped
-sample's tokens and pooled embedding replaced on the device by the null caption's, read from the
-data's sidecar) from generators seeded with (seed, micro-step), the data order from (seed, epoch) and the loader's position. A resumed run
-therefore computes the same losses as the uninterrupted one (exactly, on CPU in fp32); the
-checkpoint keeps the open log window, so records match for any --log-every.
+Everything random is a function of (seed, step), or is saved: the noise and time steps come from the
+counter RNG at the micro-step, label dropout and a text model's caption dropout (a dropped sample's
+tokens and pooled embedding replaced on the device by the null caption's, read from the data's
+sidecar) from generators seeded with (seed, micro-step), the data order from (seed, epoch) and the
+loader's position. A resumed run therefore computes the same losses as the uninterrupted one
+(exactly, on CPU in fp32); the checkpoint keeps the open log window, so records match for any
+--log-every.
 
 The engine is built in `engine.py`; config.json, the evaluator and the end-of-run grid and
 plots are `artefacts.py`.

@@ -17,8 +17,8 @@ from .schema import PRECISIONS, RESUME_MODES, ZERO_STAGES, TrainConfig
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deepspeed train/main.py",
-        description="Train a DiT, a U-Net or a text-to-image DiT with SpeeD under DeepSpeed. With no arguments: the 'digits' preset "
-                    "(scikit-learn's 8x8 digits, a small DiT, SpeeD) to completion, CPU included.")
+        description="Train a DiT, a U-Net or a text-to-image DiT with SpeeD under DeepSpeed. With no arguments: "
+                    "the 'digits' preset (scikit-learn's 8x8 digits, a small DiT, SpeeD) to completion, CPU included.")
     S = argparse.SUPPRESS
     g = p.add_argument_group("run")
     g.add_argument("--preset", default=DEFAULT_PRESET, help="preset name in train/configs or a JSON path "

@@ -32,7 +32,7 @@ class Plan:
     grad_accum: int
     data_path: str
     data_meta: dict
-    model: object                        # the model's config: a DiTConfig, UNetConfig or DiTT2IConfig (speed_fast.models)
+    model: object                        # the model's config: DiTConfig, UNetConfig, DiTT2IConfig (speed_fast.models)
     schedule: NoiseSchedule
     strategy: object
     ds_config: dict
@@ -147,8 +147,14 @@ def resolve(cfg: TrainConfig, world_size: int, configs_dir: str, cuda_available:
                 data_meta=meta, model=model, schedule=schedule, strategy=strategy, ds_config=ds,
                 use_cuda=cuda_available, precision=precision,
                 compile=cuda_available if cfg.compile is None else cfg.compile, loader=loader,
-                loader_note=loader_note,
-                caption_dropout=(0.1 if cfg.caption_dropout is None else cfg.caption_dropout) if family == "t2i" else 0.0)
+                loader_note=loader_note, caption_dropout=_caption_dropout(cfg, family))
+
+
+def _caption_dropout(cfg: TrainConfig, family: str) -> float:
+    """P(a caption is replaced by the null caption): --caption-dropout, 0.1 by default, for text models only."""
+    if family != "t2i":
+        return 0.0
+    return 0.1 if cfg.caption_dropout is None else float(cfg.caption_dropout)
 
 
 T2I_NAMES = "dit-t2i-s2, dit-t2i-xl2 or dit-t2i-custom"
