@@ -5,6 +5,8 @@
         --seeds 8 --jobs 2 --out benchmarks/results/convergence_digits.json
     python benchmarks/bench_convergence.py --dataset digits --preset digits-unet --steps 3000 --eval-every 250 \
         --arms uniform,speed_dual --seeds 5 --jobs 2 --out benchmarks/results/convergence_digits_unet.json
+    python benchmarks/bench_convergence.py --dataset digits-t2i --steps 3000 --eval-every 250 \
+        --arms uniform,speed_dual --seeds 5 --jobs 2 --out benchmarks/results/convergence_digits_t2i.json
 
 Arms (`ARMS`; the first listed is the baseline): uniform; SpeeD as the authors' code runs it without
 and with the dual trick (`speed`, `speed_dual`; the configs behind the paper's tables use dual);
@@ -39,7 +41,10 @@ Reported, per arm, against the baseline on the seeds both ran:
   deceleration / convergence areas, the same t and noise for every run);
 * the metric's floor: the distance between two disjoint real subsets of the evaluation's size.
 
---dataset digits uses the embedded digits .beton; otherwise a .beton written by
+--dataset digits uses the embedded digits .beton; digits-t2i the captioned digits (a caption per image,
+embedded by a tiny CLIP of seed 0: speed_fast.data.ensure_captioned_digits) with the digits-t2i preset's
+text-to-image DiT (dit-t2i-s2; caption dropout 0.1; its evaluation samples the captions of the
+reference records, so the distance measures text-conditioned samples); otherwise a .beton written by
 `speed_fast.data.write_latents` (e.g. `speed-fast write-latents` or the CIFAR-10 pixel data of
 `scripts/gpu_convergence.sh`).
 """
@@ -120,15 +125,17 @@ def parse_arms(spec: str, default_seeds: int) -> dict[str, int]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="digits", help="'digits' or a .beton written by speed_fast.data.write_latents")
+    p.add_argument("--dataset", default="digits", help="'digits', 'digits-t2i' (the captioned digits, a text-to-image "
+                   "model) or a .beton written by speed_fast.data.write_latents")
     p.add_argument("--arms", default="uniform,speed,speed_dual",
                    help=f"comma-separated arms, optionally name:seeds; the first is the baseline. Known: {list(ARMS)}")
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..S-1 for arms without ':S'")
     p.add_argument("--steps", type=int, default=3000, help="training steps per run")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-samples", type=int, default=500)
-    p.add_argument("--preset", default="digits", help="train/main.py preset (digits: a small DiT; digits-unet: the "
-                   "unet-small U-Net)")
+    p.add_argument("--preset", default=None, help="train/main.py preset (digits: a small DiT; digits-unet: the "
+                   "unet-small U-Net; digits-t2i: the text-to-image DiT); default digits, or digits-t2i with "
+                   "--dataset digits-t2i")
     p.add_argument("--model", default=None, help="train/main.py --model for every run (e.g. unet-small; default: the "
                    "preset's), checked against the finished runs it reuses")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each gets cores / jobs threads)")
@@ -148,6 +155,8 @@ def parse_args(argv=None):
                         "evaluation, preset, model, trainer flags, the arm's strategy and parameters); how the "
                         "committed per-(arm, seed) results carry over to a machine without the run directories")
     args = p.parse_args(argv)
+    if args.preset is None:
+        args.preset = "digits-t2i" if args.dataset == "digits-t2i" else "digits"
     try:
         args.arms = parse_arms(args.arms, args.seeds)
     except ValueError as exc:
@@ -169,14 +178,18 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------
 
 
-def prepare_data(dataset: str) -> tuple[str, torch.Tensor, torch.Tensor]:
-    """(.beton path, data float32 [N, C, H, W], labels [N]) of 'digits' or a .beton."""
-    from speed_fast.data import open_loader, ensure_digits_beton, read_latent_meta
+def prepare_data(dataset: str) -> tuple[str, torch.Tensor, tuple]:
+    """(.beton path, data float32 [N, C, H, W], the model's conditions of each record) of 'digits',
+    'digits-t2i' or a .beton: (labels [N],), or (tokens [N, L, D], pooled [N, D]) for a captioned file."""
+    from speed_fast.data import ensure_captioned_digits, ensure_digits_beton, open_loader, read_latent_meta
 
-    path = ensure_digits_beton() if dataset == "digits" else os.path.abspath(dataset)
+    if dataset in ("digits", "digits-t2i"):
+        path = ensure_digits_beton() if dataset == "digits" else ensure_captioned_digits()
+    else:
+        path = os.path.abspath(dataset)
     n = read_latent_meta(path)["num_samples"]
-    x, y = next(iter(open_loader(path, n, seed=0, num_workers=1, drop_last=True, out_dtype=torch.float32)))
-    return path, x.clone(), y.clone()
+    x, y, *text = next(iter(open_loader(path, n, seed=0, num_workers=1, drop_last=True, out_dtype=torch.float32)))
+    return path, x.clone(), tuple(c.clone() for c in text) if text else (y.clone(),)
 
 
 def run_dir_for(work_dir: str, arm: str, seed: int) -> str:
@@ -293,10 +306,11 @@ def run_all(args, beton: str, work_dir: str) -> dict:
 
 
 @torch.no_grad()
-def heldout_area_mse(run_dir: str, data: torch.Tensor, labels: torch.Tensor, draws: int = 2,
+def heldout_area_mse(run_dir: str, data: torch.Tensor, cond: tuple, draws: int = 2,
                      seed: int = 1234) -> dict:
     """Unweighted eps-MSE of the run's final EMA model per area, t uniform within each area,
-    the same (t, noise) for every run (fixed generator). Cached in the run directory."""
+    the same (t, noise) for every run (fixed generator), each record under its own conditions `cond`
+    (its label, or its caption's tokens and pooled embedding). Cached in the run directory."""
     from speed_fast.diffusion import GaussianDiffusion
     from speed_fast.theory import area_index
     from speed_fast.training.checkpoint import find_resumable, load_for_inference
@@ -318,10 +332,10 @@ def heldout_area_mse(run_dir: str, data: torch.Tensor, labels: torch.Tensor, dra
         total, count = 0.0, 0
         for _ in range(draws):
             for s in range(0, data.shape[0], 1024):
-                x0, y = data[s:s + 1024].float(), labels[s:s + 1024]
+                x0, c = data[s:s + 1024].float(), [a[s:s + 1024] for a in cond]
                 t = steps_in[torch.randint(len(steps_in), (x0.shape[0],), generator=g)]
                 eps = torch.randn(x0.shape, generator=g)
-                pred, _ = diffusion.split_output(model(diffusion.q_sample(x0, t, eps), t, y), x0)
+                pred, _ = diffusion.split_output(model(diffusion.q_sample(x0, t, eps), t, *c), x0)
                 total += ((pred - eps) ** 2).mean(dim=(1, 2, 3)).sum().item()
                 count += x0.shape[0]
         out[name] = total / count
@@ -646,7 +660,7 @@ def sampler_trace(run_dir: str, steps: int) -> list[list[float]] | None:
     return [[float(trace[r, 0]), float(trace[r, 1])] for r in rows]
 
 
-def collect(args, work_dir: str, data, labels, walls: dict) -> list[dict]:
+def collect(args, work_dir: str, data, cond: tuple, walls: dict) -> list[dict]:
     results = []
     for arm, seed in schedule(args):
         if (arm, seed) in args.reused:
@@ -661,7 +675,7 @@ def collect(args, work_dir: str, data, labels, walls: dict) -> list[dict]:
         results.append({"arm": arm, "seed": seed, "run_dir": os.path.relpath(rd, ROOT), "steps": steps,
                         "quality": quality, "online_quality": online, "final": quality[-1],
                         "wall_s": walls.get(f"{arm}-seed{seed}"),
-                        "area_mse_heldout": heldout_area_mse(rd, data, labels),
+                        "area_mse_heldout": heldout_area_mse(rd, data, cond),
                         "area_loss_train": train_area_loss(rd, args.steps),
                         "sampler_trace": sampler_trace(rd, args.steps)})
     return results
@@ -674,7 +688,7 @@ def main(argv=None) -> int:
     work_dir = os.path.abspath(args.work_dir or stem + ".runs")
     os.makedirs(work_dir, exist_ok=True)
     start = time.perf_counter()
-    beton, data, labels = prepare_data(args.dataset)
+    beton, data, cond = prepare_data(args.dataset)
     try:
         args.reused = load_reused(args)
     except (OSError, ValueError, KeyError) as exc:
@@ -687,7 +701,7 @@ def main(argv=None) -> int:
         walls = {}
     else:
         walls = run_all(args, beton, work_dir)
-    results = collect(args, work_dir, data, labels, walls)
+    results = collect(args, work_dir, data, cond, walls)
     summary = summarize(results, args.arms, args.bootstrap)
     floor = real_floor(data, args.eval_samples)
     arms = list(args.arms)

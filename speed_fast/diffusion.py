@@ -146,11 +146,13 @@ class GaussianDiffusion:
         return torch.where(t == 0, nll, kl)
 
     def training_losses(self, model, x0, y, fused, step: int, offset: int = 0,
-                        drop: torch.Tensor | None = None, strategy_step: int | None = None) -> dict:
+                        drop: torch.Tensor | None = None, strategy_step: int | None = None,
+                        text: tuple | None = None) -> dict:
         """The DiT/IDDPM hybrid objective on one micro-batch, built on the fused SpeeD step.
 
         x0 [B, C, H, W] clean latents, y int64 [B] labels, drop bool [B] or None (label dropout
-        decided by the caller, for reproducible runs). `fused` (speed_fast.ops.FusedSpeeD) draws
+        decided by the caller, for reproducible runs); a text-to-image model gets `text` = (tokens [B, L, D],
+        pooled [B, D]) instead of y (caption dropout applied by the caller). `fused` (speed_fast.ops.FusedSpeeD) draws
         t from the strategy's P(t) and eps from the counter RNG at (step, offset), and computes
         the weighted MSE (a step-dependent P(t) is taken at `strategy_step`, default `step`); the
         learned-sigma VB term is added unweighted, with eps detached so
@@ -161,7 +163,10 @@ class GaussianDiffusion:
             t     int64 [B]
         """
         t, x_t = fused.sample_and_noise(x0, step=step, offset=offset, strategy_step=strategy_step)  # (B,), (B,C,H,W)
-        out = model(x_t, t, y, drop) if drop is not None else model(x_t, t, y)  # (B, 2C or C, H, W)
+        if text is not None:
+            out = model(x_t, t, *text)  # (B, 2C or C, H, W)
+        else:
+            out = model(x_t, t, y, drop) if drop is not None else model(x_t, t, y)
         eps, v = self.split_output(out, x_t)
         mse_loss, mse = fused.loss(eps, t, step=step, offset=offset)
         if v is None:

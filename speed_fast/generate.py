@@ -6,6 +6,13 @@ What `speed-fast sample` and `speed-fast eval RUN_DIR` draw:
 
 The run's model comes from the trainer's inference loader (speed_fast.training.load_for_inference),
 the samples from speed_fast.sampling.sample, and runs on latents are decoded with speed_fast.vae.
+
+A text-to-image run samples from prompts (`RunSampler(..., prompts=[...])`): sample i takes prompt
+i mod P, embedded by the text encoder the run's data names (its sidecar's `text.encoder`, kept in
+config.json; `text_encoder=` for another of the same width and token count) and rounded to float16
+as the training data stores it; guidance's unconditional branch is the data's null caption. A prompt
+longer than the encoder's token count (77 for CLIP) is truncated to it, as CLIP does; `truncated`
+counts them, for the one warning line the command prints.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import os
 import torch
 
 from .devices import resolve_device
-from .models.registry import run_model_config
+from .models.registry import is_text_model, run_model_config
 
 
 PRECISIONS = ("fp32", "bf16")  # the model's forward pass; the sampler's arithmetic is always fp32 (float64 tables)
@@ -54,6 +61,31 @@ def parse_labels(spec: str | None, n: int, start: int = 0) -> torch.Tensor | Non
     if not values:
         raise ValueError(f"--labels must name at least one class, got {spec!r}")
     return torch.tensor([values[(start + i) % len(values)] for i in range(n)], dtype=torch.int64)
+
+
+def read_prompts(prompts: list[str] | None, path: str | None) -> list[str] | None:
+    """The prompts of --prompt (repeatable) or --prompts FILE (one a line; blank lines skipped), or None
+    for neither. ValueError for both, an unreadable or empty file, or an empty --prompt."""
+    if prompts and path is not None:
+        raise ValueError(f"--prompt and --prompts {path!r}: give one of them")
+    if prompts:
+        empty = [p for p in prompts if not p.strip()]
+        if empty:
+            raise ValueError(f"--prompt {empty[0]!r}: a prompt must have some text (the empty caption is the "
+                             "unconditional branch of guidance)")
+        return list(prompts)
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.rstrip("\r\n") for line in f]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--prompts {path!r}: cannot read it ({type(exc).__name__}: {exc}); expected a UTF-8 text "
+                         "file with one prompt a line") from None
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        raise ValueError(f"--prompts {path!r} holds no prompts (empty file); expected one prompt a line")
+    return lines
 
 
 def sample_footprint(run_dir: str, n: int, vae: str | None, batch_size: int, outputs: dict[str, str | None]) -> dict:
@@ -176,9 +208,9 @@ class _Autocast(torch.nn.Module):
         super().__init__()
         self.model, self.dtype = model, dtype
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, *cond):
         with torch.autocast(device_type=x.device.type, dtype=self.dtype):
-            out = self.model(x, t, y)
+            out = self.model(x, t, *cond)
         return out.float()
 
 
@@ -190,16 +222,26 @@ class RunSampler:
 
     precision "bf16" runs the model's forward pass under bf16 autocast; compile=True puts it
     through torch.compile; cfg_channels guides only the first cfg_channels eps channels (None: all;
-    3 reproduces DiT's forward_with_cfg on 4-channel latents)."""
+    3 reproduces DiT's forward_with_cfg on 4-channel latents).
+
+    A text-to-image run needs `prompts` (module docstring); its chunks' labels are the prompts' indices."""
 
     def __init__(self, run_dir: str, *, ema: bool = False, steps="250", method: str = "ddpm", eta: float = 0.0,
                  cfg: float = 1.0, cfg_channels: int | None = None, seed: int = 0, labels: str | None = None,
                  device=None, vae: str | None = None, clip_denoised: bool = False, precision: str = "fp32",
-                 compile: bool = False, batch_size: int = 64):
+                 compile: bool = False, batch_size: int = 64, prompts: list[str] | None = None,
+                 text_encoder: str | None = None):
         from .vae import check_vae_matches, load_vae
 
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         model, self.schedule, meta = load_run(run_dir, ema, self.device)
+        self.prompts = self.encoder = self.null = None
+        self.truncated = 0
+        if is_text_model(model.config):
+            self._text(run_dir, model.config, meta, prompts, text_encoder, labels)
+        elif prompts is not None or text_encoder is not None:
+            raise ValueError(f"--prompt/--prompts/--text-encoder: {run_dir} is class-conditional "
+                             f"({model.num_classes} classes); pick classes with --labels")
         channels = int(model.in_channels)
         if channels not in (1, 3) and vae is None:
             raise ValueError(f"{run_dir} was trained on {channels}-channel latents {meta.get('shape')}; "
@@ -218,22 +260,62 @@ class RunSampler:
         self.decoder = load_vae(vae, self.device) if vae is not None else None
         if self.decoder is not None:
             check_vae_matches(self.decoder, meta, f"the data of {run_dir}")
-        self.num_classes = int(model.num_classes)
+        self.num_classes = None if self.prompts is not None else int(model.num_classes)
         self.shape = (channels, int(model.input_size), int(model.input_size))
         self.learn_sigma = bool(model.config.learn_sigma)
         self.options = dict(steps=steps, method=method, eta=eta, cfg_scale=cfg, seed=seed,
                             clip_denoised=clip_denoised, guided_channels=cfg_channels)
         self.labels, self.cfg, self.batch_size = labels, cfg, batch_size
 
+    def _text(self, run_dir: str, config, meta: dict, prompts, text_encoder, labels) -> None:
+        """A text-to-image run's prompts, text encoder and null caption, checked against the model."""
+        from .data import null_text
+        from .text import load_text_encoder
+
+        if labels is not None:
+            raise ValueError(f"--labels {labels!r}: {run_dir} is a text-to-image run; it samples from --prompt or "
+                             "--prompts")
+        if not prompts:
+            raise ValueError(f"{run_dir} is a text-to-image run: pass --prompt TEXT (repeatable) or --prompts FILE")
+        text = meta.get("text") or {}
+        name = text_encoder if text_encoder is not None else text.get("encoder")
+        flag = "--text-encoder" if text_encoder is not None else \
+            f"the text encoder of {run_dir} (its data's sidecar; pass --text-encoder for another)"
+        self.encoder = load_text_encoder(name, device=self.device, flag=flag)
+        if self.encoder.width != config.text_width:
+            raise ValueError(f"{flag} {name!r} embeds captions with width {self.encoder.width}, but the model of "
+                             f"{run_dir} has text_width {config.text_width}")
+        if self.encoder.max_tokens != text.get("tokens"):
+            raise ValueError(f"{flag} {name!r} gives {self.encoder.max_tokens} tokens a caption, the run's data "
+                             f"{text.get('tokens')} (its null caption is guidance's unconditional branch)")
+        self.prompts = list(prompts)
+        self.truncated = sum(len(ids) > self.encoder.max_tokens for ids in self.encoder.tokenize(self.prompts))
+        self.null = null_text(meta)  # float16 (L, D), (D,): exactly what caption dropout trained on
+
+    def prompt_text(self, start: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens fp32 [k, L, D], pooled fp32 [k, D], prompt indices int64 [k]) of samples start .. start + k - 1:
+        prompt i mod P, embedded in one batch and rounded to float16 as the training data stores it."""
+        idx = torch.tensor([(start + i) % len(self.prompts) for i in range(k)], dtype=torch.int64)
+        tokens, pooled, _ = self.encoder.encode([self.prompts[i] for i in idx.tolist()])
+        return tokens.half().float(), pooled.half().float(), idx
+
     def draw(self, start: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images float32 [k, C, H, W] on the CPU, labels int64 [k]) of samples start .. start + k - 1.
-        ValueError when a sample is not finite (e.g. a huge guidance scale)."""
+        """(images float32 [k, C, H, W] on the CPU, labels int64 [k]) of samples start .. start + k - 1 (a
+        text-to-image run: the prompts' indices as labels). ValueError when a sample is not finite (e.g. a
+        huge guidance scale)."""
         from .sampling import sample
         from .vae import decode_latents
 
-        x, y = sample(self.net, self.schedule, k, parse_labels(self.labels, k, start), device=self.device,
+        if self.prompts is not None:
+            tokens, pooled, idx = self.prompt_text(start, k)
+            cond = dict(text=(tokens, pooled), null_text=self.null)
+        else:
+            cond = dict(y=parse_labels(self.labels, k, start))
+        x, y = sample(self.net, self.schedule, k, **cond, device=self.device,
                       batch_size=k, num_classes=self.num_classes, shape=self.shape, learn_sigma=self.learn_sigma,
                       return_labels=True, first_index=start, **self.options)  # (k, C, H, W)
+        if self.prompts is not None:
+            y = idx
         bad = int((~torch.isfinite(x)).flatten(1).any(dim=1).sum())
         if bad:
             raise ValueError(f"{bad} of {k} samples are not finite (NaN or infinity) with --cfg {self.cfg:g}, --steps "

@@ -2,7 +2,9 @@
 
 The model contract is DiT's: `model(x [B, C, H, W], t int64 [B], y int64 [B]) -> [B, 2C, H, W]`
 (eps, then the learned-sigma value v; [B, C, H, W] when `learn_sigma=False`). Label index
-`num_classes` is the null (unconditional) label. All noise-schedule math lives in
+`num_classes` is the null (unconditional) label. A text-to-image model (speed_fast.models.dit_t2i) is
+called `model(x, t, tokens [B, L, D], pooled [B, D])` with its samples' caption embeddings (`text=`),
+and guidance's unconditional branch is the null caption's embedding (`null_text=`). All noise-schedule math lives in
 `speed_fast.diffusion.GaussianDiffusion`; this module only walks the chain.
 
 Respacing follows DiT/IDDPM's `space_timesteps`: "250" keeps 250 evenly spaced steps
@@ -100,18 +102,26 @@ def respaced_diffusion(schedule: NoiseSchedule, steps, device="cpu", learn_sigma
     return GaussianDiffusion(respaced, device=device, learn_sigma=learn_sigma, timestep_map=timestep_map)
 
 
-def guided_output(model, x, t, y, cfg_scale: float, null_label: int | None, channels: int):
+def guided_output(model, x, t, y, cfg_scale: float, null_label, channels: int):
     """The model output with classifier-free guidance on all `channels` eps channels.
 
-    cfg_scale == 1 calls the model once on (x, t, y). Otherwise the batch is doubled with the null
-    label, eps = eps_u + cfg_scale (eps_c - eps_u) on every channel, and the remaining channels
-    (learned sigma) come from the conditional branch."""
+    y: class labels int64 [B] with `null_label` the null class, or a text model's (tokens [B, L, D],
+    pooled [B, D]) with `null_label` the null caption's (tokens [L, D], pooled [D]). cfg_scale == 1
+    calls the model once on (x, t, y). Otherwise the batch is doubled with the null label (caption),
+    eps = eps_u + cfg_scale (eps_c - eps_u) on every channel, and the remaining channels (learned
+    sigma) come from the conditional branch."""
+    cond = y if isinstance(y, tuple) else (y,)
     if cfg_scale == 1.0:
-        return model(x, t, y)
+        return model(x, t, *cond)
     if null_label is None:
-        raise ValueError("classifier-free guidance needs the model's null label (num_classes), got None")
+        raise ValueError("classifier-free guidance needs the model's null label (num_classes) or null caption, "
+                         "got None")
     B = x.shape[0]
-    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_label)]))
+    if isinstance(y, tuple):
+        null = tuple(n.expand(B, *n.shape) for n in null_label)
+    else:
+        null = (torch.full_like(y, null_label),)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), *(torch.cat([c, u]) for c, u in zip(cond, null)))
     cond, uncond = out[:B], out[B:]  # (B, 2C, H, W) each
     eps = uncond[:, :channels] + cfg_scale * (cond[:, :channels] - uncond[:, :channels])
     return torch.cat([eps, cond[:, channels:]], dim=1)
@@ -190,7 +200,7 @@ def sample(model, schedule: NoiseSchedule, n: int, y=None, *, steps=250, method:
            cfg_scale: float = 1.0, eta: float = 0.0, seed: int = 0, device=None, batch_size: int = 64,
            num_classes: int | None = None, shape=None, learn_sigma: bool | None = None,
            clip_denoised: bool = False, return_labels: bool = False, progress: bool = False,
-           first_index: int = 0, guided_channels: int | None = None):
+           first_index: int = 0, guided_channels: int | None = None, text=None, null_text=None):
     """Draw n samples x0 (float32 [n, C, H, W], on the CPU) from `model` trained on `schedule`.
 
     steps: respacing spec (int, "250", "ddim50", "10,20"); method "ddpm" (ancestral, learned sigma)
@@ -202,7 +212,10 @@ def sample(model, schedule: NoiseSchedule, n: int, y=None, *, steps=250, method:
     returns (x0, labels). first_index: the samples are items first_index .. first_index + n - 1
     of the seed's set (so ranks can each draw a slice of one set; the default draws its start).
     guided_channels: how many leading eps channels guidance acts on (default all C; 3 of 4 is DiT's
-    `forward_with_cfg`, the others then come from the conditional branch)."""
+    `forward_with_cfg`, the others then come from the conditional branch).
+    text: a text-to-image model's conditions (tokens [n, L, D], pooled [n, D]), one per sample, instead of
+    y (no labels are drawn; return_labels gives None for them); null_text: the null caption's (tokens
+    [L, D], pooled [D]), guidance's unconditional branch (needed when cfg_scale != 1)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     n, batch_size = operator.index(n), operator.index(batch_size)
@@ -231,9 +244,14 @@ def sample(model, schedule: NoiseSchedule, n: int, y=None, *, steps=250, method:
     if not 1 <= guided <= shape[0]:
         raise ValueError(f"guided_channels must be in [1, {shape[0]}] (the data's channels), got {guided_channels!r}")
     gens = [torch.Generator().manual_seed(sample_seed(seed, first_index + i)) for i in range(n)]
-    labels = _labels(y, n, num_classes, gens)
-    if cfg_scale != 1.0 and num_classes is not None and bool((labels == num_classes).any()):
-        raise ValueError("classifier-free guidance needs class labels; got the null label in y")
+    if text is not None:
+        labels = None
+        text, null = _text_conditions(text, null_text, n, cfg_scale, device)
+    else:
+        labels = _labels(y, n, num_classes, gens)
+        null = num_classes
+        if cfg_scale != 1.0 and num_classes is not None and bool((labels == num_classes).any()):
+            raise ValueError("classifier-free guidance needs class labels; got the null label in y")
 
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
@@ -248,10 +266,13 @@ def sample(model, schedule: NoiseSchedule, n: int, y=None, *, steps=250, method:
         for start in range(0, n, batch_size):
             b = range(start, min(start + batch_size, n))
             x = torch.stack([torch.randn(shape, generator=gens[j]) for j in b]).to(device)  # (B, C, H, W)
-            yb = labels[b.start:b.stop].to(device)
+            if text is None:
+                yb = labels[b.start:b.stop].to(device)  # (B,)
+            else:
+                yb = tuple(a[b.start:b.stop].to(device) for a in text)  # (B, L, D), (B, D)
             for i in range(diffusion.T - 1, -1, -1):
                 t = torch.full((len(b),), i, dtype=torch.int64, device=device)
-                model_out = guided_output(model, x, diffusion.timestep_map[t], yb, cfg_scale, num_classes, guided)
+                model_out = guided_output(model, x, diffusion.timestep_map[t], yb, cfg_scale, null, guided)
                 noise = torch.stack([torch.randn(shape, generator=gens[j]) for j in b]).to(device) if need_noise else 0.0
                 if method == "ddpm":
                     x = ddpm_step(diffusion, model_out, x, t, noise, clip_denoised)
@@ -267,6 +288,27 @@ def sample(model, schedule: NoiseSchedule, n: int, y=None, *, steps=250, method:
             model.train(was_training)
     x0 = torch.cat(chunks)
     return (x0, labels) if return_labels else x0
+
+
+def _text_conditions(text, null_text, n: int, cfg_scale: float, device) -> tuple:
+    """((tokens fp32 [n, L, D], pooled fp32 [n, D]) on the CPU, the null caption's (tokens [L, D], pooled [D])
+    on `device`, or None without guidance), checked."""
+    if not (isinstance(text, (tuple, list)) and len(text) == 2):
+        raise ValueError(f"text must be (tokens [n, L, D], pooled [n, D]), got {type(text).__name__}")
+    tokens, pooled = (torch.as_tensor(a).float().cpu() for a in text)
+    if tokens.ndim != 3 or pooled.ndim != 2 or tokens.shape[0] != n or pooled.shape != (n, tokens.shape[2]):
+        raise ValueError(f"text must be tokens [n, L, D] and pooled [n, D] with n = {n}, got {list(tokens.shape)} "
+                         f"and {list(pooled.shape)}")
+    if cfg_scale == 1.0:
+        return (tokens, pooled), None
+    if null_text is None:
+        raise ValueError("classifier-free guidance of a text model needs null_text (the null caption's tokens [L, D] "
+                         "and pooled [D]), got None")
+    null = tuple(torch.as_tensor(a).float().to(device) for a in null_text)
+    if null[0].shape != tokens.shape[1:] or null[1].shape != pooled.shape[1:]:
+        raise ValueError(f"null_text must be tokens {list(tokens.shape[1:])} and pooled {list(pooled.shape[1:])} like "
+                         f"the samples' text, got {list(null[0].shape)} and {list(null[1].shape)}")
+    return (tokens, pooled), null
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,9 @@ The files.
 * `--out X.npz` (ADM's sample format, what openai/guided-diffusion's evaluator and `speed-fast eval`
   read): `arr_0` uint8 [N, H, W, 3] (images in [-1, 1] quantised by speed_fast.sampling.to_uint8;
   latent runs decoded by the VAE first; 1-channel data repeated to 3 channels), `arr_1` int64 [N]
-  (the class labels). Stored uncompressed, as np.savez writes it.
+  (the class labels; a text-to-image run: each sample's prompt index) and, for a text-to-image run,
+  `prompts` unicode [N] ('<U...', no pickle: each sample's prompt, what `speed-fast eval --clip-model`
+  reads). Stored uncompressed, as np.savez writes it.
 * `--grid G.png` (or `--out G.png` alone): the first min(N, MAX_GRID_IMAGES) samples as a PNG grid.
 * `<out>.json`: the settings the output was made with (`settings`, below), written with it.
 * While the job runs, `<out>.parts/`: `manifest.json` (the settings) and one `chunk-NNNNNNNN.npz`
@@ -36,9 +38,11 @@ The files.
 
 The settings are everything that changes the bytes: the weights (SHA-256 of the loaded state
 dict), --ema, --steps, --method, --eta, --cfg, --cfg-channels, --seed, --labels, --batch-size,
---clip-denoised, the VAE (SHA-256 of its state dict), --precision, --compile, the device kind and
---num-samples. Unfinished parts or a finished output made with other settings are refused with
-the differences named (ValueError), unless `overwrite`; the number of ranks is not a setting.
+--clip-denoised, the VAE (SHA-256 of its state dict), --precision, --compile, the device kind,
+--num-samples, and for a text-to-image run the prompts (SHA-256 of the list) and the text encoder
+(its name and the SHA-256 of its weights). Unfinished parts or a finished output made with other
+settings are refused with the differences named (ValueError), unless `overwrite`; the number of
+ranks is not a setting.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ SETTING_FLAGS = {
     "seed": "--seed", "labels": "--labels", "batch_size": "--batch-size", "clip_denoised": "--clip-denoised",
     "vae": "--vae (the VAE's SHA-256)", "precision": "--precision", "compile": "--compile",
     "device": "--device (the kind: cpu or cuda)", "image_shape": "the run's image shape",
+    "prompts": "--prompt/--prompts (the prompts' SHA-256)", "text_encoder": "--text-encoder (name, weights' SHA-256)",
 }
 
 
@@ -90,7 +95,15 @@ def settings_of(sampler, options: dict, num_samples: int) -> dict:
             "clip_denoised": bool(options["clip_denoised"]),
             "vae": state_hash(sampler.decoder) if sampler.decoder is not None else None,
             "precision": options["precision"], "compile": bool(options["compile"]), "device": sampler.device.type,
-            "image_shape": [h, w, 3]}
+            "image_shape": [h, w, 3], **text_settings(sampler)}
+
+
+def text_settings(sampler) -> dict:
+    """A text-to-image sampler's prompts and text encoder as settings (none for a class-conditional run)."""
+    if sampler.prompts is None:
+        return {}
+    prompts = hashlib.sha256(json.dumps(sampler.prompts, ensure_ascii=False).encode()).hexdigest()
+    return {"prompts": prompts, "text_encoder": [sampler.encoder.name, state_hash(sampler.encoder.model)]}
 
 
 def differences(old: dict, new: dict) -> list[str]:
@@ -99,7 +112,7 @@ def differences(old: dict, new: dict) -> list[str]:
     for key in sorted(set(old) | set(new), key=lambda k: list(SETTING_FLAGS).index(k) if k in SETTING_FLAGS else 99):
         if old.get(key) != new.get(key):
             a, b = old.get(key), new.get(key)
-            if key in ("weights", "vae"):
+            if key in ("weights", "vae", "prompts"):
                 a, b = (v[:12] if isinstance(v, str) else v for v in (a, b))
             out.append(f"{SETTING_FLAGS.get(key, key)}: {a!r} then, {b!r} now")
     return out
@@ -285,9 +298,10 @@ def draw_chunks(job, sampler, parts: str, n: int, batch_size: int, done: set[int
 
 
 def assemble(parts: str, n: int, batch_size: int, settings: dict, out: str, grid: str | None,
-             nrow: int | None = None, max_grid: int = 1024) -> dict:
+             nrow: int | None = None, max_grid: int = 1024, prompts: list[str] | None = None) -> dict:
     """Rank 0: the finished chunks, in order, streamed into the outputs (one chunk in memory at a
-    time, plus the grid's images), published together with `<out>.json`; the parts removed."""
+    time, plus the grid's images), published together with `<out>.json`; the parts removed. With
+    `prompts` (P of them), the .npz also holds `prompts`: sample i's prompt, prompts[i mod P]."""
     import zipfile
 
     from .atomic import publish, temporary_name
@@ -316,6 +330,10 @@ def assemble(parts: str, n: int, batch_size: int, settings: dict, out: str, grid
                 with z.open("arr_1.npy", "w", force_zip64=True) as f:
                     np.lib.format.write_array_header_1_0(f, {"descr": "<i8", "fortran_order": False, "shape": (n,)})
                     f.write(np.concatenate(labels).astype("<i8").tobytes())
+                if prompts is not None:
+                    with z.open("prompts.npy", "w", force_zip64=True) as f:
+                        np.lib.format.write_array(f, np.array([prompts[i % len(prompts)] for i in range(n)],
+                                                              dtype=np.str_), allow_pickle=False)
             moves.append((tmp, os.path.abspath(npz)))
         else:
             for c, k in enumerate(sizes):
@@ -330,9 +348,11 @@ def assemble(parts: str, n: int, batch_size: int, settings: dict, out: str, grid
             k = images.shape[0]
             save_grid(images, tmp_grid, nrow=nrow or max(1, math.isqrt(k - 1) + 1))
             moves.append((tmp_grid, os.path.abspath(grid)))
+        arrays = {"arr_0": "uint8 [N, H, W, 3] images", "arr_1": "int64 [N] labels"}
+        if prompts is not None:
+            arrays.update(arr_1="int64 [N] prompt indices", prompts="unicode [N] each sample's prompt")
         record = {"format": FORMAT, "version": VERSION, "settings": settings,
-                  "grid": os.path.abspath(grid) if grid else None, "arrays": {"arr_0": "uint8 [N, H, W, 3] images",
-                                                                             "arr_1": "int64 [N] labels"}}
+                  "grid": os.path.abspath(grid) if grid else None, "arrays": arrays}
         tmp_json = temporary_name(sidecar(out))
         temps.append(tmp_json)
         with open(tmp_json, "w") as f:

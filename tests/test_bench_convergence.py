@@ -198,3 +198,28 @@ def test_the_adaptive_trace_is_read_oldest_first(tmp_path):
     assert bench.plot_traces([{"arm": "uniform", "seed": 0, "sampler_trace": None}], str(png)) is None
     assert bench.plot_traces([{"arm": "adaptive_speed", "seed": 0, "sampler_trace": trace}], str(png)) == str(png)
     assert png.stat().st_size > 1000
+
+
+def test_the_text_to_image_benchmark_end_to_end(tmp_path):
+    """--dataset digits-t2i at toy size: the captioned digits and the digits-t2i preset's text model, two
+    arms trained and evaluated on their captions, the held-out per-area MSE under each record's caption."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "t2i.json"
+    cmd = [sys.executable, str(_PATH), "--dataset", "digits-t2i", "--steps", "2", "--eval-every", "1",
+           "--eval-samples", "8", "--arms", "uniform,speed_dual", "--seeds", "1", "--bootstrap", "100",
+           "--work-dir", str(tmp_path / "runs"), "--out", str(out), "--jobs", "2", "--trainer-arg=--sample-steps=2",
+           "--trainer-arg=--eval-sampler=ddim3", "--trainer-arg=--global-batch=16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["preset"] == "digits-t2i" and doc["seeds"] == {"uniform": [0], "speed_dual": [0]}
+    for r in doc["results"]:
+        assert r["steps"] == [1, 2] and all(np.isfinite(r["quality"]))
+        assert set(r["area_mse_heldout"]) == set(AREAS) and all(v > 0 for v in r["area_mse_heldout"].values())
+    with open(tmp_path / "runs" / "uniform-seed0" / "config.json") as f:
+        config = json.load(f)
+    assert config["t2i_config"]["text_width"] == 32 and config["train"]["caption_dropout"] == 0.1

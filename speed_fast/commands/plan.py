@@ -66,8 +66,14 @@ def describe_model(args) -> dict | None:
                          f"(one of {[n for n in registry.model_names() if not n.endswith('custom')]})")
     size, channels, classes = registry.MADE_FOR.get(args.model, registry.DEFAULT_INPUT)
     fixed = dict(input_size=size if args.input_size is None else args.input_size,
-                 in_channels=channels if args.in_channels is None else args.in_channels,
-                 num_classes=classes if args.num_classes is None else args.num_classes)
+                 in_channels=channels if args.in_channels is None else args.in_channels)
+    if registry.family_of(args.model) == "t2i":  # conditioned on a caption of the width it was made for
+        if args.num_classes is not None:
+            raise ValueError(f"--num-classes {args.num_classes}: --model {args.model} is a text-to-image model "
+                             "(no classes)")
+        fixed["text_width"] = classes
+    else:
+        fixed["num_classes"] = classes if args.num_classes is None else args.num_classes
     try:
         config = registry.model_config(args.model, {}, **fixed)
     except ValueError as exc:

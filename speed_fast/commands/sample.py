@@ -4,6 +4,8 @@
     speed-fast sample --ckpt RUN_DIR --ema --num-samples 50000 --cfg 1.5 --vae DIR --out samples.npz --grid grid.png
     torchrun --nproc_per_node 8 $(which speed-fast) sample --ckpt RUN_DIR ... --out samples.npz
     deepspeed --num_gpus 8 $(which speed-fast) sample --ckpt RUN_DIR ... --out samples.npz
+    speed-fast sample --ckpt T2I_RUN --ema --prompt "a handwritten seven" --prompt "the digit 3" --out s.npz
+    speed-fast sample --ckpt T2I_RUN --ema --prompts prompts.txt --num-samples 30000 --vae ema --out coco.npz
 
 --out FILE.npz writes ADM's sample batch (`arr_0` uint8 [N, H, W, 3], `arr_1` int64 labels; what
 openai/guided-diffusion's evaluator and `speed-fast eval --gen` read); --out FILE.png alone writes
@@ -16,9 +18,18 @@ after an interruption, continues; other settings are refused naming the differen
 --overwrite). An output already written with the same settings is left as it is. Runs on latents
 are decoded with --vae (speed_fast.vae); `--n` is kept as an alias of --num-samples for one
 process (launchers take `--n` for their own prefix of --nnodes / --num_gpus).
+
+A text-to-image run samples from --prompt (repeatable) or --prompts FILE (one a line), cycled over the
+samples, with guidance --cfg 1.5 unless given (the null caption as the unconditional branch); the .npz
+then also holds `prompts` (each sample's prompt, a unicode array) and arr_1 the prompts' indices. The
+text encoder is the one the run's data names (--text-encoder for another); prompts longer than its
+token count are truncated, as CLIP does, with one warning line saying how many (speed_fast.generate).
+Any number of ranks, as for class labels (every rank embeds the prompts of its own chunks).
 """
 
 from __future__ import annotations
+
+import sys
 
 from .common import add_sampling_arguments, check_output, sampling_options
 
@@ -30,6 +41,14 @@ def add_arguments(p) -> None:
     p.add_argument("--num-samples", "--n", dest="num_samples", type=int, default=64,
                    help="number of samples, exactly (--n: an alias that only works without a launcher)")
     add_sampling_arguments(p)
+    p.set_defaults(cfg=None)  # 1 (no guidance), or 1.5 with prompts (the paper's Tab. 5)
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="text-to-image runs: a prompt (repeatable), cycled over the samples; guidance --cfg 1.5 "
+                        "unless given")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="text-to-image runs: prompts, one a line")
+    p.add_argument("--text-encoder", default=None, metavar="NAME",
+                   help="text-to-image runs: the CLIP text encoder (hub id or directory; default: the one the run's "
+                        "data was embedded with)")
     p.add_argument("--out", default="grid.png",
                    help="FILE.npz: all samples in ADM's format (arr_0 uint8 [N, H, W, 3], arr_1 labels); "
                         "FILE.png: only a grid of them (default grid.png)")
@@ -67,7 +86,13 @@ def run(args) -> int:
     from ..generate import MAX_GRID_IMAGES, RunSampler
     from ..sampling_job import assemble, discard_if_empty, draw_chunks, parts_dir, prepare_outputs, settings_of
 
+    from ..generate import read_prompts
+
+    prompts = read_prompts(args.prompt, args.prompts)
+    if args.cfg is None:
+        args.cfg = 1.5 if prompts is not None else 1.0
     n, options = args.num_samples, sampling_options(args)
+    options.update(prompts=prompts, text_encoder=args.text_encoder)
     with launch_job(args.device) as job:
         footprint = job.agree(_check, args)
         say = print if job.is_main else (lambda *a, **k: None)
@@ -76,6 +101,10 @@ def run(args) -> int:
         with job.output_lock(args.out, "sample"):
             options["device"] = job.device
             sampler = job.agree(lambda: RunSampler(args.ckpt, **options))
+            if sampler.truncated and job.is_main:
+                print(f"[speed_fast] warning: {sampler.truncated} of {len(prompts)} prompts are longer than the text "
+                      f"encoder's {sampler.encoder.max_tokens} tokens and were truncated to them (as CLIP does)",
+                      file=sys.stderr, flush=True)
             settings = job.on_main(settings_of, sampler, options, n)
             plan = job.on_main(prepare_outputs, args.out, args.grid, settings, args.overwrite)
             if plan["complete"]:
@@ -92,11 +121,12 @@ def run(args) -> int:
                     discard_if_empty(parts_dir(args.out))
                 raise
             done = job.on_main(assemble, parts_dir(args.out), n, args.batch_size, settings, args.out, args.grid,
-                               args.nrow, MAX_GRID_IMAGES)
+                               args.nrow, MAX_GRID_IMAGES, prompts=sampler.prompts)
             drawn = sum(job.all_gather(drawn))
     shape = "x".join(map(str, settings["image_shape"]))
     if args.out.lower().endswith(".npz"):
-        say(f"wrote {args.out}: {n} samples, arr_0 uint8 [{n}, {shape.replace('x', ', ')}], arr_1 labels; "
+        arrays = "arr_1 prompt indices, prompts" if prompts is not None else "arr_1 labels"
+        say(f"wrote {args.out}: {n} samples, arr_0 uint8 [{n}, {shape.replace('x', ', ')}], {arrays}; "
             f"{drawn} chunk(s) drawn on {job.world} rank(s), {args.method} {args.steps} steps, cfg {args.cfg}, "
             f"seed {args.seed}{', EMA' if args.ema else ''}")
     shown = f" (the first {done['grid_images']}; at most {MAX_GRID_IMAGES} in a grid)" \

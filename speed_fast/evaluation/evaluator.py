@@ -42,14 +42,16 @@ sample), extracts their features,
     `cfg_scale`, `seed`, `batch_size`, `num_classes`, `shape`, `learn_sigma`, `clip_denoised`
     are passed to `speed_fast.sampling.sample`. `autocast` (default: on for CUDA) samples under
     bf16 autocast (the model keeps an fp32 residual stream and the sampler computes in fp32).
-    The result key is features.key ("fd_raw" or "fid").
+    The result key is features.key ("fd_raw" or "fid"). A text-to-image model gets `text`, the
+    conditions of the whole set (tokens [n_samples, L, D], pooled [n_samples, D]; sample i draws with
+    row i, every rank holds them all), and `null_text` for guidance (speed_fast.sampling.sample).
     """
 
     def __init__(self, reference, schedule: NoiseSchedule, n_samples: int = 256, steps="ddim25",
                  method: str = "ddim", eta: float = 0.0, cfg_scale: float = 1.0, seed: int = 0,
                  batch_size: int = 256, num_classes: int | None = None, shape=None, learn_sigma: bool | None = None,
                  clip_denoised: bool = False, features=None, decode=None, device=None, rank: int | None = None,
-                 world: int | None = None, group=None, autocast: bool | None = None):
+                 world: int | None = None, group=None, autocast: bool | None = None, text=None, null_text=None):
         n_samples = operator.index(n_samples)
         if n_samples < 2:
             raise ValueError(f"n_samples must be >= 2 for a covariance, got {n_samples}")
@@ -84,6 +86,10 @@ sample), extracts their features,
                 shape = tuple(reference.shape[1:])
             if self.rank == 0:
                 self.ref_mu, self.ref_sigma = feature_stats(reference.float(), self.features)
+        if text is not None and (len(text) != 2 or any(len(a) != n_samples for a in text)):
+            raise ValueError(f"text must be (tokens, pooled) of the {n_samples} samples, got "
+                             f"{[list(a.shape) for a in text]}")
+        self.text, self.null_text = text, null_text
         self.sample_kwargs = dict(steps=steps, method=method, eta=eta, cfg_scale=cfg_scale, seed=seed,
                                   batch_size=batch_size, num_classes=num_classes, shape=shape,
                                   learn_sigma=learn_sigma, clip_denoised=clip_denoised)
@@ -96,9 +102,12 @@ sample), extracts their features,
     def samples(self, model, indices: range | None = None) -> torch.Tensor:
         """Samples `indices` (default: all) of the fixed-seed set of `model` (decoded when a decoder was given)."""
         indices = range(self.n_samples) if indices is None else indices
+        kwargs = self.sample_kwargs
+        if self.text is not None:
+            kwargs = {**kwargs, "text": tuple(a[indices.start:indices.stop] for a in self.text),
+                      "null_text": self.null_text}
         with torch.autocast(self._autocast_device, dtype=torch.bfloat16, enabled=self.autocast):
-            x = sample(model, self.schedule, len(indices), device=self.device, first_index=indices.start,
-                       **self.sample_kwargs)
+            x = sample(model, self.schedule, len(indices), device=self.device, first_index=indices.start, **kwargs)
         return self.decode(x) if self.decode is not None else x
 
     def _gather(self, feats: torch.Tensor) -> torch.Tensor | None:

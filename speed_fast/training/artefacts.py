@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import torch
 
-from ..models.registry import build_model, config_key
+from ..models.registry import build_model, config_key, is_text_model
 from .checkpoint import write_atomic
 from .config import Plan
 from .metrics import plot_loss, read_metrics
@@ -65,22 +65,33 @@ def ema_model(plan: Plan, ema, rank: int, device, everywhere: bool = False, onli
 def make_evaluator(plan: Plan, rank: int, device, torch_threads: int):
     """The training-time evaluator of one rank (every rank samples its share of the set, see
     `TrainingEvaluator`): a fixed-seed sample set against a reference set drawn from the training
-    data on rank 0 (max(4 x eval_samples, 2048) latents, at most the whole file)."""
+    data on rank 0 (max(4 x eval_samples, 2048) latents, at most the whole file). A text-to-image
+    model's sample i is conditioned on the caption of reference record i (every rank reads them)."""
     from ..evaluation import TrainingEvaluator, eval_sampling
 
     cfg = plan.cfg
-    reference = None
-    if rank == 0:
-        from ..data import open_loader
-
+    reference = text = None
+    if rank == 0 or is_text_model(plan.model):
         n = min(plan.data_meta["num_samples"], max(4 * cfg.eval_samples, 2048))
-        ref_loader = open_loader(plan.data_path, n, loader=plan.loader, seed=cfg.seed + 1, num_workers=1,
-                                 drop_last=True, out_dtype=torch.float32)
-        reference = next(iter(ref_loader))[0].clone()
+        batch = data_batch(plan, n, seed=cfg.seed + 1)
         torch.set_num_threads(torch_threads)  # FFCV sets torch's thread count per epoch
+        reference = batch[0] if rank == 0 else None
+        if is_text_model(plan.model):
+            text = tuple(a[:cfg.eval_samples].clone() for a in batch[2:])
     return TrainingEvaluator(reference, plan.schedule, n_samples=cfg.eval_samples, seed=cfg.seed, device=device,
                              learn_sigma=plan.model.learn_sigma, shape=tuple(plan.data_meta["shape"]), rank=rank,
-                             world=plan.world_size, **eval_sampling(plan.data_meta, cfg.eval_sampler, cfg.eval_clip))
+                             world=plan.world_size, text=text,
+                             **eval_sampling(plan.data_meta, cfg.eval_sampler, cfg.eval_clip))
+
+
+def data_batch(plan: Plan, n: int, seed: int) -> tuple:
+    """n records of the training data in the order of `seed` (one loader batch, float32): (x, y), or
+    (x, y, tokens, pooled) for a captioned file."""
+    from ..data import open_loader
+
+    loader = open_loader(plan.data_path, n, loader=plan.loader, seed=seed, num_workers=1, drop_last=True,
+                         out_dtype=torch.float32)
+    return tuple(a.clone() for a in next(iter(loader)))
 
 
 class GridStopped(Exception):
@@ -119,12 +130,23 @@ def finish(plan: Plan, run_dir: str, model, device) -> list[str]:
     from . import preemption
 
     cfg = plan.cfg
-    C, K = plan.model.in_channels, plan.model.num_classes
-    per_class = 10 if K <= 10 else 1
-    labels = torch.arange(min(K, 64)).repeat_interleave(per_class)  # (n,)
+    C = plan.model.in_channels
+    if is_text_model(plan.model):  # the captions of 64 training records (the order of seed + 1)
+        from ..data import null_text
+
+        n = min(64, plan.data_meta["num_samples"])
+        _, labels, tokens, pooled = data_batch(plan, n, seed=cfg.seed + 1)
+        conditions = {"text": (tokens, pooled), "null_text": null_text(plan.data_meta)}
+        per_class = 8
+    else:
+        K = plan.model.num_classes
+        per_class = 10 if K <= 10 else 1
+        labels = torch.arange(min(K, 64)).repeat_interleave(per_class)  # (n,)
+        conditions = {"y": labels}
     steps, method, why = grid_sampler(plan, labels.numel())
-    print(f"[speed_fast] drawing the end-of-run sample grid: {labels.numel()} EMA samples, {method} {steps} "
-          f"steps{why} (a stop signal skips it)", file=sys.stderr, flush=True)
+    what = " (captions of training records)" if "text" in conditions else ""
+    print(f"[speed_fast] drawing the end-of-run sample grid: {labels.numel()} EMA samples{what}, {method} "
+          f"{steps} steps{why} (a stop signal skips it)", file=sys.stderr, flush=True)
 
     def stop_requested(module, args):
         if preemption.requested():
@@ -132,7 +154,7 @@ def finish(plan: Plan, run_dir: str, model, device) -> list[str]:
 
     hook = model.register_forward_pre_hook(stop_requested)  # checked before every model call
     try:
-        x = sampling.sample(model, plan.schedule, labels.numel(), y=labels, steps=steps, method=method,
+        x = sampling.sample(model, plan.schedule, labels.numel(), **conditions, steps=steps, method=method,
                             cfg_scale=cfg.sample_cfg, seed=cfg.seed, device=device,
                             batch_size=min(labels.numel(), 128), learn_sigma=plan.model.learn_sigma)
     except GridStopped as stop:
@@ -144,7 +166,7 @@ def finish(plan: Plan, run_dir: str, model, device) -> list[str]:
     finally:
         hook.remove()
     if C in (1, 3):
-        grid = sampling.save_grid(x, os.path.join(run_dir, "samples.png"), nrow=per_class if K <= 10 else 8)
+        grid = sampling.save_grid(x, os.path.join(run_dir, "samples.png"), nrow=per_class if per_class > 1 else 8)
     else:  # latents: decoding needs the VAE (speed-fast sample --ckpt RUN_DIR)
         grid = os.path.join(run_dir, "samples.npz")
         np.savez(grid, latents=x.numpy(), labels=labels.numpy())

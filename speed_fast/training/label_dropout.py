@@ -1,4 +1,5 @@
-"""Label dropout (classifier-free guidance's null class) decided by (seed, micro-step, rank).
+"""Label dropout (classifier-free guidance's null class) decided by (seed, micro-step, rank); the same
+for caption dropout (a text model's null caption), from a stream of its own.
 
 The mask is a function of the run's seed and the micro-step, not of any RNG state, so a
 resumed run drops the same labels as the uninterrupted one, and ranks drop disjoint samples of
@@ -13,10 +14,12 @@ import numpy as np
 import torch
 
 _LABEL_DROP_STREAM = 0x6C616264  # "labd": keeps label-dropout draws apart from other seeded streams
+CAPTION_DROP_STREAM = 0x63617064  # "capd": caption dropout's draws
 
 
-def _mask(seed: int, micro_step: int, p: float, batch: int, rank: int, world: int) -> np.ndarray:
-    seq = np.random.SeedSequence([seed, micro_step, _LABEL_DROP_STREAM])
+def _mask(seed: int, micro_step: int, p: float, batch: int, rank: int, world: int,
+          stream: int = _LABEL_DROP_STREAM) -> np.ndarray:
+    seq = np.random.SeedSequence([seed, micro_step, stream])
     u = np.random.Generator(np.random.PCG64(seq)).random(world * batch)[rank * batch:(rank + 1) * batch]
     return u < p
 
@@ -40,8 +43,9 @@ class LabelDropout:
     pinned buffer until the copy has run)."""
 
     def __init__(self, seed: int, p: float, batch: int, rank: int = 0, world: int = 1, device="cpu",
-                 chunk: int = 256):
+                 chunk: int = 256, stream: int = _LABEL_DROP_STREAM):
         self.seed, self.p, self.batch, self.rank, self.world = seed, float(p), batch, rank, world
+        self.stream = stream
         self.device = torch.device(device)
         self.chunk = chunk
         self._start = None
@@ -55,7 +59,7 @@ class LabelDropout:
         return self._masks[micro_step - self._start]  # (batch,)
 
     def _fill(self, start: int) -> None:
-        host = torch.from_numpy(np.stack([_mask(self.seed, m, self.p, self.batch, self.rank, self.world)
+        host = torch.from_numpy(np.stack([_mask(self.seed, m, self.p, self.batch, self.rank, self.world, self.stream)
                                           for m in range(start, start + self.chunk)]))  # (chunk, batch)
         if self.device.type == "cuda":
             host = host.pin_memory()

@@ -30,8 +30,8 @@ from .runlock import RunDirLocked, RunLock
 # Keys whose change makes a checkpoint's continuation a different run (compared as written in
 # config.json's "train"); the data file, ZeRO stage and precision are compared by what they are
 # (content fingerprint, effective stage and precision), not by how they were spelled.
-_IDENTITY = ("model", "dit", "unet", "flip", "schedule", "strategy", "strategy_params", "global_batch", "micro_batch",
-             "seed", "init_from")
+_IDENTITY = ("model", "dit", "unet", "t2i", "caption_dropout", "flip", "schedule", "strategy", "strategy_params",
+             "global_batch", "micro_batch", "seed", "init_from")
 ERROR_GRACE_S = 10.0
 
 

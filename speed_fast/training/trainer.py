@@ -5,6 +5,7 @@ rank r, micro batch B):
 
     t, x_t   = fused.sample_and_noise(x0, step=m, offset=r * B)     # alias draw + Philox noise
     out      = engine(x_t, t, y, drop)                             # drop: label dropout from (seed, m)
+               engine(x_t, t, tokens, pooled)                      # a text model: captions dropped from (seed, m)
     loss     = mean_b w(t_b) mse_b + mean_b vb_b                   # fused weighted MSE + VB
     engine.backward(loss)
 
@@ -22,11 +23,13 @@ waits for the device), and all ranks save a checkpoint and exit together. A run 
 --max-nonfinite non-finite steps is noticed at the next log line or checkpoint (no update is
 applied meanwhile).
 
-Everything random is a function of (seed, step), or is saved: the noise and time steps come
-from the counter RNG at the micro-step, label dropout from a generator seeded with
-(seed, micro-step), the data order from (seed, epoch) and the loader's position. A resumed run
-therefore computes the same losses as the uninterrupted one (exactly, on CPU in fp32); the
-checkpoint keeps the open log window, so records match for any --log-every.
+Everything random is a function of (seed, step), or is saved: the noise and time steps come from the
+counter RNG at the micro-step, label dropout and a text model's caption dropout (a dropped sample's
+tokens and pooled embedding replaced on the device by the null caption's, read from the data's
+sidecar) from generators seeded with (seed, micro-step), the data order from (seed, epoch) and the
+loader's position. A resumed run therefore computes the same losses as the uninterrupted one
+(exactly, on CPU in fp32); the checkpoint keeps the open log window, so records match for any
+--log-every.
 
 The engine is built in `engine.py`; config.json, the evaluator and the end-of-run grid and
 plots are `artefacts.py`.
@@ -42,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from ..diffusion import GaussianDiffusion
+from ..models.registry import is_text_model
 from ..ops import FusedSpeeD
 from . import artefacts
 from . import checkpoint as ckpt
@@ -49,7 +53,7 @@ from . import preemption
 from .config import Plan
 from .ema import ShardedEMA
 from .engine import build_engine
-from .label_dropout import LabelDropout
+from .label_dropout import CAPTION_DROP_STREAM, LabelDropout
 from .metrics import MetricsLogger
 from .stats import LOG_FIELDS, STEP_FIELDS, SUMMED_SIZE, WINDOW_FIELDS, Stats, window_record
 
@@ -94,8 +98,15 @@ class Trainer:
         self.ema = ShardedEMA(self.engine.module, cfg.ema_decay, warmup=cfg.ema_warmup)
         self.fused = FusedSpeeD(plan.schedule, plan.strategy, device=self.device, backend=cfg.backend, seed=cfg.seed)
         self.diffusion = GaussianDiffusion(plan.schedule, device=self.device, learn_sigma=plan.model.learn_sigma)
-        self.label_drop = LabelDropout(cfg.seed, plan.model.class_dropout_prob, plan.micro_batch, self.rank,
-                                       self.world, self.device)
+        self.text = is_text_model(plan.model)
+        self.label_drop = LabelDropout(cfg.seed, 0.0 if self.text else plan.model.class_dropout_prob,
+                                       plan.micro_batch, self.rank, self.world, self.device)
+        if self.text:
+            from ..data import null_text
+
+            self.null_tokens, self.null_pooled = (v.to(self.device, torch.float32) for v in null_text(plan.data_meta))
+            self.caption_drop = LabelDropout(cfg.seed, plan.caption_dropout, plan.micro_batch, self.rank, self.world,
+                                             self.device, stream=CAPTION_DROP_STREAM)
         self.offset = self.rank * plan.micro_batch
         self.step_stats = Stats(STEP_FIELDS, self.device)
         self.log_stats = Stats(LOG_FIELDS, self.device)
@@ -124,7 +135,8 @@ class Trainer:
         return self.loader
 
     def batches(self):
-        """Endless (x, y) micro-batches for this rank, epoch after epoch, from the loader's position."""
+        """Endless (x, y) micro-batches for this rank ((x, y, tokens, pooled) on captioned data), epoch
+        after epoch, from the loader's position."""
         return self.loader.forever()
 
     def lr_at(self, step: int) -> float:
@@ -157,13 +169,17 @@ class Trainer:
         for i in range(self.plan.grad_accum):
             if i:
                 self.engine.step()  # DeepSpeed counts micro-batches in step(); it updates only at the boundary
-            x, y = next(batches)
+            x, y, *text = next(batches)
             # fp32 latents in every precision: bf16 autocast casts them where a matmul reads them.
             x = x.to(self.device, dtype=torch.float32, non_blocking=True)  # (B, C, H, W)
             y = y.to(self.device, non_blocking=True)  # (B,)
             m = self.micro_step
-            terms = self.diffusion.training_losses(self.engine, x, y, self.fused, step=m, offset=self.offset,
-                                                   drop=self.label_drop(m), strategy_step=self.step)
+            if self.text:
+                terms = self.diffusion.training_losses(self.engine, x, y, self.fused, step=m, offset=self.offset,
+                                                       strategy_step=self.step, text=self._captions(*text, m))
+            else:
+                terms = self.diffusion.training_losses(self.engine, x, y, self.fused, step=m, offset=self.offset,
+                                                       drop=self.label_drop(m), strategy_step=self.step)
             self.engine.backward(terms["loss"])
             self.micro_step += 1
             with torch.no_grad():
@@ -190,6 +206,17 @@ class Trainer:
             self._observe(observed, skip)
         self.step += 1
         self.fused.end_step(self.step)  # an adaptive P(t) may get its new table (on the device)
+
+    def _captions(self, tokens: torch.Tensor, pooled: torch.Tensor, micro_step: int) -> tuple:
+        """(tokens fp32 [B, L, D], pooled fp32 [B, D]) on the device, with the captions that caption dropout
+        picks at this micro-step replaced by the null caption's embedding (no host-device wait)."""
+        tokens = tokens.to(self.device, dtype=torch.float32, non_blocking=True)  # (B, L, D)
+        pooled = pooled.to(self.device, dtype=torch.float32, non_blocking=True)  # (B, D)
+        drop = self.caption_drop(micro_step)  # (B,) bool, or None when the probability is 0
+        if drop is None:
+            return tokens, pooled
+        return (torch.where(drop[:, None, None], self.null_tokens, tokens),
+                torch.where(drop[:, None], self.null_pooled, pooled))
 
     @torch.no_grad()
     def _add_to_window(self, skip: torch.Tensor, grad_norm) -> None:

@@ -73,6 +73,8 @@ def check_values(cfg: TrainConfig) -> None:
     real_in("--ema-decay", cfg.ema_decay, 0.0, 1.0, hi_open=True)
     real_in("--grad-clip", cfg.grad_clip, 0.0, math.inf, hi_open=True)
     real_in("--sample-cfg", cfg.sample_cfg, 0.0, math.inf, hi_open=True)
+    if cfg.caption_dropout is not None:
+        real_in("--caption-dropout", cfg.caption_dropout, 0.0, 1.0, hi_open=True)
     if len(cfg.adam_betas) != 2:
         raise ConfigError(f"adam_betas must be two numbers, got {cfg.adam_betas!r}")
     for i, b in enumerate(cfg.adam_betas):

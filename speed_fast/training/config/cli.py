@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
-from ...models.registry import DIT_CUSTOM, DIT_SIZE_KEYS, family_of
-from ...models.unet import UNET_CUSTOM, UNET_SIZE_KEYS
+from ...models.registry import CUSTOM, DIT_SIZE_KEYS, config_class, family_of
+from ...models.dit_t2i import T2I_SIZE_KEYS
+from ...models.unet import UNET_SIZE_KEYS
 from ...timesteps import STRATEGIES, STRATEGY_PARAMS
 from .presets import DEFAULT_PRESET, load_preset
 from .schema import PRECISIONS, RESUME_MODES, ZERO_STAGES, TrainConfig
@@ -15,8 +17,8 @@ from .schema import PRECISIONS, RESUME_MODES, ZERO_STAGES, TrainConfig
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deepspeed train/main.py",
-        description="Train a DiT or a U-Net with SpeeD under DeepSpeed. With no arguments: the 'digits' preset "
-                    "(scikit-learn's 8x8 digits, a small DiT, SpeeD) to completion, CPU included.")
+        description="Train a DiT, a U-Net or a text-to-image DiT with SpeeD under DeepSpeed. With no arguments: "
+                    "the 'digits' preset (scikit-learn's 8x8 digits, a small DiT, SpeeD) to completion, CPU included.")
     S = argparse.SUPPRESS
     g = p.add_argument_group("run")
     g.add_argument("--preset", default=DEFAULT_PRESET, help="preset name in train/configs or a JSON path "
@@ -45,8 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=S, help="DiT-{S,B,L,XL}/{2,4,8}, 'custom' (sizes from the preset's dit "
                    "fields), a U-Net: unet-small (digits), unet-cifar10, unet-ldm (the paper's Tab. 7), or "
-                   "'unet-custom' (sizes from the preset's unet fields). A named model replaces the preset's sizes")
-    g.add_argument("--data", default=S, help="latent .beton (speed_fast.data), or 'digits'")
+                   "'unet-custom' (sizes from the preset's unet fields), a text-to-image DiT on captioned data: "
+                   "dit-t2i-s2 (digits), dit-t2i-xl2 (the paper's Tab. 5) or 'dit-t2i-custom' (sizes from the "
+                   "preset's t2i fields). A named model replaces the preset's sizes")
+    g.add_argument("--data", default=S, help="latent .beton (speed_fast.data), 'digits', or 'digits-t2i' (the "
+                   "captioned digits)")
+    g.add_argument("--caption-dropout", type=float, default=S, metavar="P",
+                   help="text-to-image models: replace a sample's caption by the null caption's embedding with "
+                        "probability P (classifier-free guidance; default 0.1)")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=S,
                    help="random horizontal flips of the latents (the ImageNet presets flip)")
     g.add_argument("--grad-checkpointing", action="store_true", default=S)
@@ -92,26 +100,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Settings both model families have: a preset's value for one family is the run's for the other when
-# --model switches family (the digits preset's dit class_dropout_prob then applies to a U-Net).
+# Settings model families share: a preset's value for one family is the run's for another when --model
+# switches family (the digits preset's dit class_dropout_prob then applies to a U-Net), where that family
+# has the setting (a text-to-image DiT has no class dropout).
 SHARED_MODEL_KEYS = ("class_dropout_prob", "learn_sigma")
+SIZE_KEYS = {"dit": DIT_SIZE_KEYS, "unet": UNET_SIZE_KEYS, "t2i": T2I_SIZE_KEYS}
 
 
 def _switch_model(cfg: TrainConfig, name: str) -> None:
     """The preset's model settings for --model `name` instead of the preset's model: a named model drops
-    the preset's custom sizes of either family (the digits preset's hidden_size, depth, ...), which the
-    name fixes; another family than the preset's takes over the shared settings (SHARED_MODEL_KEYS) and
+    the preset's custom sizes of every family (the digits preset's hidden_size, depth, ...), which the
+    name fixes; another family than the preset's takes over the shared settings it has (SHARED_MODEL_KEYS) and
     nothing else. An unknown name is left to resolve(), which lists the known ones."""
     try:
         new, old = family_of(name), family_of(cfg.model)
     except ValueError:
         return
-    if name not in (DIT_CUSTOM, UNET_CUSTOM):
-        cfg.dit = {k: v for k, v in cfg.dit.items() if k not in DIT_SIZE_KEYS}
-        cfg.unet = {k: v for k, v in cfg.unet.items() if k not in UNET_SIZE_KEYS}
+    if name not in CUSTOM.values():
+        for family, keys in SIZE_KEYS.items():
+            setattr(cfg, family, {k: v for k, v in getattr(cfg, family).items() if k not in keys})
     if new != old:
         before = getattr(cfg, old)
-        setattr(cfg, new, {**{k: before[k] for k in SHARED_MODEL_KEYS if k in before}, **getattr(cfg, new)})
+        fields = {f.name for f in dataclasses.fields(config_class(new))}
+        shared = [k for k in SHARED_MODEL_KEYS if k in before and k in fields]
+        setattr(cfg, new, {**{k: before[k] for k in shared}, **getattr(cfg, new)})
         setattr(cfg, old, {})
 
 

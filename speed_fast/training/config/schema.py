@@ -23,13 +23,19 @@ class TrainConfig:
 
     preset: str = "custom"
     # model: a name of speed_fast.models.registry: a DiT ("DiT-XL/2", or "custom": sizes from `dit`) or a
-    # U-Net ("unet-small", "unet-cifar10", "unet-ldm", or "unet-custom": sizes from `unet`). `dit` overrides
-    # DiTConfig fields of DiT models, `unet` UNetConfig fields of U-Nets; a named model fixes its sizes.
+    # U-Net ("unet-small", "unet-cifar10", "unet-ldm", or "unet-custom": sizes from `unet`) or a text-to-image
+    # DiT ("dit-t2i-s2", "dit-t2i-xl2", or "dit-t2i-custom": sizes from `t2i`). `dit` overrides DiTConfig fields
+    # of DiT models, `unet` UNetConfig fields of U-Nets, `t2i` DiTT2IConfig fields; a named model fixes its sizes.
     model: str = "DiT-XL/2"
     dit: dict = field(default_factory=dict)
     unet: dict = field(default_factory=dict)
-    # data: an FFCV .beton of latents (speed_fast.data), or "digits" for the embedded default.
+    t2i: dict = field(default_factory=dict)
+    # data: an FFCV .beton of latents (speed_fast.data), "digits" for the embedded default, or "digits-t2i" for
+    # the captioned digits (speed_fast.data.digits.ensure_captioned_digits: the tiny CLIP of seed 0).
     data: str = "digits"
+    # Text-to-image models only: the probability that a sample's caption is replaced by the null caption's
+    # embedding (classifier-free guidance); None: 0.1.
+    caption_dropout: float | None = None
     flip: bool = False                   # random horizontal flips (DiT flips ImageNet)
     schedule: dict = field(default_factory=lambda: {"kind": "linear", "T": 1000, "beta_start": 1e-4,
                                                     "beta_end": 0.02})
@@ -91,7 +97,8 @@ class TrainConfig:
 
 # Annotation of a config field -> the JSON/Python types its value may have.
 _ANNOTATION_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,),
-                     "tuple": (list, tuple), "int | None": (int, type(None)), "str | None": (str, type(None))}
+                     "tuple": (list, tuple), "int | None": (int, type(None)), "str | None": (str, type(None)),
+                     "float | None": (int, float, type(None))}
 
 
 def check_types(cls, values: dict, where: str) -> None:
