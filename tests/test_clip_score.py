@@ -1,19 +1,27 @@
 """CLIP score (`speed_fast.evaluation.clip_score`, `speed-fast eval --clip-model`) against an
 independent computation written here: images prepared by transformers' PIL CLIPImageProcessor
 (not the torch resize under test), each prompt tokenised alone and truncated the way openai/CLIP's
-`clip.tokenize(truncate=True)` does, cosines in float64 numpy, the clamp at 0 per pair.
+`clip.tokenize(truncate=True)` does, cosines in float64 numpy, the clamp at 0 per pair; the CLI end
+to end (prompts from the .npz and from --prompts FILE, beside --ref), two ranks under torchrun, and
+every bad input as one line with exit 2.
 
 The CLIP is a tiny CLIPModel with random weights from a fixed seed (text tower and tokenizer of
 speed_fast.text.build_tiny_clip, a 30-pixel vision tower), saved with a preprocessor_config.json
 whose mean/std are not OpenAI's, so reading it is checked. Its scores mean nothing; its cosines
 spread over both signs (seed 4: about half of them below 0), which is what the clamp test needs."""
 
+import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+from speed_fast.cli import main as cli_main
 from speed_fast.evaluation import TensorImages, clip_pixels, clip_score, load_clip
 from speed_fast.evaluation.clip_score import OPENAI_CLIP_MEAN
 from speed_fast.text import build_tiny_clip
@@ -88,6 +96,12 @@ def to_nchw(images_nhwc):
     return torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)))
 
 
+def run_eval(capsys, *args):
+    code = cli_main(["eval", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.mark.parametrize("h, w", [(37, 53), (11, 17), (64, 45), (30, 41)])
 def test_pixels_match_the_pil_clip_image_processor(tiny, h, w):
     """Down- and up-sizing, both orientations, and a crop-only size: within one grey level of PIL's
@@ -137,3 +151,121 @@ def test_without_a_preprocessor_config_the_vision_size_and_openai_statistics_are
     shutil.copytree(path, tmp_path / "bare", ignore=shutil.ignore_patterns("preprocessor_config.json"))
     clip = load_clip(str(tmp_path / "bare"))
     assert (clip.size, clip.crop, clip.mean) == (SIZE, (SIZE, SIZE), OPENAI_CLIP_MEAN)
+
+
+def save_gen(path, x, prompts=None, **extra):
+    arrays = {"arr_0": x, "arr_1": np.arange(len(x))}
+    if prompts is not None:
+        arrays["prompts"] = np.array(prompts)
+    np.savez(path, **arrays, **extra)
+
+
+def test_cli_prompts_from_the_npz_or_a_file_alone_or_beside_ref(tiny, tmp_path, capsys):
+    path, _ = tiny
+    x = smooth_images(len(PROMPTS), 16, 16, seed=5)  # upsized to 30
+    save_gen(tmp_path / "gen.npz", x, PROMPTS)
+    assert np.load(tmp_path / "gen.npz", allow_pickle=False)["prompts"].dtype.kind == "U"
+    want = 100 * np.maximum(reference_cosines(path, x, PROMPTS), 0)
+    code, out, err = run_eval(capsys, "--gen", tmp_path / "gen.npz", "--clip-model", path, "--device", "cpu",
+                              "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["clip_score"] == pytest.approx(want.mean(), abs=0.05)
+    assert result["clip_score_std"] == pytest.approx(want.std(), abs=0.05)
+    assert (result["clip_model"], result["n_generated"], result["clip_truncated"]) == (path, len(PROMPTS), 0)
+    assert "fid" not in result and "fd_raw" not in result
+    # --prompts FILE for an npz without prompts (CRLF line ends; the file wins over the npz's prompts below)
+    save_gen(tmp_path / "bare.npz", x)
+    (tmp_path / "prompts.txt").write_bytes("\r\n".join(PROMPTS).encode() + b"\r\n")
+    code, out, err = run_eval(capsys, "--gen", tmp_path / "bare.npz", "--prompts", tmp_path / "prompts.txt",
+                              "--clip-model", path, "--device", "cpu", "--json")
+    assert code == 0, err
+    assert json.loads(out)["clip_score"] == pytest.approx(result["clip_score"], abs=1e-9)
+    save_gen(tmp_path / "other.npz", x, PROMPTS[::-1])
+    code, out, err = run_eval(capsys, "--gen", tmp_path / "other.npz", "--prompts", tmp_path / "prompts.txt",
+                              "--clip-model", path, "--device", "cpu", "--json")
+    assert code == 0 and json.loads(out)["clip_score"] == pytest.approx(result["clip_score"], abs=1e-9)
+    # beside the reference metrics, in the JSON and in the table
+    args = ["--gen", tmp_path / "gen.npz", "--ref", tmp_path / "bare.npz", "--clip-model", path, "--device", "cpu"]
+    code, out, err = run_eval(capsys, *args, "--json")
+    assert code == 0, err
+    both = json.loads(out)
+    assert both["fd_raw"] == pytest.approx(0, abs=1e-6) and both["clip_score"] == pytest.approx(result["clip_score"])
+    code, out, err = run_eval(capsys, *args)
+    assert code == 0, err
+    assert "FD (raw)" in out and re.search(rf"^CLIP score +{result['clip_score']:.6g}$", out, re.M)
+    assert re.search(rf"^CLIP score std +{result['clip_score_std']:.6g}$", out, re.M)
+    assert "0 prompts truncated at 77 tokens" in out
+
+
+def test_two_ranks_under_torchrun_give_the_one_rank_result(tiny, tmp_path, capsys):
+    path, _ = tiny
+    save_gen(tmp_path / "gen.npz", smooth_images(len(PROMPTS), 20, 24, seed=6), PROMPTS)
+    args = ["eval", "--gen", tmp_path / "gen.npz", "--clip-model", path, "--device", "cpu", "--batch-size", "2",
+            "--json"]
+    code, out, err = run_eval(capsys, *args[1:])
+    assert code == 0, err
+    one = json.loads(out)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                        "speed_fast.cli", *map(str, args)], env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # rank 0 prints
+    two = json.loads(lines[0])
+    assert two["clip_score"] == pytest.approx(one["clip_score"], abs=1e-4)
+    assert two["clip_score_std"] == pytest.approx(one["clip_score_std"], abs=1e-4)
+    assert two["n_generated"] == one["n_generated"] == len(PROMPTS)
+
+
+def test_bad_inputs_are_one_line_and_exit_2(tiny, tmp_path, capsys, monkeypatch):
+    path, text_only = tiny
+    n = len(PROMPTS)
+    x = smooth_images(n, 8, 8, seed=7)
+    save_gen(tmp_path / "gen.npz", x, PROMPTS)
+    save_gen(tmp_path / "bare.npz", x)
+    save_gen(tmp_path / "short.npz", x, PROMPTS[:-1])
+    np.savez(tmp_path / "ints.npz", arr_0=x, prompts=np.arange(n))
+    np.save(tmp_path / "gen.npy", x)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "three.txt").write_text("a\nb\nc\n")
+    bilinear = tmp_path / "bilinear"
+    shutil.copytree(path, bilinear)
+    cfg = json.loads((bilinear / "preprocessor_config.json").read_text())
+    (bilinear / "preprocessor_config.json").write_text(json.dumps({**cfg, "resample": 2}))
+    smaller = tmp_path / "smaller"
+    shutil.copytree(path, smaller)
+    (smaller / "preprocessor_config.json").write_text(json.dumps({**cfg, "size": {"shortest_edge": 24},
+                                                                  "crop_size": {"height": 24, "width": 24}}))
+    (tmp_path / "run").mkdir()
+    clip = ["--clip-model", path, "--device", "cpu"]
+    cases = [
+        (["--gen", tmp_path / "bare.npz", *clip], "holds no prompts (no 'prompts' array"),
+        (["--gen", tmp_path / "gen.npy", *clip], "holds no prompts"),
+        (["--gen", tmp_path / "short.npz", *clip], f"holds {n - 1} prompts for {n} images"),
+        (["--gen", tmp_path / "ints.npz", *clip], "expected a unicode array"),
+        (["--gen", tmp_path / "bare.npz", "--prompts", tmp_path / "empty.txt", *clip], "is empty"),
+        (["--gen", tmp_path / "bare.npz", "--prompts", tmp_path / "three.txt", *clip],
+         f"holds 3 prompts but --gen holds {n} images"),
+        (["--gen", tmp_path / "bare.npz", "--prompts", tmp_path / "nowhere.txt", *clip], "is not a file"),
+        (["--gen", tmp_path / "gen.npz", "--clip-model", text_only, "--device", "cpu"],
+         "model_type 'clip_text_model' (a text-only CLIP"),
+        (["--gen", tmp_path / "gen.npz", "--clip-model", "./nowhere", "--device", "cpu"],
+         "--clip-model './nowhere': no such directory"),
+        (["--gen", tmp_path / "gen.npz", "--clip-model", bilinear, "--device", "cpu"], "resample=2"),
+        (["--gen", tmp_path / "gen.npz", "--clip-model", smaller, "--device", "cpu"],
+         "crops 24x24 but the vision tower takes 30x30"),
+        (["--gen", tmp_path / "run", *clip], "is a run directory; CLIP score needs the prompts"),
+        (["--gen", tmp_path / "gen.npz"], "eval needs --ref REF"),
+        (["--gen", tmp_path / "gen.npz", "--prompts", tmp_path / "three.txt", "--ref", "digits"],
+         "give --clip-model NAME too"),
+    ]
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    cases.append((["--gen", tmp_path / "gen.npz", "--clip-model", "nobody/no-such-clip"],
+                  "HF_HUB_OFFLINE=1 forbids downloading it"))
+    for args, message in cases:
+        code, out, err = run_eval(capsys, *args)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not out, (args, err)
