@@ -42,7 +42,7 @@ _EXPECTED = ("a local directory saved with save_pretrained (a CLIPTextModel or C
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_transformers():
     """transformers without its progress bars and warnings (the length warning of a caption longer than L:
     truncation is reported by the caller, once, with the count)."""
     from transformers.utils import logging
@@ -111,7 +111,7 @@ def build_tiny_clip(directory: str | os.PathLike, seed: int = 0, width: int = 32
                             projection_dim=width, num_hidden_layers=layers, num_attention_heads=heads,
                             max_position_embeddings=max_tokens, bos_token_id=vocab["<|startoftext|>"],
                             eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
-    with torch.random.fork_rng(devices=[]), _quiet():
+    with torch.random.fork_rng(devices=[]), quiet_transformers():
         torch.manual_seed(seed)
         model = CLIPTextModel(config)
         model.save_pretrained(directory)
@@ -141,7 +141,7 @@ class TextEncoder:
 
     def tokenize(self, captions: Sequence[str]) -> list[list[int]]:
         """Token ids of each caption, untruncated (len > max_tokens: the caption will be truncated)."""
-        with _quiet():
+        with quiet_transformers():
             return self.tokenizer(list(captions), padding=False, truncation=False)["input_ids"]
 
     @torch.inference_mode()
@@ -162,20 +162,21 @@ class TextEncoder:
         return tokens, pooled, truncated
 
 
-def resolve_text_encoder(name: str, flag: str = "--text-encoder") -> dict:
+def resolve_text_encoder(name: str, flag: str = "--text-encoder", expected: str = _EXPECTED) -> dict:
     """Where the text encoder `name` is: {"name", "source": "directory" | "hub", "path", "local", "revision"}.
-    A hub id is downloaded into the hub cache on first use (HF_HUB_OFFLINE=1: the cache only)."""
+    A hub id is downloaded into the hub cache on first use (HF_HUB_OFFLINE=1: the cache only). `expected`:
+    what the error lines say `flag` takes (CLIP score resolves its CLIPModel here too)."""
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"{flag} {name!r}: expected {_EXPECTED}")
+        raise ValueError(f"{flag} {name!r}: expected {expected}")
     path = os.path.expanduser(name)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ValueError(f"{flag} {name!r} is a directory without config.json; expected {_EXPECTED}")
+            raise ValueError(f"{flag} {name!r} is a directory without config.json; expected {expected}")
         return {"name": name, "source": "directory", "path": os.path.abspath(path), "local": os.path.abspath(path),
                 "revision": None}
     parts = name.split("/")
     if os.path.isabs(name) or name.startswith((".", "~")) or len(parts) != 2 or not all(parts):
-        raise ValueError(f"{flag} {name!r}: no such directory; expected {_EXPECTED}")
+        raise ValueError(f"{flag} {name!r}: no such directory; expected {expected}")
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, OfflineModeIsEnabled
 
@@ -188,7 +189,7 @@ def resolve_text_encoder(name: str, flag: str = "--text-encoder") -> dict:
                                   allow_patterns=["*.json", "*.txt", "*.safetensors"])
     except HFValidationError as exc:
         raise ValueError(f"{flag} {name!r}: not a local directory, and not a valid hub id ({exc}); "
-                         f"expected {_EXPECTED}") from None
+                         f"expected {expected}") from None
     except OfflineModeIsEnabled:
         raise ValueError(f"{flag} {name!r}: no such local directory, and the hub repository is {hint}") from None
     except OSError as exc:  # RepositoryNotFoundError, HTTP and connection errors, LocalEntryNotFoundError
@@ -206,7 +207,7 @@ def load_text_encoder(name_or_dir: str, device="cpu", flag: str = "--text-encode
     try:
         with open(os.path.join(where["local"], "config.json")) as f:
             config = json.load(f)
-        with _quiet():
+        with quiet_transformers():
             tokenizer = CLIPTokenizer.from_pretrained(where["local"], local_files_only=True)
             model = CLIPTextModel.from_pretrained(where["local"], local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:

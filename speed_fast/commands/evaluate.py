@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 8 $(which speed-fast) eval --gen samples.npz --ref REF.npz --features inception
     speed-fast eval --gen samples.npy --ref ref.npz                                # raw data (fd_raw)
     speed-fast eval --gen RUN_DIR --num-samples 1000 --steps 250 --ref digits      # sample a run, then compare
+    speed-fast eval --gen samples.npz --clip-model openai/clip-vit-large-patch14   # CLIP score against the prompts
 
 --features inception: FID, sFID, Inception Score, precision and recall (k = 3), as
 openai/guided-diffusion's evaluations/evaluator.py defines them (`speed_fast.evaluation.suite`),
@@ -28,6 +29,12 @@ writes it with the labels in `arr_1`, which eval does not need; or the older `--
 (`speed_fast.evaluation.eval_sampling`). --ref is an array file, a latent .beton (at most --n-ref
 samples), or `digits`. A file that holds no image array is refused with one line (exit 2). `--n` is the one-process spelling of
 --num-samples (a launcher takes `--n` for its own `--nnodes`/`--nproc-per-node`).
+
+--clip-model NAME (a hub id or a save_pretrained CLIPModel directory): the CLIP score of the --gen
+array file against its prompts (`speed_fast.evaluation.clip_score`), alone or beside the --ref
+metrics; the prompts are the .npz's `prompts` array (`speed-fast sample --prompts` writes it) or
+--prompts FILE (one per line; it takes precedence). Bad prompts or a model that is not a CLIPModel
+are named before any other metric is computed.
 """
 
 from __future__ import annotations
@@ -38,14 +45,14 @@ import os
 from .common import add_sampling_arguments, sampling_options
 
 HELP = ("ADM's metrics (FID, sFID, Inception Score, precision, recall) or the raw Fréchet distance between "
-        "generated and reference sets")
+        "generated and reference sets, and the CLIP score of generated images against their prompts")
 
 
 def add_arguments(p) -> None:
     p.add_argument("--gen", required=True, help="generated set: .npy/.npz array (arr_0 uint8 [N, H, W, 3]), or a "
                                                 "run directory to sample")
-    p.add_argument("--ref", required=True, help="reference set: .npy/.npz array (e.g. ADM's reference batch), a "
-                                                "latent .beton, or 'digits'")
+    p.add_argument("--ref", default=None, help="reference set: .npy/.npz array (e.g. ADM's reference batch), a "
+                                               "latent .beton, or 'digits' (optional with --clip-model)")
     p.add_argument("--n-ref", type=int, default=10000, help="at most this many reference samples from a .beton")
     p.add_argument("--features", default="raw", choices=["raw", "inception"],
                    help="raw: the data itself (fd_raw, precision/recall); inception: FID, sFID, IS, precision, recall")
@@ -58,6 +65,13 @@ def add_arguments(p) -> None:
                         "require them; recompute: from the reference images with this network")
     p.add_argument("--no-ref-cache", dest="ref_cache", action="store_false",
                    help="neither read nor write the reference-features cache")
+    p.add_argument("--clip-model", default=None, metavar="NAME",
+                   help="CLIP score of --gen against its prompts with this CLIPModel: a hub id (e.g. "
+                        "openai/clip-vit-large-patch14; HF_HUB_OFFLINE=1 for the hub cache only) or a save_pretrained "
+                        "directory")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="CLIP score's prompts, one per line, one per --gen image in order (default: the --gen .npz's "
+                        "'prompts' array)")
     p.add_argument("--max-dim", type=int, default=512, help="raw features: project above this many dims")
     p.add_argument("--num-samples", "--n", dest="num_samples", type=int, default=1000,
                    help="samples to draw when --gen is a run directory (--n: the same, outside a launcher)")
@@ -121,23 +135,61 @@ def _raw(args, job) -> dict:
             "reference": args.ref}
 
 
+def _clip_set(gen: str, prompts_file):
+    """(images, prompts, where the prompts came from) of --gen for CLIP score."""
+    from ..evaluation import open_images, read_prompts
+
+    if os.path.isdir(gen):
+        raise ValueError(f"--gen {gen!r} is a run directory; CLIP score needs the prompts the images were drawn "
+                         "from: sample with `speed-fast sample --prompts FILE --out samples.npz` and evaluate that file")
+    images = open_images(gen, "--gen")
+    return (images, *read_prompts(gen, prompts_file, images.n))
+
+
+def _clip_inputs(args, job):
+    """(images, prompts, prompt source, CLIP model) of --clip-model, every input checked before any metric runs."""
+    from ..evaluation import load_clip
+    from ..text import resolve_text_encoder
+
+    images, prompts, source = job.agree(_clip_set, args.gen, args.prompts)
+    job.on_main(resolve_text_encoder, args.clip_model, "--clip-model")  # rank 0 downloads (once), then all load
+    return images, prompts, source, job.agree(load_clip, args.clip_model, job.device)
+
+
 def run(args) -> int:
     from ..distributed import launch_job
-    from ..evaluation import format_table
+    from ..evaluation import clip_classes, clip_score, format_table
 
+    if args.ref is None and args.clip_model is None:
+        raise ValueError("eval needs --ref REF (FID and the other metrics against a reference set), --clip-model NAME "
+                         "(CLIP score against the prompts), or both")
+    if args.prompts is not None and args.clip_model is None:
+        raise ValueError(f"--prompts {args.prompts!r} is for CLIP score; give --clip-model NAME too")
+    if args.clip_model is not None:
+        clip_classes()  # before the process group starts (speed_fast.evaluation.clip_score.clip_classes says why)
     with launch_job(args.device) as job:
-        if args.features == "inception":
+        clip = _clip_inputs(args, job) if args.clip_model is not None else None
+        result = {"generated": args.gen}
+        if args.ref is not None and args.features == "inception":
             result = _inception(args, job)
-        else:
+        elif args.ref is not None:
             result = job.on_main(_raw, args, job)
+        if clip is not None:
+            images, prompts, source, model = clip
+            result.update(clip_score(images, prompts, model, job, batch_size=args.batch_size), clip_prompts=source)
     if not job.is_main:
         return 0
     if args.json:
         print(json.dumps(result))
-    else:
-        print(format_table(result))
+        return 0
+    print(format_table(result))
+    if args.ref is not None:
         print(f"({result['n_generated']} generated from {result['generated']}, {result['n_reference']} reference "
               f"from {result['reference']}; features: {result['features']}"
               + (f", reference statistics {result['reference_statistics']}, cache {result['reference_cache']})"
                  if result["features"] == "inception" else ")"))
+    if clip is not None:
+        print(f"(CLIP score: {result['n_generated']} images of {args.gen} against {result['clip_prompts']}, model "
+              f"{result['clip_model']}; {result['clip_truncated']} prompts truncated at {result['clip_max_tokens']} "
+              "tokens)")
     return 0

@@ -62,7 +62,8 @@ from . import refcache
 
 REFERENCE_STATISTICS = ("auto", "stored", "recompute")
 METRIC_ROWS = (("fid", "FID"), ("fd_raw", "FD (raw)"), ("sfid", "sFID"), ("is", "Inception Score"),
-               ("precision", "precision"), ("recall", "recall"))
+               ("precision", "precision"), ("recall", "recall"), ("clip_score", "CLIP score"),
+               ("clip_score_std", "CLIP score std"))
 
 
 class LocalJob:
