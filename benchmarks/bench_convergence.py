@@ -588,7 +588,9 @@ def table(summary: dict, arms: list[str]) -> str:
             v = s["vs_baseline"]
             for f in FRACTIONS:
                 t = v["thresholds"][f"{int(f * 100)}%"]
-                cells.append(f"{t['ratio']:.2f}x {_ci(t['ci95'])}")
+                # ratio 0: the arm's seed-mean curve never reaches the baseline's quality at this threshold
+                ratio = f"{t['ratio']:.2f}x" if t["ratio"] > 0 else "not reached"
+                cells.append(f"{ratio} {_ci(t['ci95'])}")
             cells += [f"{v['log_auc']['diff']:+.3f} {_ci(v['log_auc']['ci95'], '{:+.3f}')}", v["verdict"]]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)

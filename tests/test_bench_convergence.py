@@ -71,6 +71,8 @@ def test_paired_bootstrap_verdicts():
     assert all(lo <= m <= hi for lo, m, hi in zip(band[0], summary["uniform"]["mean"], band[1]))
     table = bench.table(summary, ["uniform", "fast", "same", "slow"])
     assert "| fast | 8 |" in table and "faster" in table and "no significant difference" in table
+    slow_row = next(line for line in table.splitlines() if line.startswith("| slow |"))
+    assert "not reached [" in slow_row and "0.00x" not in slow_row  # the 100% threshold the slow arm never reaches
 
 
 def test_arm_specs_and_schedule():
