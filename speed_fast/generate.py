@@ -65,14 +65,17 @@ def parse_labels(spec: str | None, n: int, start: int = 0) -> torch.Tensor | Non
 
 def read_prompts(prompts: list[str] | None, path: str | None) -> list[str] | None:
     """The prompts of --prompt (repeatable) or --prompts FILE (one a line; blank lines skipped), or None
-    for neither. ValueError for both, an unreadable or empty file, or an empty --prompt."""
+    for neither. `--prompt ""` is the null caption: those samples are unconditional (the data's stored
+    null embedding, what caption dropout trained on; guidance has no effect on them). ValueError for
+    both flags, an unreadable or empty file, or a --prompt of whitespace only (neither text nor the
+    null caption)."""
     if prompts and path is not None:
         raise ValueError(f"--prompt and --prompts {path!r}: give one of them")
     if prompts:
-        empty = [p for p in prompts if not p.strip()]
-        if empty:
-            raise ValueError(f"--prompt {empty[0]!r}: a prompt must have some text (the empty caption is the "
-                             "unconditional branch of guidance)")
+        blank = [p for p in prompts if p and not p.strip()]
+        if blank:
+            raise ValueError(f"--prompt {blank[0]!r}: only whitespace; expected text, or \"\" for the null caption "
+                             "(unconditional samples)")
         return list(prompts)
     if path is None:
         return None
@@ -297,7 +300,11 @@ class RunSampler:
         prompt i mod P, embedded in one batch and rounded to float16 as the training data stores it."""
         idx = torch.tensor([(start + i) % len(self.prompts) for i in range(k)], dtype=torch.int64)
         tokens, pooled, _ = self.encoder.encode([self.prompts[i] for i in idx.tolist()])
-        return tokens.half().float(), pooled.half().float(), idx
+        tokens, pooled = tokens.half(), pooled.half()
+        null = torch.tensor([self.prompts[i] == "" for i in idx.tolist()])
+        if null.any():  # the null caption: the data's stored bits, not a re-encoding
+            tokens[null], pooled[null] = self.null[0].to(tokens), self.null[1].to(pooled)
+        return tokens.float(), pooled.float(), idx
 
     def draw(self, start: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(images float32 [k, C, H, W] on the CPU, labels int64 [k]) of samples start .. start + k - 1 (a

@@ -252,6 +252,7 @@ def test_sample_refuses_bad_prompt_input(one_rank, tmp_path, capsys):
         (["--prompt", "a seven", "--labels", "3"], f"--labels '3': {one_rank} is a text-to-image run"),
         (["--prompt", "a seven", "--text-encoder", narrow],
          f"embeds captions with width 8, but the model of {one_rank} has text_width 16"),
+        (["--prompt", "  "], "--prompt '  ': only whitespace; expected text, or \"\" for the null caption"),
     ]
     for extra, line in cases:
         rc = main(["sample", "--ckpt", one_rank, "--num-samples", "2", "--steps", "2", "--out", out, *extra])
@@ -259,6 +260,21 @@ def test_sample_refuses_bad_prompt_input(one_rank, tmp_path, capsys):
         assert rc == 2 and line in err, (extra, err)
         assert len([ln for ln in err.splitlines() if "error:" in ln]) == 1, err
     assert not os.path.exists(out)
+
+
+def test_empty_prompt_is_the_stored_null_caption(one_rank):
+    """`--prompt ""` draws unconditional samples: the data's stored null bits, whatever the encoder gives for ""."""
+    from speed_fast.generate import RunSampler, read_prompts
+
+    prompts = read_prompts(["", "a handwritten seven"], None)
+    sampler = RunSampler(one_rank, steps="2", prompts=prompts, device="cpu")
+    tokens, pooled, idx = sampler.prompt_text(0, 3)
+    assert idx.tolist() == [0, 1, 0]
+    for i in (0, 2):
+        assert torch.equal(tokens[i], sampler.null[0].float()) and torch.equal(pooled[i], sampler.null[1].float())
+    assert not torch.equal(tokens[1], sampler.null[0].float())
+    x, y = sampler.draw(0, 3)
+    assert x.shape[0] == 3 and torch.isfinite(x).all() and y.tolist() == [0, 1, 0]
 
 
 def test_bad_model_data_pairs_are_one_line(preset, data, tmp_path):
