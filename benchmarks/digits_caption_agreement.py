@@ -18,11 +18,11 @@ import re
 
 import numpy as np
 
-WORDS = "zero one two three four five six seven eight nine".split()
+from speed_fast.data.digits import DIGIT_WORDS
 
 
 def named_digit(prompt: str) -> int | None:
-    found = {WORDS.index(w) for w in re.findall(r"[a-z]+", prompt.lower()) if w in WORDS}
+    found = {DIGIT_WORDS.index(w) for w in re.findall(r"[a-z]+", prompt.lower()) if w in DIGIT_WORDS}
     found |= {int(c) for c in re.findall(r"\b[0-9]\b", prompt)}
     return found.pop() if len(found) == 1 else None
 

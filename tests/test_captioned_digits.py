@@ -58,14 +58,14 @@ def test_caption_agreement_reads_the_named_digit(tmp_path):
     spec = importlib.util.spec_from_file_location("digits_caption_agreement", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    for d, w in enumerate(mod.WORDS):
+    for d, w in enumerate(DIGIT_WORDS):
         for phrase in DIGIT_PHRASINGS:
             assert mod.named_digit(phrase.format(w=w, n=d)) == d, phrase
     assert mod.named_digit("") is None and mod.named_digit("one or two") is None
     x, y = digits_arrays()
     images = np.repeat(np.round((x[:300, 0] + 1) * 127.5).astype(np.uint8)[..., None], 3, axis=-1)
     for shift, lo, hi in ((0, 0.9, 1.0), (3, 0.0, 0.2)):
-        prompts = np.array([f"a handwritten {mod.WORDS[(int(c) + shift) % 10]}" for c in y[:300]])
+        prompts = np.array([f"a handwritten {DIGIT_WORDS[(int(c) + shift) % 10]}" for c in y[:300]])
         np.savez(tmp_path / f"s{shift}.npz", arr_0=images, prompts=prompts)
         out = mod.main([str(tmp_path / f"s{shift}.npz")])
         assert lo <= out["agreement"] <= hi and out["samples_naming_a_digit"] == 300, out

@@ -83,10 +83,8 @@ def _check(args) -> dict:
 
 def run(args) -> int:
     from ..distributed import JobError, launch_job
-    from ..generate import MAX_GRID_IMAGES, RunSampler
+    from ..generate import MAX_GRID_IMAGES, RunSampler, read_prompts
     from ..sampling_job import assemble, discard_if_empty, draw_chunks, parts_dir, prepare_outputs, settings_of
-
-    from ..generate import read_prompts
 
     prompts = read_prompts(args.prompt, args.prompts)
     if args.cfg is None:
