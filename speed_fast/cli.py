@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 
 # command name -> module under speed_fast.commands
@@ -78,5 +80,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def console() -> None:
+    """The `speed-fast` program (and `python -m speed_fast.cli`): main(), then exit with its status. A
+    rank of a multi-rank job leaves through os._exit after flushing, once its process group is gone
+    (speed_fast.distributed's module docstring says why)."""
+    code = main()
+    job = sys.modules.get("speed_fast.distributed")
+    if job is not None and job.ended_a_process_group():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -46,10 +46,6 @@ def run(args) -> int:
     from ..data.encode import encode_folder
     from ..distributed import launch_job
 
-    if args.captions is not None:
-        from ..evaluation import clip_classes
-
-        clip_classes()  # transformers before the process group starts (clip_classes says why)
     with launch_job(args.device) as job:
         status = encode_folder(args.image_dir, args.vae, args.out, resolution=args.resolution, flip=args.flip,
                                batch_size=args.batch_size, sample_posterior=args.sample_posterior, seed=args.seed,

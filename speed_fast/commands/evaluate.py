@@ -158,15 +158,13 @@ def _clip_inputs(args, job):
 
 def run(args) -> int:
     from ..distributed import launch_job
-    from ..evaluation import clip_classes, clip_score, format_table
+    from ..evaluation import clip_score, format_table
 
     if args.ref is None and args.clip_model is None:
         raise ValueError("eval needs --ref REF (FID and the other metrics against a reference set), --clip-model NAME "
                          "(CLIP score against the prompts), or both")
     if args.prompts is not None and args.clip_model is None:
         raise ValueError(f"--prompts {args.prompts!r} is for CLIP score; give --clip-model NAME too")
-    if args.clip_model is not None:
-        clip_classes()  # before the process group starts (speed_fast.evaluation.clip_score.clip_classes says why)
     with launch_job(args.device) as job:
         clip = _clip_inputs(args, job) if args.clip_model is not None else None
         result = {"generated": args.gen}

@@ -91,10 +91,6 @@ def run(args) -> int:
         args.cfg = 1.5 if prompts is not None else 1.0
     n, options = args.num_samples, sampling_options(args)
     options.update(prompts=prompts, text_encoder=args.text_encoder)
-    if prompts is not None:
-        from ..evaluation import clip_classes
-
-        clip_classes()  # transformers before the process group starts (clip_classes says why)
     with launch_job(args.device) as job:
         footprint = job.agree(_check, args)
         say = print if job.is_main else (lambda *a, **k: None)

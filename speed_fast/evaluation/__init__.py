@@ -11,7 +11,7 @@ One job per module, every public name re-exported here (`from speed_fast.evaluat
                   checked against INCEPTION_SHA256; offline settings), InceptionWeightsMissing
     inception_score.py  inception_score (ADM's splits of 5,000)
     manifold.py   manifold_radii, precision_recall (k = 3 nearest-neighbour manifolds)
-    clip_score.py clip_score, load_clip, ClipModel, clip_pixels, clip_classes (CLIP score of images against
+    clip_score.py clip_score, load_clip, ClipModel, clip_pixels (CLIP score of images against
                   their prompts)
     prompts.py    read_prompts (a generated set's prompts: the .npz's `prompts` array or a text file)
     suite.py      adm_metrics, raw_metrics, format_table (what `speed-fast eval` reports, sharded over ranks)
@@ -25,7 +25,7 @@ One job per module, every public name re-exported here (`from speed_fast.evaluat
 """
 
 from .arrays import ARRAY_KEYS, load_array, load_reference, read_array
-from .clip_score import ClipModel, clip_classes, clip_pixels, clip_score, load_clip
+from .clip_score import ClipModel, clip_pixels, clip_score, load_clip
 from .evaluator import TrainingEvaluator
 from .features import RawFeatures, feature_stats, features_of, frechet_between, make_features
 from .frechet import frechet_distance, gaussian_stats, trace_sqrt_product
@@ -43,7 +43,7 @@ from .suite import adm_metrics, format_table, raw_metrics
 
 __all__ = ["ARRAY_KEYS", "EVAL_SAMPLER", "INCEPTION_ENV", "INCEPTION_FILENAME", "INCEPTION_SHA256", "INCEPTION_URL",
            "QUALITY_KEYS", "SPACES", "ClipModel", "InceptionFeatures", "InceptionNet", "InceptionWeightsMissing",
-           "RawFeatures", "TensorImages", "TrainingEvaluator", "acceleration_ratio", "adm_metrics", "clip_classes",
+           "RawFeatures", "TensorImages", "TrainingEvaluator", "acceleration_ratio", "adm_metrics",
            "clip_pixels", "clip_score", "data_space", "default_inception_path", "eval_sampling", "feature_stats",
            "features_of", "format_table", "frechet_between", "frechet_distance", "gaussian_stats", "inception_score",
            "load_array", "load_clip", "load_inception", "load_reference", "make_features", "manifold_radii", "offline",

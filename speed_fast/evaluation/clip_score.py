@@ -177,16 +177,6 @@ class ClipModel:
         return 100.0 * cos.double().cpu().numpy(), truncated
 
 
-def clip_classes():
-    """(CLIPModel, CLIPTokenizer), importing transformers. A job imports them before its process group
-    starts: transformers imported after init_process_group keeps references to the group, so
-    destroy_process_group no longer stops gloo's run-loop threads, and about 1 two-rank run in 10
-    aborted at exit (a run-loop thread freeing a collective's tensors while the interpreter finalised)."""
-    from transformers import CLIPModel, CLIPTokenizer
-
-    return CLIPModel, CLIPTokenizer
-
-
 def load_clip(name: str, device="cpu", flag: str = "--clip-model") -> ClipModel:
     """The CLIPModel `name` (a hub id or a save_pretrained directory; module docstring) in eval mode,
     float32, on `device`; ValueError (one line) when it is not one."""
@@ -201,7 +191,8 @@ def load_clip(name: str, device="cpu", flag: str = "--clip-model") -> ClipModel:
         hint = " (a text-only CLIP: its vision tower is missing)" if kind == "clip_text_model" else ""
         raise ValueError(f"{what}: config model_type {kind!r}{hint}; CLIP score needs a CLIPModel (model_type "
                          "'clip', text and vision towers) and its tokenizer")
-    CLIPModel, CLIPTokenizer = clip_classes()
+    from transformers import CLIPModel, CLIPTokenizer
+
     try:
         with quiet_transformers():
             tokenizer = CLIPTokenizer.from_pretrained(where["local"], local_files_only=True)
