@@ -336,13 +336,16 @@ class RunSampler:
 def generate(run_dir: str, n: int, *, ema: bool = False, steps="250", method: str = "ddpm", eta: float = 0.0,
              cfg: float = 1.0, seed: int = 0, labels: str | None = None, batch_size: int = 64, device=None,
              vae: str | None = None, clip_denoised: bool = False, cfg_channels: int | None = None,
-             precision: str = "fp32", compile: bool = False, return_labels: bool = False):
+             precision: str = "fp32", compile: bool = False, return_labels: bool = False,
+             prompts: list[str] | None = None, text_encoder: str | None = None):
     """n samples of the run at `run_dir` (float32 [n, C, H, W] on the CPU), decoded to images when
     `vae` (a local AutoencoderKL directory) is given, drawn in chunks of `batch_size` consecutive
-    samples (RunSampler). Raises ValueError when any sample is not finite (e.g. a huge guidance scale)."""
+    samples (RunSampler; a text-to-image run needs `prompts`, sample i taking prompt i mod P). Raises
+    ValueError when any sample is not finite (e.g. a huge guidance scale)."""
     sampler = RunSampler(run_dir, ema=ema, steps=steps, method=method, eta=eta, cfg=cfg, cfg_channels=cfg_channels,
                          seed=seed, labels=labels, device=device, vae=vae, clip_denoised=clip_denoised,
-                         precision=precision, compile=compile, batch_size=batch_size)
+                         precision=precision, compile=compile, batch_size=batch_size, prompts=prompts,
+                         text_encoder=text_encoder)
     xs, ys = [], []
     for start in range(0, n, batch_size):
         x, y = sampler.draw(start, min(batch_size, n - start))

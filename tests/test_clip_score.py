@@ -257,7 +257,7 @@ def test_bad_inputs_are_one_line_and_exit_2(tiny, tmp_path, capsys, monkeypatch)
         (["--gen", tmp_path / "gen.npz", "--clip-model", bilinear, "--device", "cpu"], "resample=2"),
         (["--gen", tmp_path / "gen.npz", "--clip-model", smaller, "--device", "cpu"],
          "crops 24x24 but the vision tower takes 30x30"),
-        (["--gen", tmp_path / "run", *clip], "is a run directory; CLIP score needs the prompts"),
+        (["--gen", tmp_path / "run", *clip], "is a directory but not a run directory ("),
         (["--gen", tmp_path / "gen.npz"], "eval needs --ref REF"),
         (["--gen", tmp_path / "gen.npz", "--prompts", tmp_path / "three.txt", "--ref", "digits"],
          "give --clip-model NAME too"),

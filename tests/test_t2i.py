@@ -314,3 +314,38 @@ def test_presets_describe_the_digits_and_the_paper_recipe():
     coco = load_preset("coco-t2i-dit-xl2", CONFIGS)
     assert (coco.model, coco.t2i, coco.lr, coco.weight_decay, coco.sample_cfg) == (
         "dit-t2i-xl2", {"text_width": 768}, 1e-4, 0.0, 1.5)
+
+
+def test_eval_of_a_text_run_samples_from_prompts_and_scores_each_against_its_own(one_rank, tmp_path, capsys):
+    """`speed-fast eval --gen RUN_DIR` on a text run: --prompts FILE is what it samples from (sample i,
+    prompt i mod P); the samples serve fd_raw and the CLIP score, which equals the CLIP score of the
+    same set drawn by `speed-fast sample --prompts` and scored as a file."""
+    from test_clip_score import build_clip
+
+    from speed_fast.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten seven\n\nthe digit 3\n")  # the blank line is skipped, as sample does
+    draw = ["--num-samples", "6", "--batch-size", "4", "--steps", "4", "--method", "ddpm", "--ema"]
+    assert main(["eval", "--gen", one_rank, "--ref", "digits", *draw]) == 2
+    err = capsys.readouterr().err
+    assert f"--gen {one_rank!r} is a text-to-image run: pass --prompts FILE" in err and len(err.splitlines()) == 1
+    clip, _ = build_clip(tmp_path / "clip", seed=4)
+    assert main(["eval", "--gen", one_rank, "--ref", "digits", "--prompts", str(prompts), "--clip-model", clip,
+                 "--no-clip-denoised", *draw, "--json"]) == 0  # sample's sampler: not the run's evaluator's
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_generated"] == 6 and result["fd_raw"] > 0
+    assert result["clip_prompts"] == f"{prompts} (sample i: prompt i mod 2)"
+    out = str(tmp_path / "s.npz")
+    assert main(["sample", "--ckpt", one_rank, "--prompts", str(prompts), "--cfg", "1", "--out", out,
+                 "--no-progress", *draw]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--gen", out, "--clip-model", clip, "--json"]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    assert from_file["clip_prompts"].endswith("[prompts]")
+    assert from_file["clip_score"] == pytest.approx(result["clip_score"], abs=1e-6)
+    assert from_file["clip_score_std"] == pytest.approx(result["clip_score_std"], abs=1e-6)
+    # --prompts for a run directory needs no --clip-model: the same samples, the same fd_raw
+    assert main(["eval", "--gen", one_rank, "--ref", "digits", "--prompts", str(prompts), "--no-clip-denoised", *draw,
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fd_raw"] == result["fd_raw"]

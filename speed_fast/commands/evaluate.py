@@ -35,6 +35,11 @@ array file against its prompts (`speed_fast.evaluation.clip_score`), alone or be
 metrics; the prompts are the .npz's `prompts` array (`speed-fast sample --prompts` writes it) or
 --prompts FILE (one per line; it takes precedence). Bad prompts or a model that is not a CLIPModel
 are named before any other metric is computed.
+
+A text-to-image run directory as --gen samples from --prompts FILE (one prompt a line, blank lines
+skipped; sample i takes prompt i mod P, as `speed-fast sample --prompts` does; --cfg as given,
+default 1 like the run's own evaluator): the same samples serve --ref's metrics and the CLIP score,
+each scored against its own prompt. Without --prompts such a run is refused with one line.
 """
 
 from __future__ import annotations
@@ -71,7 +76,8 @@ def add_arguments(p) -> None:
                         "directory")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="CLIP score's prompts, one per line, one per --gen image in order (default: the --gen .npz's "
-                        "'prompts' array)")
+                        "'prompts' array); for a text-to-image run directory, the prompts to sample from (sample i "
+                        "takes prompt i mod P)")
     p.add_argument("--max-dim", type=int, default=512, help="raw features: project above this many dims")
     p.add_argument("--num-samples", "--n", dest="num_samples", type=int, default=1000,
                    help="samples to draw when --gen is a run directory (--n: the same, outside a launcher)")
@@ -83,8 +89,30 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+def _run_prompts(args) -> list[str] | None:
+    """The prompts a run directory --gen samples from: --prompts FILE for a text-to-image run (refused
+    without it), None for a class-conditional one (which takes no --prompts)."""
+    from ..generate import check_run_config, read_prompts, run_dir_of
+
+    try:
+        config = check_run_config(run_dir_of(args.gen))
+    except ValueError as exc:
+        raise ValueError(f"--gen {args.gen!r} is a directory but not a run directory ({exc})") from None
+    text = bool(config.get("data_meta", {}).get("text"))
+    if not text:
+        if args.prompts is not None:
+            raise ValueError(f"--prompts {args.prompts!r}: --gen {args.gen!r} is a class-conditional run; prompts "
+                             "are for a text-to-image run or for the CLIP score of an array file")
+        return None
+    if args.prompts is None:
+        raise ValueError(f"--gen {args.gen!r} is a text-to-image run: pass --prompts FILE (one prompt a line; sample "
+                         "i takes prompt i mod P), the prompts it samples from and the CLIP score compares with")
+    return read_prompts(None, args.prompts)
+
+
 def _generated(args, job):
-    """(set, description) of --gen: a run directory's samples (float, in memory) or an array file."""
+    """(set, description) of --gen: a run directory's samples (float, in memory; drawn once, kept on
+    args for the CLIP score) or (None, path) for an array file."""
     from ..evaluation import run_eval_sampling
 
     if not os.path.isdir(args.gen):
@@ -92,13 +120,18 @@ def _generated(args, job):
     if job.world > 1:
         raise ValueError(f"--gen {args.gen!r} is a run directory: sampling inside eval runs as one process; under a "
                          "launcher, sample with `speed-fast sample --out samples.npz` and evaluate that file")
+    if getattr(args, "_drawn", None) is not None:
+        return args._drawn
     from ..generate import check_sampling_options, generate, run_dir_of
 
+    prompts = _run_prompts(args)
     chosen = run_eval_sampling(run_dir_of(args.gen), args.steps, args.clip_denoised)
     args.steps, args.clip_denoised = chosen["steps"], chosen["clip_denoised"]
     args.method = args.method or chosen["method"]
     check_sampling_options(args.num_samples, args.batch_size, args.cfg, args.eta, args.labels)
-    return generate(args.gen, args.num_samples, **sampling_options(args)), f"{args.num_samples} samples of {args.gen}"
+    args._drawn = (generate(args.gen, args.num_samples, prompts=prompts, **sampling_options(args)),
+                   f"{args.num_samples} samples of {args.gen}")
+    return args._drawn
 
 
 def _inception(args, job) -> dict:
@@ -135,23 +168,29 @@ def _raw(args, job) -> dict:
             "reference": args.ref}
 
 
-def _clip_set(gen: str, prompts_file):
-    """(images, prompts, where the prompts came from) of --gen for CLIP score."""
+def _clip_set(args):
+    """(images, prompts, where the prompts came from) of --gen for CLIP score; for a run directory
+    (None, its prompts per sample, source), the images being drawn later (_generated)."""
     from ..evaluation import open_images, read_prompts
 
-    if os.path.isdir(gen):
-        raise ValueError(f"--gen {gen!r} is a run directory; CLIP score needs the prompts the images were drawn "
-                         "from: sample with `speed-fast sample --prompts FILE --out samples.npz` and evaluate that file")
-    images = open_images(gen, "--gen")
-    return (images, *read_prompts(gen, prompts_file, images.n))
+    if os.path.isdir(args.gen):
+        prompts = _run_prompts(args)
+        if prompts is None:
+            raise ValueError(f"--gen {args.gen!r} is a class-conditional run; CLIP score needs images drawn from "
+                             "prompts (a text-to-image run, or an array file with its prompts)")
+        return (None, [prompts[i % len(prompts)] for i in range(args.num_samples)],
+                f"{args.prompts} (sample i: prompt i mod {len(prompts)})")
+    images = open_images(args.gen, "--gen")
+    return (images, *read_prompts(args.gen, args.prompts, images.n))
 
 
 def _clip_inputs(args, job):
-    """(images, prompts, prompt source, CLIP model) of --clip-model, every input checked before any metric runs."""
+    """(images, prompts, prompt source, CLIP model) of --clip-model, every input checked before any metric
+    runs (images None for a run directory: drawn afterwards)."""
     from ..evaluation import load_clip
     from ..text import resolve_text_encoder
 
-    images, prompts, source = job.agree(_clip_set, args.gen, args.prompts)
+    images, prompts, source = job.agree(_clip_set, args)
     job.on_main(resolve_text_encoder, args.clip_model, "--clip-model")  # rank 0 downloads (once), then all load
     return images, prompts, source, job.agree(load_clip, args.clip_model, job.device)
 
@@ -163,7 +202,7 @@ def run(args) -> int:
     if args.ref is None and args.clip_model is None:
         raise ValueError("eval needs --ref REF (FID and the other metrics against a reference set), --clip-model NAME "
                          "(CLIP score against the prompts), or both")
-    if args.prompts is not None and args.clip_model is None:
+    if args.prompts is not None and args.clip_model is None and not os.path.isdir(args.gen):
         raise ValueError(f"--prompts {args.prompts!r} is for CLIP score; give --clip-model NAME too")
     with launch_job(args.device) as job:
         clip = _clip_inputs(args, job) if args.clip_model is not None else None
@@ -174,6 +213,10 @@ def run(args) -> int:
             result = job.on_main(_raw, args, job)
         if clip is not None:
             images, prompts, source, model = clip
+            if images is None:  # a run directory: its samples (drawn above for --ref, or now)
+                from ..evaluation import TensorImages
+
+                images = TensorImages(*_generated(args, job))
             result.update(clip_score(images, prompts, model, job, batch_size=args.batch_size), clip_prompts=source)
     if not job.is_main:
         return 0
